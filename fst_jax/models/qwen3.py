@@ -169,14 +169,14 @@ class Qwen3(nnx.Module):
             query_slot_t = cache.index + jnp.arange(T)
             allowed_bts = key_mask_bs[:, None, :] & (slots[None, None, :] <= query_slot_t[None, :, None])
 
-        layer_fn = self._layer_fn(positions, allowed_bts, cache)
+        layer_fn = self._layer_fn(positions, allowed_bts, cache, output_hidden_states)
         if c.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[c.remat], prevent_cse=False)
         xs = self.layers.stacked()
         if cache is not None:
             xs = (xs, cache.k, cache.v)
         x_btd, (layer_out_lbtd, k_new, v_new) = jax.lax.scan(
-            lambda x, layer: layer_fn(x, layer, output_hidden_states), x_btd, xs)
+            layer_fn, x_btd, xs)
 
         hidden_states = None
         if output_hidden_states:
@@ -193,12 +193,12 @@ class Qwen3(nnx.Module):
                 logits = jnp.einsum("btd,dv->btv", last_hidden, self.unembed_matrix())
         return Qwen3Output(logits=logits, last_hidden=last_hidden, hidden_states=hidden_states, cache=new_cache)
 
-    def _layer_fn(self, positions_bt, allowed_bts, cache):
+    def _layer_fn(self, positions_bt, allowed_bts, cache, keep_hidden: bool):
         c = self.config
         dtype = canonical_dtype(c.dtype)
         scale = c.head_dim ** -0.5
 
-        def layer(x_btd, layer_in, keep_hidden):
+        def layer(x_btd, layer_in):
             if cache is None:
                 p, k_cache, v_cache = layer_in, None, None
             else:

@@ -1,0 +1,52 @@
+"""Shared test setup: 8 fake CPU devices (set before jax is imported) and small random HF Qwen3 checkpoints."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Three shapes that between them exercise every Qwen3Config field with a non-default value.
+PARITY_CONFIGS = {
+    "tied": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1_000_000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=512),
+    "untied": dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=8, rope_theta=1_000_000.0,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=256),
+    "odd_head_dim": dict(vocab_size=136, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, rope_theta=10_000.0,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=300),
+}
+
+
+def make_random_hf_checkpoint(path, seed: int = 0, with_tokenizer: bool = True, **config):
+    """Save a random-weight transformers Qwen3ForCausalLM (fp32) and a char tokenizer under `path`."""
+    import torch
+    import transformers
+
+    from fst_jax.models.char_tokenizer import make_char_tokenizer
+
+    torch.manual_seed(seed)
+    hf_config = transformers.Qwen3Config(initializer_range=0.1, **config)
+    model = transformers.Qwen3ForCausalLM(hf_config).eval()
+    model.save_pretrained(path)
+    if with_tokenizer:
+        make_char_tokenizer().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name → (directory, torch model) for each parity config."""
+    import torch
+
+    torch.set_num_threads(2)
+    out = {}
+    for i, (name, cfg) in enumerate(PARITY_CONFIGS.items()):
+        path = tmp_path_factory.mktemp(f"qwen3_{name}")
+        out[name] = (str(path), make_random_hf_checkpoint(path, seed=i, **cfg))
+    return out
