@@ -1,0 +1,422 @@
+"""The batched GEPA search loop.
+
+Each iteration works on `proposals_per_iteration` (P) parents at once, in four phases, each ONE call:
+  1. evaluate every parent on its own minibatch (with traces)          -> evaluate(...)
+  2. reflect: one prompt per (parent, component to update)              -> reflection_lm.complete(...)
+  3. evaluate every usable child on its parent's minibatch              -> evaluate(...)
+  4. score the accepted children on every validation item               -> evaluate(...)
+so a jitted sampler sees a few large batches per iteration instead of many small ones. With P = 1 the search
+makes the reference `gepa` package's decisions for the same seed and evaluation results (parents, minibatches,
+acceptance, lineage, budget); tests/test_gepa_engine.py checks this against gepa's own engine.
+
+The budget is counted in metric calls (rollouts: one per (candidate, item) pair evaluated) and checked before
+each iteration, so no iteration starts once it is spent (the last one may overshoot it by up to one
+iteration's rollouts). Other stops: iteration count, iterations without a better best aggregate, wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fst_jax.gepa import merge as merging
+from fst_jax.gepa.acceptance import is_perfect, make_acceptance
+from fst_jax.gepa.minibatch import EpochShuffledSampler
+from fst_jax.gepa.proposer import DEFAULT_TEMPLATE, Proposer
+from fst_jax.gepa.reflection import ReflectionLM, ReflectionLMError
+from fst_jax.gepa.selection import make_selector
+from fst_jax.gepa.state import EvalResult, EvaluateFn, GEPAState, write_json_atomic
+
+logger = logging.getLogger("fst_jax.gepa")
+Event = dict[str, Any]
+
+
+@dataclass
+class GEPAConfig:
+    """Search settings; at least one stop condition is required. Defaults are the reference's."""
+
+    max_metric_calls: int | None = None
+    max_iterations: int | None = None
+    max_iterations_without_improvement: int | None = None
+    max_seconds: float | None = None
+    proposals_per_iteration: int = 1
+    minibatch_size: int = 3
+    selection: str = "pareto"  # pareto | current_best | epsilon_greedy
+    epsilon: float = 0.1
+    acceptance: str = "strict_improvement"  # | improvement_or_equal
+    component_selection: str = "round_robin"  # | all
+    perfect_score: float | None = 1.0
+    skip_perfect: bool = True
+    use_merge: bool = False
+    max_merge_invocations: int = 5
+    merge_items: int = 5
+    reflection_template: str | None = None
+    max_text_chars: int = 20_000
+    seed: int = 0
+    progress_bar: bool = False
+    output_dir: str | None = None  # candidates.json (lineage) and state.json, rewritten every iteration
+
+    def __post_init__(self) -> None:
+        stops = (self.max_metric_calls, self.max_iterations, self.max_iterations_without_improvement, self.max_seconds)
+        if all(s is None for s in stops):
+            raise ValueError(
+                "GEPAConfig needs a stop condition: set max_metric_calls (the rollout budget), max_iterations, "
+                "max_iterations_without_improvement or max_seconds"
+            )
+        if self.proposals_per_iteration < 1 or self.minibatch_size < 1 or self.merge_items < 1:
+            raise ValueError("proposals_per_iteration, minibatch_size and merge_items must be >= 1")
+        if self.component_selection not in ("round_robin", "all"):
+            raise ValueError(f"component_selection must be 'round_robin' or 'all', got {self.component_selection!r}")
+        make_selector(self.selection, self.epsilon)
+        make_acceptance(self.acceptance)
+
+
+@dataclass
+class GEPAResult:
+    """The finished (or paused) search: its state and why it stopped."""
+
+    state: GEPAState
+    stop_reason: str
+
+    @property
+    def candidates(self) -> list[dict[str, str]]:
+        return self.state.candidates
+
+    @property
+    def pareto_front(self) -> list[int]:
+        return self.state.pareto_front()
+
+    @property
+    def best_candidate(self) -> dict[str, str]:
+        return self.state.candidates[self.state.best_id()]
+
+    def population(self, k: int, fill: bool = False) -> list[dict[str, str]]:
+        """Top-k Pareto-front candidates by aggregate score (ties by front coverage), see `population_ids`."""
+        return [self.state.candidates[c] for c in self.state.population_ids(k, fill)]
+
+
+def _as_items(data: Sequence[Any] | Mapping[Hashable, Any], name: str) -> dict[Hashable, Any]:
+    items = dict(data) if isinstance(data, Mapping) else dict(enumerate(data))
+    if not items:
+        raise ValueError(f"{name} is empty; GEPA needs at least one item")
+    bad = [k for k in items if not isinstance(k, (int, str)) or isinstance(k, bool)]
+    if bad:
+        raise ValueError(f"{name} item ids must be int or str (they are saved as JSON); got {bad[:3]}")
+    return items
+
+
+class GEPAEngine:
+    """Runs the search. `evaluate` and `reflection_lm` are the only links to models.
+
+    Args:
+      evaluate: `evaluate(pairs, capture_traces) -> list[EvalResult]`, one result per (candidate, item) pair.
+      reflection_lm: anything with `complete(prompts) -> list[str]`.
+      trainset: items for reflection minibatches (a list: ids are positions; a mapping: ids are its keys).
+      valset: items every accepted candidate is scored on (default: the trainset).
+      on_event: called with each event dict (JSON-ready): "init", "proposal", "merge", "iteration".
+      describe_item: renders an item as a record's Inputs when its trace has none.
+    """
+
+    def __init__(
+        self,
+        evaluate: EvaluateFn,
+        reflection_lm: ReflectionLM,
+        trainset: Sequence[Any] | Mapping[Hashable, Any],
+        valset: Sequence[Any] | Mapping[Hashable, Any] | None = None,
+        config: GEPAConfig | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        describe_item: Callable[[Any], str] = str,
+    ):
+        self.config = config or GEPAConfig(max_metric_calls=1000)
+        self.evaluate_fn = evaluate
+        self.reflection_lm = reflection_lm
+        self.train = _as_items(trainset, "trainset")
+        self.val = _as_items(valset if valset is not None else trainset, "valset")
+        self.train_ids, self.val_ids = list(self.train), list(self.val)
+        self.on_event = on_event
+        self.selector = make_selector(self.config.selection, self.config.epsilon)
+        self.acceptance = make_acceptance(self.config.acceptance)
+        self.proposer = Proposer(self.config.reflection_template or DEFAULT_TEMPLATE, self.config.max_text_chars,
+                                 describe_item)
+        self.evaluate_calls = 0  # totals over this engine's life, for observability and tests
+        self.reflection_calls = 0
+        self._stop_requested = False
+
+    # ---- public ---------------------------------------------------------------------------------------
+
+    def init_state(self, seeds: dict[str, str] | Sequence[dict[str, str]]) -> GEPAState:
+        """A fresh state holding the seed candidate(s), all scored on the valset in one evaluate call."""
+        seeds = [seeds] if isinstance(seeds, Mapping) else list(seeds)
+        if not seeds or any(not isinstance(s, Mapping) or not s for s in seeds):
+            raise ValueError("seeds must be one or more non-empty dicts of component name -> text")
+        names = list(seeds[0])
+        for s in seeds:
+            if sorted(s) != sorted(names) or any(not isinstance(t, str) for t in s.values()):
+                raise ValueError(f"every seed needs the same components {names} with string texts; got {list(s)}")
+        state = GEPAState(components=names, rng=random.Random(self.config.seed),
+                          sampler=EpochShuffledSampler(self.config.minibatch_size))
+        results = self._evaluate([(dict(s), self.val[i]) for s in seeds for i in self.val_ids], False)
+        n = len(self.val_ids)
+        for k, seed in enumerate(seeds):
+            state.add_candidate(dict(seed), [], {i: r.score for i, r in zip(self.val_ids, results[k * n:(k + 1) * n])})
+        state.metric_calls += len(results)
+        state.best_aggregate = max(state.aggregates())
+        state.check_invariants()
+        self._emit({"type": "init", "num_seeds": len(seeds), "metric_calls": state.metric_calls,
+                    "val_scores": [state.aggregate(c) for c in range(len(seeds))]})
+        self._write_outputs(state)
+        return state
+
+    def run(self, state: GEPAState) -> GEPAResult:
+        """Iterate until a stop condition holds; `state` is updated in place (and may be saved and resumed)."""
+        state.check_invariants()
+        start = time.monotonic()
+        bar = self._progress_bar(state)
+        try:
+            while (reason := self._stop_reason(state, start)) is None:
+                state.check_invariants()
+                state.iteration += 1
+                calls_before = (self.evaluate_calls, self.reflection_calls)
+                events = self._merge_step(state) if self.config.use_merge else None
+                if events is None:
+                    events = self._reflective_step(state)
+                self._end_iteration(state, events, calls_before, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        state.check_invariants()
+        return GEPAResult(state, reason)
+
+    def request_stop(self) -> None:
+        """Stop after the current iteration (e.g. from an `on_event` callback)."""
+        self._stop_requested = True
+
+    # ---- phases ---------------------------------------------------------------------------------------
+
+    def _reflective_step(self, state: GEPAState) -> list[Event]:
+        cfg = self.config
+        tasks = []
+        for slot in range(cfg.proposals_per_iteration):
+            parent = self.selector.select(state, state.rng)
+            minibatch = state.sampler.next_ids(self.train_ids, state.rng)
+            tasks.append({"type": "proposal", "iteration": state.iteration, "slot": slot, "parent": parent,
+                          "minibatch": minibatch, "status": None, "reason": None, "candidate": None})
+
+        # Phase 1: parents on their minibatches; a repeated (parent, minibatch) is evaluated once.
+        keys = list(dict.fromkeys((t["parent"], tuple(t["minibatch"])) for t in tasks))
+        results = self._evaluate([(state.candidates[p], self.train[i]) for p, mb in keys for i in mb], True)
+        state.metric_calls += len(results)
+        by_key, pos = {}, 0
+        for key in keys:
+            by_key[key], pos = results[pos:pos + len(key[1])], pos + len(key[1])
+
+        # Phase 2: one batched reflection call over every (task, component) prompt.
+        prompts: list[str] = []
+        for t in tasks:
+            parent_results = by_key[(t["parent"], tuple(t["minibatch"]))]
+            t["scores_before"] = [r.score for r in parent_results]
+            if cfg.skip_perfect and is_perfect(t["scores_before"], cfg.perfect_score):
+                t["status"], t["reason"] = "skipped", "perfect: the parent is perfect on this minibatch"
+                continue
+            t["components"] = self._components_to_update(state, t["parent"])
+            records = self.proposer.records([self.train[i] for i in t["minibatch"]], parent_results)
+            t["prompt_slots"] = []
+            for comp in t["components"]:
+                t["prompt_slots"].append(len(prompts))
+                prompts.append(self.proposer.render(state.candidates[t["parent"]][comp], records))
+        replies, failure = self._reflect(prompts)
+
+        children = []
+        for t in tasks:
+            if t["status"] is not None:
+                continue
+            parent_texts = state.candidates[t["parent"]]
+            new_texts, why = {}, {}
+            for comp, slot in zip(t["components"], t["prompt_slots"]):
+                text, reason = (None, failure) if replies is None else self.proposer.parse(replies[slot],
+                                                                                          parent_texts[comp])
+                if text is None:
+                    why[comp] = reason
+                else:
+                    new_texts[comp] = text
+            t.pop("prompt_slots")
+            if not new_texts:
+                t["status"], t["reason"] = "rejected", "; ".join(f"{c}: {r}" for c, r in why.items())
+                continue
+            if why:
+                t["component_rejections"] = why
+            t["new_texts"] = new_texts
+            t["child"] = {**parent_texts, **new_texts}
+            children.append(t)
+
+        # Phase 3: children on their parents' minibatches.
+        if children:
+            results = self._evaluate([(t["child"], self.train[i]) for t in children for i in t["minibatch"]], False)
+            state.metric_calls += len(results)
+            pos = 0
+            for t in children:
+                t["scores_after"], pos = [r.score for r in results[pos:pos + len(t["minibatch"])]], pos + len(
+                    t["minibatch"])
+
+        accepted, seen = [], set()
+        for t in children:
+            if not self.acceptance.accept(t["scores_before"], t["scores_after"]):
+                t["status"] = "rejected"
+                t["reason"] = f"not better: minibatch sum {sum(t['scores_after'])} <= {sum(t['scores_before'])}"
+            elif (key := tuple(t["child"].items())) in seen:
+                t["status"], t["reason"] = "rejected", "duplicate: same texts as another child this iteration"
+            else:
+                seen.add(key)
+                accepted.append(t)
+
+        # Phase 4: accepted children on every validation item, then added in order.
+        for t, scores in zip(accepted, self._score_on_valset(state, [t["child"] for t in accepted])):
+            t["candidate"] = state.add_candidate(t["child"], [t["parent"]], scores)
+            state.metric_calls += len(scores)
+            t["status"], t["val_score"] = "accepted", state.aggregate(t["candidate"])
+        if accepted and cfg.use_merge:
+            state.merge.last_iteration_found_new = True
+            for _ in accepted:
+                if state.merge.merges_accepted < cfg.max_merge_invocations:
+                    state.merge.merges_due += 1
+        for t in tasks:
+            t.pop("child", None)
+        return tasks
+
+    def _merge_step(self, state: GEPAState) -> list[Event] | None:
+        """Try a scheduled merge; None when none is due or no mergeable pair exists (reflect instead)."""
+        book = state.merge
+        due = book.merges_due > 0 and book.last_iteration_found_new
+        book.last_iteration_found_new = False
+        if not due:
+            return None
+        plan = merging.find_merge(state, state.rng)
+        if plan is None:
+            return None
+        a, b = plan.parent_a, plan.parent_b
+        items = merging.stratified_items(state.scores[a], state.scores[b], self.config.merge_items, state.rng)
+        if not items:
+            return None
+        results = self._evaluate([(plan.texts, self.val[i]) for i in items], False)
+        state.metric_calls += len(results)
+        before = [[state.scores[p][i] for i in items] for p in (a, b)]
+        after = [r.score for r in results]
+        event = {"type": "merge", "iteration": state.iteration, "parents": [a, b], "ancestor": plan.ancestor,
+                 "minibatch": items, "scores_before": [sum(before[0]), sum(before[1])], "scores_after": after,
+                 "new_texts": plan.texts, "candidate": None}
+        if merging.merge_accepted(after, *before):
+            (scores,) = self._score_on_valset(state, [plan.texts])
+            event["candidate"] = state.add_candidate(plan.texts, [a, b], scores)
+            state.metric_calls += len(scores)
+            book.merges_due -= 1
+            book.merges_accepted += 1
+            event.update(status="accepted", reason=None, val_score=state.aggregate(event["candidate"]))
+        else:
+            event.update(status="rejected", reason=f"merged sum {sum(after)} < best parent's {max(map(sum, before))}")
+        return [event]
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    def _components_to_update(self, state: GEPAState, parent: int) -> list[str]:
+        if self.config.component_selection == "all":
+            return list(state.components)
+        pointer = state.next_component[parent]
+        state.next_component[parent] = (pointer + 1) % len(state.components)
+        return [state.components[pointer]]
+
+    def _score_on_valset(self, state: GEPAState, texts: list[dict[str, str]]) -> list[dict[Hashable, float]]:
+        """Valset scores for each of `texts`, in one evaluate call (none when `texts` is empty)."""
+        if not texts:
+            return []
+        results = self._evaluate([(t, self.val[i]) for t in texts for i in self.val_ids], False)
+        n = len(self.val_ids)
+        return [{i: r.score for i, r in zip(self.val_ids, results[k * n:(k + 1) * n])} for k in range(len(texts))]
+
+    def _evaluate(self, pairs: list[tuple[dict[str, str], Any]], capture_traces: bool) -> list[EvalResult]:
+        # Copies, so an evaluate function that edits its candidate cannot corrupt the state.
+        pairs = [(dict(c), item) for c, item in pairs]
+        results = list(self.evaluate_fn(pairs, capture_traces))
+        self.evaluate_calls += 1
+        if len(results) != len(pairs):
+            raise ValueError(
+                f"evaluate returned {len(results)} results for {len(pairs)} (candidate, item) pairs; it must "
+                "return one EvalResult per pair, in the same order"
+            )
+        for k, r in enumerate(results):
+            score = getattr(r, "score", None)
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise ValueError(f"evaluate result {k} has score {score!r}; scores must be finite numbers")
+        return results
+
+    def _reflect(self, prompts: list[str]) -> tuple[list[str] | None, str | None]:
+        if not prompts:
+            return [], None
+        try:
+            replies = list(self.reflection_lm.complete(prompts))
+        except ReflectionLMError as e:
+            logger.warning("reflection failed; this iteration's proposals are rejected: %s", e)
+            return None, f"reflection_error: {e}"
+        finally:
+            self.reflection_calls += 1
+        if len(replies) != len(prompts):
+            raise ValueError(f"reflection LM returned {len(replies)} replies for {len(prompts)} prompts")
+        return replies, None
+
+    def _stop_reason(self, state: GEPAState, start: float) -> str | None:
+        cfg = self.config
+        if self._stop_requested:
+            self._stop_requested = False
+            return "requested"
+        if cfg.max_metric_calls is not None and state.metric_calls >= cfg.max_metric_calls:
+            return "max_metric_calls"
+        if cfg.max_iterations is not None and state.iteration >= cfg.max_iterations:
+            return "max_iterations"
+        if (cfg.max_iterations_without_improvement is not None
+                and state.iterations_without_improvement >= cfg.max_iterations_without_improvement):
+            return "no_improvement"
+        if cfg.max_seconds is not None and time.monotonic() - start >= cfg.max_seconds:
+            return "max_seconds"
+        return None
+
+    def _end_iteration(self, state: GEPAState, events: list[Event], calls_before: tuple[int, int], bar: Any) -> None:
+        best = max(state.aggregates())
+        if best > state.best_aggregate:
+            state.best_aggregate, state.iterations_without_improvement = best, 0
+        else:
+            state.iterations_without_improvement += 1
+        for e in events:
+            e["metric_calls"] = state.metric_calls
+            self._emit(e)
+        self._emit({
+            "type": "iteration", "iteration": state.iteration, "metric_calls": state.metric_calls,
+            "num_candidates": len(state.candidates), "best_aggregate": state.best_aggregate,
+            "front_size": len(state.pareto_front()),
+            "accepted": sum(e["status"] == "accepted" for e in events),
+            "evaluate_calls": self.evaluate_calls - calls_before[0],
+            "reflection_calls": self.reflection_calls - calls_before[1],
+        })
+        self._write_outputs(state)
+        if bar is not None:
+            bar.update(state.metric_calls - bar.n)
+
+    def _emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _write_outputs(self, state: GEPAState) -> None:
+        if self.config.output_dir is not None:
+            write_json_atomic(os.path.join(self.config.output_dir, "candidates.json"), state.lineage())
+            write_json_atomic(os.path.join(self.config.output_dir, "state.json"), state.to_dict())
+
+    def _progress_bar(self, state: GEPAState) -> Any:
+        if not self.config.progress_bar:
+            return None
+        from tqdm.auto import tqdm  # optional dependency: only needed when the bar is asked for
+
+        return tqdm(total=self.config.max_metric_calls, initial=state.metric_calls, unit="rollouts", desc="GEPA")
