@@ -462,3 +462,41 @@ def test_several_seed_candidates_start_the_population():
     result, evaluate, _, _ = run_ours(seeds, 500, 0, proposals_per_iteration=2)
     assert result.state.candidates[:3] == seeds and result.state.parents[:3] == [[], [], []]
     assert len(evaluate.calls[0][0]) == 3 * len(VAL)  # all seeds scored in one call
+
+
+def proposals_of(events):
+    return [e for e in events if e["type"] == "proposal"]
+
+
+def test_config_fields_take_effect():
+    _, _, _, events = run_ours(THREE, 300, 0, minibatch_size=2, component_selection="all")
+    assert all(len(e["minibatch"]) == 2 for e in proposals_of(events))
+    assert all(e["components"] == ["a", "b", "c"] for e in proposals_of(events) if e["status"] != "skipped")
+    seeds = [{"p": "Solve it."}, {"p": "Be brief."}, {"p": "Think first."}]
+    best = max(range(3), key=lambda c: sum(one_result(seeds[c], v).score for v in VAL))
+    _, _, _, events = run_ours(seeds, 60, 0, selection="current_best")
+    assert proposals_of(events)[0]["parent"] == best
+    _, _, _, events = run_ours(seeds, 300, 0, selection="epsilon_greedy", epsilon=1.0)
+    assert len({e["parent"] for e in proposals_of(events)}) >= 3  # uniform picks, not only the best
+    _, _, _, events = run_ours(ONE, 300, 0, skip_perfect=False)
+    assert not [e for e in proposals_of(events) if e["status"] == "skipped"]
+    _, _, reflection, events = run_ours(ONE, 200, 0, reflection_template="Fix:\n```\n<current_text>\n```\n<records>")
+    assert reflection.calls[0][0].startswith("Fix:\n```\nSolve it.\n```\n# Example 1")
+    _, _, _, events = run_ours(ONE, 200, 0, max_text_chars=12)
+    assert any(e["reason"].startswith("p: too_long") for e in proposals_of(events) if e["reason"])
+    result, _, _, events = run_ours(THREE, 1500, 2, use_merge=True, max_merge_invocations=1, merge_items=2)
+    merges = [e for e in events if e["type"] == "merge"]
+    assert sum(e["status"] == "accepted" for e in merges) == 1 and all(len(e["minibatch"]) == 2 for e in merges)
+
+
+def test_improvement_or_equal_acceptance_and_request_stop():
+    events = []
+    engine = GEPAEngine(table_evaluate({"seed": [1.0, 0.0, 0.0], "child": [0.0, 1.0, 0.0]}),
+                        FixedReflection("```\nchild\n```"), [0, 1, 2],
+                        config=GEPAConfig(max_iterations=5, acceptance="improvement_or_equal"),
+                        on_event=lambda e: (events.append(e), e["type"] == "iteration" and engine.request_stop()))
+    result = engine.run(engine.init_state({"p": "seed"}))
+    assert proposals_of(events)[0]["status"] == "accepted" and result.stop_reason == "requested"
+    assert result.state.iteration == 1
+    with pytest.raises(ValueError, match="choose one of strict_improvement, improvement_or_equal"):
+        GEPAConfig(max_iterations=1, acceptance="better")

@@ -28,7 +28,7 @@ from typing import Any
 from fst_jax.gepa import merge as merging
 from fst_jax.gepa.acceptance import is_perfect, make_acceptance
 from fst_jax.gepa.minibatch import EpochShuffledSampler
-from fst_jax.gepa.proposer import DEFAULT_TEMPLATE, Proposer
+from fst_jax.gepa.proposer import DEFAULT_TEMPLATE, Proposal, Proposer
 from fst_jax.gepa.reflection import ReflectionLM, ReflectionLMError
 from fst_jax.gepa.selection import make_selector
 from fst_jax.gepa.state import EvalResult, EvaluateFn, GEPAState, write_json_atomic
@@ -161,11 +161,9 @@ class GEPAEngine:
                 raise ValueError(f"every seed needs the same components {names} with string texts; got {list(s)}")
         state = GEPAState(components=names, rng=random.Random(self.config.seed),
                           sampler=EpochShuffledSampler(self.config.minibatch_size))
-        results = self._evaluate([(dict(s), self.val[i]) for s in seeds for i in self.val_ids], False)
-        n = len(self.val_ids)
-        for k, seed in enumerate(seeds):
-            state.add_candidate(dict(seed), [], {i: r.score for i, r in zip(self.val_ids, results[k * n:(k + 1) * n])})
-        state.metric_calls += len(results)
+        for seed, scores in zip(seeds, self._score(state, [dict(s) for s in seeds], self.val_ids, count=False)):
+            state.add_candidate(dict(seed), [], scores)  # seeds are found at 0 metric calls
+        state.metric_calls += len(seeds) * len(self.val_ids)
         state.best_aggregate = max(state.aggregates())
         state.check_invariants()
         self._emit({"type": "init", "num_seeds": len(seeds), "metric_calls": state.metric_calls,
@@ -200,126 +198,100 @@ class GEPAEngine:
     # ---- phases ---------------------------------------------------------------------------------------
 
     def _reflective_step(self, state: GEPAState) -> list[Event]:
-        cfg = self.config
-        tasks = []
-        for slot in range(cfg.proposals_per_iteration):
-            parent = self.selector.select(state, state.rng)
-            minibatch = state.sampler.next_ids(self.train_ids, state.rng)
-            tasks.append({"type": "proposal", "iteration": state.iteration, "slot": slot, "parent": parent,
-                          "minibatch": minibatch, "status": None, "reason": None, "candidate": None})
+        proposals = [
+            Proposal(state.iteration, slot, self.selector.select(state, state.rng),
+                     state.sampler.next_ids(self.train_ids, state.rng))
+            for slot in range(self.config.proposals_per_iteration)
+        ]
+        self._evaluate_parents(state, proposals)  # phase 1
+        self._reflect(state, proposals)  # phase 2
+        children = [p for p in proposals if p.child is not None]
+        self._evaluate_children(state, children)  # phase 3
+        accepted = self._accept(children)
+        val_scores = self._score(state, [p.child for p in accepted], self.val_ids, count=False)  # phase 4
+        for p, scores in zip(accepted, val_scores):
+            p.candidate = state.add_candidate(p.child, [p.parent], scores)
+            state.metric_calls += len(scores)
+            p.val_score = state.aggregate(p.candidate)
+        if accepted and self.config.use_merge:
+            state.merge.last_iteration_found_new = True
+            for _ in accepted:
+                if state.merge.merges_accepted < self.config.max_merge_invocations:
+                    state.merge.merges_due += 1
+        return [p.event() for p in proposals]
 
-        # Phase 1: parents on their minibatches; a repeated (parent, minibatch) is evaluated once.
-        keys = list(dict.fromkeys((t["parent"], tuple(t["minibatch"])) for t in tasks))
-        results = self._evaluate([(state.candidates[p], self.train[i]) for p, mb in keys for i in mb], True)
+    def _evaluate_parents(self, state: GEPAState, proposals: list[Proposal]) -> None:
+        """One evaluate call (with traces) for all parents; a repeated (parent, minibatch) is evaluated once."""
+        keys = list(dict.fromkeys((p.parent, tuple(p.minibatch)) for p in proposals))
+        results = self._evaluate([(state.candidates[c], self.train[i]) for c, mb in keys for i in mb], True)
         state.metric_calls += len(results)
         by_key, pos = {}, 0
         for key in keys:
             by_key[key], pos = results[pos:pos + len(key[1])], pos + len(key[1])
+        for p in proposals:
+            p.parent_results = by_key[(p.parent, tuple(p.minibatch))]
+            p.scores_before = [r.score for r in p.parent_results]
+            if self.config.skip_perfect and is_perfect(p.scores_before, self.config.perfect_score):
+                p.finish("skipped", "perfect: the parent is perfect on this minibatch")
 
-        # Phase 2: one batched reflection call over every (task, component) prompt.
+    def _reflect(self, state: GEPAState, proposals: list[Proposal]) -> None:
+        """One batched reflection call over every (proposal, component) prompt; parse replies into children."""
         prompts: list[str] = []
-        for t in tasks:
-            parent_results = by_key[(t["parent"], tuple(t["minibatch"]))]
-            t["scores_before"] = [r.score for r in parent_results]
-            if cfg.skip_perfect and is_perfect(t["scores_before"], cfg.perfect_score):
-                t["status"], t["reason"] = "skipped", "perfect: the parent is perfect on this minibatch"
+        for p in proposals:
+            if p.status is None:
+                p.components = self._components_to_update(state, p.parent)
+                records = self.proposer.records([self.train[i] for i in p.minibatch], p.parent_results)
+                for comp in p.components:
+                    p.prompt_slots.append(len(prompts))
+                    prompts.append(self.proposer.render(state.candidates[p.parent][comp], records))
+        replies, failure = self._complete(prompts)
+        for p in proposals:
+            if p.status is not None:
                 continue
-            t["components"] = self._components_to_update(state, t["parent"])
-            records = self.proposer.records([self.train[i] for i in t["minibatch"]], parent_results)
-            t["prompt_slots"] = []
-            for comp in t["components"]:
-                t["prompt_slots"].append(len(prompts))
-                prompts.append(self.proposer.render(state.candidates[t["parent"]][comp], records))
-        replies, failure = self._reflect(prompts)
-
-        children = []
-        for t in tasks:
-            if t["status"] is not None:
-                continue
-            parent_texts = state.candidates[t["parent"]]
-            new_texts, why = {}, {}
-            for comp, slot in zip(t["components"], t["prompt_slots"]):
+            parent_texts, new_texts, why = state.candidates[p.parent], {}, {}
+            for comp, slot in zip(p.components, p.prompt_slots):
                 text, reason = (None, failure) if replies is None else self.proposer.parse(replies[slot],
                                                                                           parent_texts[comp])
                 if text is None:
                     why[comp] = reason
                 else:
                     new_texts[comp] = text
-            t.pop("prompt_slots")
             if not new_texts:
-                t["status"], t["reason"] = "rejected", "; ".join(f"{c}: {r}" for c, r in why.items())
+                p.finish("rejected", "; ".join(f"{c}: {r}" for c, r in why.items()))
                 continue
-            if why:
-                t["component_rejections"] = why
-            t["new_texts"] = new_texts
-            t["child"] = {**parent_texts, **new_texts}
-            children.append(t)
+            p.new_texts, p.component_rejections = new_texts, why or None
+            p.child = {**parent_texts, **new_texts}
 
-        # Phase 3: children on their parents' minibatches.
-        if children:
-            results = self._evaluate([(t["child"], self.train[i]) for t in children for i in t["minibatch"]], False)
-            state.metric_calls += len(results)
-            pos = 0
-            for t in children:
-                t["scores_after"], pos = [r.score for r in results[pos:pos + len(t["minibatch"])]], pos + len(
-                    t["minibatch"])
+    def _evaluate_children(self, state: GEPAState, children: list[Proposal]) -> None:
+        """One evaluate call for every child on its parent's minibatch."""
+        if not children:
+            return
+        results = self._evaluate([(p.child, self.train[i]) for p in children for i in p.minibatch], False)
+        state.metric_calls += len(results)
+        pos = 0
+        for p in children:
+            p.scores_after, pos = [r.score for r in results[pos:pos + len(p.minibatch)]], pos + len(p.minibatch)
 
+    def _accept(self, children: list[Proposal]) -> list[Proposal]:
+        """Children that beat their parent on the minibatch (identical children kept once)."""
         accepted, seen = [], set()
-        for t in children:
-            if not self.acceptance.accept(t["scores_before"], t["scores_after"]):
-                t["status"] = "rejected"
-                t["reason"] = f"not better: minibatch sum {sum(t['scores_after'])} <= {sum(t['scores_before'])}"
-            elif (key := tuple(t["child"].items())) in seen:
-                t["status"], t["reason"] = "rejected", "duplicate: same texts as another child this iteration"
+        for p in children:
+            key = tuple(p.child.items())
+            if not self.acceptance.accept(p.scores_before, p.scores_after):
+                p.finish("rejected", f"not better: minibatch sum {sum(p.scores_after)} vs {sum(p.scores_before)}")
+            elif key in seen:
+                p.finish("rejected", "duplicate: same texts as another child this iteration")
             else:
                 seen.add(key)
-                accepted.append(t)
-
-        # Phase 4: accepted children on every validation item, then added in order.
-        for t, scores in zip(accepted, self._score_on_valset(state, [t["child"] for t in accepted])):
-            t["candidate"] = state.add_candidate(t["child"], [t["parent"]], scores)
-            state.metric_calls += len(scores)
-            t["status"], t["val_score"] = "accepted", state.aggregate(t["candidate"])
-        if accepted and cfg.use_merge:
-            state.merge.last_iteration_found_new = True
-            for _ in accepted:
-                if state.merge.merges_accepted < cfg.max_merge_invocations:
-                    state.merge.merges_due += 1
-        for t in tasks:
-            t.pop("child", None)
-        return tasks
+                p.finish("accepted")
+                accepted.append(p)
+        return accepted
 
     def _merge_step(self, state: GEPAState) -> list[Event] | None:
-        """Try a scheduled merge; None when none is due or no mergeable pair exists (reflect instead)."""
-        book = state.merge
-        due = book.merges_due > 0 and book.last_iteration_found_new
-        book.last_iteration_found_new = False
-        if not due:
-            return None
-        plan = merging.find_merge(state, state.rng)
-        if plan is None:
-            return None
-        a, b = plan.parent_a, plan.parent_b
-        items = merging.stratified_items(state.scores[a], state.scores[b], self.config.merge_items, state.rng)
-        if not items:
-            return None
-        results = self._evaluate([(plan.texts, self.val[i]) for i in items], False)
-        state.metric_calls += len(results)
-        before = [[state.scores[p][i] for i in items] for p in (a, b)]
-        after = [r.score for r in results]
-        event = {"type": "merge", "iteration": state.iteration, "parents": [a, b], "ancestor": plan.ancestor,
-                 "minibatch": items, "scores_before": [sum(before[0]), sum(before[1])], "scores_after": after,
-                 "new_texts": plan.texts, "candidate": None}
-        if merging.merge_accepted(after, *before):
-            (scores,) = self._score_on_valset(state, [plan.texts])
-            event["candidate"] = state.add_candidate(plan.texts, [a, b], scores)
-            state.metric_calls += len(scores)
-            book.merges_due -= 1
-            book.merges_accepted += 1
-            event.update(status="accepted", reason=None, val_score=state.aggregate(event["candidate"]))
-        else:
-            event.update(status="rejected", reason=f"merged sum {sum(after)} < best parent's {max(map(sum, before))}")
-        return [event]
+        """A scheduled merge attempt (see merge.py); None when there is none to make (reflect instead)."""
+        event = merging.merge_step(state, self._score, self.val_ids, self.config.merge_items,
+                                   self.config.max_merge_invocations)
+        return None if event is None else [event]
 
     # ---- helpers --------------------------------------------------------------------------------------
 
@@ -330,13 +302,21 @@ class GEPAEngine:
         state.next_component[parent] = (pointer + 1) % len(state.components)
         return [state.components[pointer]]
 
-    def _score_on_valset(self, state: GEPAState, texts: list[dict[str, str]]) -> list[dict[Hashable, float]]:
-        """Valset scores for each of `texts`, in one evaluate call (none when `texts` is empty)."""
+    def _score(
+        self, state: GEPAState, texts: list[dict[str, str]], ids: list[Hashable], count: bool = True
+    ) -> list[dict[Hashable, float]]:
+        """Scores of each of `texts` on the validation items `ids`, in one evaluate call (none if no texts).
+
+        With count=False the caller adds the rollouts to the budget itself (one candidate at a time, so that
+        each records the metric calls spent before its own validation, as the reference does).
+        """
         if not texts:
             return []
-        results = self._evaluate([(t, self.val[i]) for t in texts for i in self.val_ids], False)
-        n = len(self.val_ids)
-        return [{i: r.score for i, r in zip(self.val_ids, results[k * n:(k + 1) * n])} for k in range(len(texts))]
+        results = self._evaluate([(t, self.val[i]) for t in texts for i in ids], False)
+        if count:
+            state.metric_calls += len(results)
+        n = len(ids)
+        return [{i: r.score for i, r in zip(ids, results[k * n:(k + 1) * n])} for k in range(len(texts))]
 
     def _evaluate(self, pairs: list[tuple[dict[str, str], Any]], capture_traces: bool) -> list[EvalResult]:
         # Copies, so an evaluate function that edits its candidate cannot corrupt the state.
@@ -354,7 +334,7 @@ class GEPAEngine:
                 raise ValueError(f"evaluate result {k} has score {score!r}; scores must be finite numbers")
         return results
 
-    def _reflect(self, prompts: list[str]) -> tuple[list[str] | None, str | None]:
+    def _complete(self, prompts: list[str]) -> tuple[list[str] | None, str | None]:
         if not prompts:
             return [], None
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -160,3 +160,50 @@ def stratified_items(
 def merge_accepted(merged_scores: list[float], parent_a_scores: list[float], parent_b_scores: list[float]) -> bool:
     """Accept when the merged sum is at least the better parent's sum on the same items."""
     return sum(merged_scores) >= max(sum(parent_a_scores), sum(parent_b_scores))
+
+
+ScoreFn = Callable[["GEPAState", list[dict[str, str]], list[Hashable]], list[dict[Hashable, float]]]
+
+
+def merge_step(
+    state: GEPAState, score: ScoreFn, val_ids: list[Hashable], num_items: int, max_merges: int
+) -> dict[str, Any] | None:
+    """Run one scheduled merge attempt; the event dict, or None when no merge is due or none can be made.
+
+    At most `max_merges` merges are ever accepted (a hard cap: the reference can exceed its cap when several
+    merges were scheduled before the first one is accepted).
+
+    `score(state, texts, item_ids)` evaluates candidates on validation items in one call and counts the
+    rollouts. The merged candidate is scored on `num_items` stratified items (one call); if accepted, on every
+    validation item (one more call) and added with both parents.
+    """
+    book = state.merge
+    due = book.merges_due > 0 and book.last_iteration_found_new and book.merges_accepted < max_merges
+    book.last_iteration_found_new = False
+    if not due:
+        return None
+    plan = find_merge(state, state.rng)
+    if plan is None:
+        return None
+    a, b = plan.parent_a, plan.parent_b
+    items = stratified_items(state.scores[a], state.scores[b], num_items, state.rng)
+    if not items:
+        return None
+    (merged,) = score(state, [plan.texts], items)
+    after = [merged[i] for i in items]
+    before = [[state.scores[p][i] for i in items] for p in (a, b)]
+    event: dict[str, Any] = {
+        "type": "merge", "iteration": state.iteration, "parents": [a, b], "ancestor": plan.ancestor,
+        "minibatch": items, "scores_before": [sum(before[0]), sum(before[1])], "scores_after": after,
+        "new_texts": plan.texts, "status": "rejected", "candidate": None, "val_score": None,
+        "reason": f"merged sum {sum(after)} < best parent's {max(map(sum, before))}",
+    }
+    if merge_accepted(after, *before):
+        (scores,) = score(state, [plan.texts], val_ids)
+        # Like every candidate, it is "found" at the metric calls spent before its own validation rollouts.
+        found_at = state.metric_calls - len(scores)
+        event["candidate"] = cid = state.add_candidate(plan.texts, [a, b], scores, discovered_at=found_at)
+        book.merges_due -= 1
+        book.merges_accepted += 1
+        event.update(status="accepted", reason=None, val_score=state.aggregate(cid))
+    return event

@@ -159,3 +159,38 @@ class Proposer:
         if len(text) > self.max_chars:
             return None, f"too_long: {len(text)} characters > max_chars={self.max_chars}"
         return text, None
+
+
+@dataclass
+class Proposal:
+    """One parent's trip through an iteration; `event()` is what the metrics stream sees.
+
+    status: "accepted" (added as `candidate`), "rejected" (see `reason`), or "skipped" (parent perfect on the
+    minibatch: no reflection, no child rollouts).
+    """
+
+    iteration: int
+    slot: int
+    parent: int
+    minibatch: list[Any]
+    scores_before: list[float] | None = None
+    scores_after: list[float] | None = None
+    components: list[str] = field(default_factory=list)
+    new_texts: dict[str, str] | None = None
+    component_rejections: dict[str, str] | None = None
+    status: str | None = None
+    reason: str | None = None
+    candidate: int | None = None
+    val_score: float | None = None
+    child: dict[str, str] | None = field(default=None, repr=False)
+    parent_results: list[EvalResult] = field(default_factory=list, repr=False)
+    prompt_slots: list[int] = field(default_factory=list, repr=False)
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        self.status, self.reason = status, reason
+
+    def event(self) -> dict[str, Any]:
+        """JSON-ready record of this proposal."""
+        names = ("iteration", "slot", "parent", "minibatch", "scores_before", "scores_after", "components",
+                 "new_texts", "component_rejections", "status", "reason", "candidate", "val_score")
+        return {"type": "proposal", **{n: getattr(self, n) for n in names}}

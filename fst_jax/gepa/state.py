@@ -72,8 +72,14 @@ class GEPAState:
 
     # ---- updates -------------------------------------------------------------------------------------
 
-    def add_candidate(self, texts: dict[str, str], parents: list[int], item_scores: dict[ItemId, float]) -> int:
-        """Append a candidate with its validation scores; update the per-item best sets. Returns its id."""
+    def add_candidate(
+        self, texts: dict[str, str], parents: list[int], item_scores: dict[ItemId, float],
+        discovered_at: int | None = None,
+    ) -> int:
+        """Append a candidate with its validation scores; update the per-item best sets. Returns its id.
+
+        `discovered_at` (default: the current metric calls) is the budget spent when it was found.
+        """
         if sorted(texts) != sorted(self.components):
             raise ValueError(f"candidate components {sorted(texts)} differ from the search's {sorted(self.components)}")
         cid = len(self.candidates)
@@ -82,7 +88,7 @@ class GEPAState:
         self.scores.append(dict(item_scores))
         # The child continues the round-robin where its furthest-along parent left off (reference rule).
         self.next_component.append(max((self.next_component[p] for p in parents), default=0))
-        self.discovered_at.append(self.metric_calls)
+        self.discovered_at.append(self.metric_calls if discovered_at is None else discovered_at)
         self.found_in_iteration.append(self.iteration)
         for item, score in item_scores.items():
             best = self.best_score.get(item, -math.inf)
