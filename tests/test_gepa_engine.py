@@ -500,3 +500,11 @@ def test_improvement_or_equal_acceptance_and_request_stop():
     assert result.state.iteration == 1
     with pytest.raises(ValueError, match="choose one of strict_improvement, improvement_or_equal"):
         GEPAConfig(max_iterations=1, acceptance="better")
+
+
+def test_resume_with_other_data_is_a_clear_error():
+    result, _, _, _ = run_ours(ONE, 100, 0)
+    engine = GEPAEngine(ScriptedEvaluate(), ScriptedReflection(), {f"x{i}": i for i in range(10)}, VAL,
+                        GEPAConfig(max_metric_calls=200))
+    with pytest.raises(ValueError, match="resume with the same trainset and valset"):
+        engine.run(GEPAState.from_dict(result.state.to_dict()))

@@ -22,7 +22,14 @@ from fst_jax.gepa.reflection import (
     register_reflection_lm,
 )
 from fst_jax.gepa.selection import CurrentBestSelector, EpsilonGreedySelector, ParetoSelector, make_selector
-from fst_jax.gepa.state import EvalResult, EvaluateFn, GEPAState, StateInvariantError, write_json_atomic
+from fst_jax.gepa.state import (
+    EvalResult,
+    EvaluateFn,
+    GEPAState,
+    StateInvariantError,
+    save_lineage,
+    write_json_atomic,
+)
 
 __all__ = [
     "CallableReflectionLM", "Completion", "CurrentBestSelector", "DEFAULT_TEMPLATE", "EpochShuffledSampler",
@@ -30,5 +37,5 @@ __all__ = [
     "ImprovementOrEqual", "LocalReflectionLM", "OpenAIReflectionLM", "ParetoSelector", "Proposer", "ReflectionLM",
     "ReflectionLMError", "StateInvariantError", "StrictImprovement", "extract_fenced", "front_candidates",
     "is_perfect", "make_acceptance", "make_reflection_lm", "make_selector", "pareto_multiplicities",
-    "register_reflection_lm", "remove_dominated", "write_json_atomic",
+    "register_reflection_lm", "remove_dominated", "save_lineage", "write_json_atomic",
 ]

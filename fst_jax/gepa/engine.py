@@ -31,7 +31,7 @@ from fst_jax.gepa.minibatch import EpochShuffledSampler
 from fst_jax.gepa.proposer import DEFAULT_TEMPLATE, Proposal, Proposer
 from fst_jax.gepa.reflection import ReflectionLM, ReflectionLMError
 from fst_jax.gepa.selection import make_selector
-from fst_jax.gepa.state import EvalResult, EvaluateFn, GEPAState, write_json_atomic
+from fst_jax.gepa.state import EvalResult, EvaluateFn, GEPAState, save_lineage, write_json_atomic
 
 logger = logging.getLogger("fst_jax.gepa")
 Event = dict[str, Any]
@@ -39,7 +39,12 @@ Event = dict[str, Any]
 
 @dataclass
 class GEPAConfig:
-    """Search settings; at least one stop condition is required. Defaults are the reference's."""
+    """Search settings; at least one stop condition is required. Defaults are the reference's.
+
+    `max_seconds` counts the wall time of one `run()` call (not across resumes); all other stops read the
+    saved state, so a resumed search stops where the uninterrupted one would. On multiple hosts, set
+    `output_dir` and `progress_bar` on process 0 only.
+    """
 
     max_metric_calls: int | None = None
     max_iterations: int | None = None
@@ -60,7 +65,7 @@ class GEPAConfig:
     max_text_chars: int = 20_000
     seed: int = 0
     progress_bar: bool = False
-    output_dir: str | None = None  # candidates.json (lineage) and state.json, rewritten every iteration
+    output_dir: str | None = None  # candidates.json (lineage) and state.json, rewritten each iteration
 
     def __post_init__(self) -> None:
         stops = (self.max_metric_calls, self.max_iterations, self.max_iterations_without_improvement, self.max_seconds)
@@ -103,11 +108,8 @@ class GEPAResult:
 
 def _as_items(data: Sequence[Any] | Mapping[Hashable, Any], name: str) -> dict[Hashable, Any]:
     items = dict(data) if isinstance(data, Mapping) else dict(enumerate(data))
-    if not items:
-        raise ValueError(f"{name} is empty; GEPA needs at least one item")
-    bad = [k for k in items if not isinstance(k, (int, str)) or isinstance(k, bool)]
-    if bad:
-        raise ValueError(f"{name} item ids must be int or str (they are saved as JSON); got {bad[:3]}")
+    if not items or any(not isinstance(k, (int, str)) or isinstance(k, bool) for k in items):
+        raise ValueError(f"{name} must be a non-empty list, or a mapping with int or str ids (saved as JSON)")
     return items
 
 
@@ -174,6 +176,7 @@ class GEPAEngine:
     def run(self, state: GEPAState) -> GEPAResult:
         """Iterate until a stop condition holds; `state` is updated in place (and may be saved and resumed)."""
         state.check_invariants()
+        state.check_items(self.train_ids, self.val_ids)
         start = time.monotonic()
         bar = self._progress_bar(state)
         try:
@@ -239,7 +242,7 @@ class GEPAEngine:
         prompts: list[str] = []
         for p in proposals:
             if p.status is None:
-                p.components = self._components_to_update(state, p.parent)
+                p.components = state.components_to_update(p.parent, self.config.component_selection)
                 records = self.proposer.records([self.train[i] for i in p.minibatch], p.parent_results)
                 for comp in p.components:
                     p.prompt_slots.append(len(prompts))
@@ -294,13 +297,6 @@ class GEPAEngine:
         return None if event is None else [event]
 
     # ---- helpers --------------------------------------------------------------------------------------
-
-    def _components_to_update(self, state: GEPAState, parent: int) -> list[str]:
-        if self.config.component_selection == "all":
-            return list(state.components)
-        pointer = state.next_component[parent]
-        state.next_component[parent] = (pointer + 1) % len(state.components)
-        return [state.components[pointer]]
 
     def _score(
         self, state: GEPAState, texts: list[dict[str, str]], ids: list[Hashable], count: bool = True
@@ -391,7 +387,7 @@ class GEPAEngine:
 
     def _write_outputs(self, state: GEPAState) -> None:
         if self.config.output_dir is not None:
-            write_json_atomic(os.path.join(self.config.output_dir, "candidates.json"), state.lineage())
+            save_lineage(state, os.path.join(self.config.output_dir, "candidates.json"))
             write_json_atomic(os.path.join(self.config.output_dir, "state.json"), state.to_dict())
 
     def _progress_bar(self, state: GEPAState) -> Any:

@@ -94,8 +94,12 @@ class OpenAIReflectionLM:
         if not prompts:
             return []
         key = self._key()
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)))
+        try:
             return list(pool.map(lambda p: self._complete_one(p, key), prompts))
+        finally:
+            # On a failure, requests not yet started are dropped rather than sent for a batch already lost.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _key(self) -> str | None:
         if self.api_key_env is None:

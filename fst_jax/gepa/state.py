@@ -99,6 +99,14 @@ class GEPAState:
                 self.front_order[item].append(cid)
         return cid
 
+    def components_to_update(self, parent: int, mode: str = "round_robin") -> list[str]:
+        """The components to reflect on for `parent`: all, or the next in its round-robin (then advanced)."""
+        if mode == "all":
+            return list(self.components)
+        pointer = self.next_component[parent]
+        self.next_component[parent] = (pointer + 1) % len(self.components)
+        return [self.components[pointer]]
+
     # ---- views ---------------------------------------------------------------------------------------
 
     def aggregate(self, cid: int) -> float:
@@ -162,6 +170,17 @@ class GEPAState:
             rest = sorted((c for c in range(len(self.candidates)) if c not in chosen), key=rank)
             chosen += rest[: k - len(chosen)]
         return chosen
+
+    def check_items(self, train_ids: list[ItemId], val_ids: list[ItemId]) -> None:
+        """Raise if this state refers to items the given train/validation sets lack (a resume with other data)."""
+        stale_train = sorted(map(str, set(self.sampler.shuffled) - set(train_ids)))
+        stale_val = sorted(map(str, set(self.best_score) - set(val_ids)))
+        if stale_train or stale_val:
+            raise ValueError(
+                f"the GEPA state refers to items missing from this search's data (train ids {stale_train[:5]}, "
+                f"validation ids {stale_val[:5]}); resume with the same trainset and valset, or start a new "
+                "search with GEPAEngine.init_state"
+            )
 
     # ---- invariants ----------------------------------------------------------------------------------
 
@@ -276,6 +295,11 @@ class GEPAState:
             }
             for c in range(len(self.candidates))
         ]
+
+
+def save_lineage(state: GEPAState, path: str) -> None:
+    """Write `state.lineage()` (candidates, parents, scores summary) to `path` as JSON, atomically."""
+    write_json_atomic(path, state.lineage())
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
