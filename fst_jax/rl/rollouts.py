@@ -1,0 +1,122 @@
+"""Rollout batches for the RL update: prompt + response token ids packed into fixed-shape [B, T] arrays.
+
+Every per-token array is aligned with `input_ids`: position t describes token t. A row is
+
+    input_ids      p p p p r r r r 0 0        (prompt, response, right padding)
+    attention_mask 1 1 1 1 1 1 1 1 0 0
+    loss_mask      0 0 0 0 1 1 1 1 0 0        (response tokens only: the prompt is context)
+    old_logprobs   0 0 0 0 a b c d 0 0        (behaviour-policy log π_old of each response token)
+
+and `advantages[b]` is the row's advantage. The update predicts token t from the hidden state at t − 1, so
+position 0 can never carry loss (its mask is ignored).
+
+Shapes are bucketed so that the jitted update compiles for few distinct shapes: T is rounded up by
+`length_bucket` (≤ 12.5% padding on long sequences), and B to `row_multiple` with all-padding rows. Rows that
+should not count (zero-variance groups) are removed and replaced by padding rows at the end, so that the batch
+shape does not depend on how many groups were dropped and whole padding micro-batches can be skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Rollouts", "build_rollouts", "length_bucket", "pad_rows"]
+
+
+@flax.struct.dataclass
+class Rollouts:
+    """A batch of B sampled responses in context, [B, T] per token (see the module docstring)."""
+
+    input_ids: jax.Array | np.ndarray       # [B, T] int32
+    attention_mask: jax.Array | np.ndarray  # [B, T] int32, 1 on real tokens
+    loss_mask: jax.Array | np.ndarray       # [B, T] float32, 1 on response tokens
+    old_logprobs: jax.Array | np.ndarray    # [B, T] float32, behaviour log-probs on response tokens
+    advantages: jax.Array | np.ndarray      # [B] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+    def check(self) -> None:
+        """Shapes agree: [B, T] everywhere and [B] advantages."""
+        chex.assert_rank([self.input_ids, self.advantages], [2, 1])
+        chex.assert_equal_shape([self.input_ids, self.attention_mask, self.loss_mask, self.old_logprobs])
+        chex.assert_shape(self.advantages, self.input_ids.shape[:1])
+
+
+def length_bucket(n: int, min_length: int = 16) -> int:
+    """n rounded up to a multiple of max(min_length, 2^(⌈log2 n⌉ − 4)): 8 buckets per octave above
+    16·min_length tokens (≤ 12.5% padding), multiples of `min_length` below."""
+    if n <= min_length:
+        return min_length
+    step = max(min_length, 1 << max((n - 1).bit_length() - 4, 0))
+    return -(-n // step) * step
+
+
+def pad_rows(rollouts: Rollouts, num_rows: int) -> Rollouts:
+    """Append all-padding rows (no tokens, no loss) up to `num_rows`; they count in no sum or denominator."""
+    rows = rollouts.input_ids.shape[0]
+    if num_rows < rows:
+        raise ValueError(f"cannot pad {rows} rows down to {num_rows}")
+    if num_rows == rows:
+        return rollouts
+    xp = np if isinstance(rollouts.input_ids, np.ndarray) else jnp
+    return jax.tree.map(lambda x: xp.pad(x, [(0, num_rows - rows)] + [(0, 0)] * (x.ndim - 1)), rollouts)
+
+
+def build_rollouts(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    response_logprobs: Sequence[Sequence[float]],
+    advantages: Sequence[float],
+    *,
+    keep: Sequence[bool] | None = None,
+    pad_id: int = 0,
+    row_multiple: int = 1,
+    min_length: int = 16,
+) -> Rollouts:
+    """Pack B (prompt, response) pairs into a right-padded `Rollouts` of host (numpy) arrays.
+
+    `response_logprobs[b]` holds one behaviour log-prob per response token. Rows with `keep[b]` False are
+    left out (their places filled by padding rows at the end). The row count is len(prompt_ids) rounded up to
+    `row_multiple`; the length is `length_bucket` of the longest prompt + response.
+    """
+    num = len(prompt_ids)
+    if not (len(response_ids) == len(response_logprobs) == len(advantages) == num):
+        raise ValueError(f"build_rollouts: {num} prompts, {len(response_ids)} responses, "
+                         f"{len(response_logprobs)} log-prob lists and {len(advantages)} advantages; "
+                         "they must be equal")
+    keep = [True] * num if keep is None else [bool(k) for k in keep]
+    if len(keep) != num:
+        raise ValueError(f"build_rollouts: keep has {len(keep)} entries for {num} rows")
+    for b, (response, logprobs) in enumerate(zip(response_ids, response_logprobs)):
+        if len(response) != len(logprobs):
+            raise ValueError(f"row {b}: {len(response)} response tokens but {len(logprobs)} log-probs")
+        if not prompt_ids[b]:
+            raise ValueError(f"row {b}: empty prompt; the first response token needs context")
+    kept = [b for b in range(num) if keep[b]]
+    num_rows = max(1, -(-num // row_multiple)) * row_multiple
+    longest = max((len(prompt_ids[b]) + len(response_ids[b]) for b in kept), default=1)
+    length = length_bucket(longest, min_length)
+
+    input_ids = np.full((num_rows, length), pad_id, np.int32)
+    attention_mask = np.zeros((num_rows, length), np.int32)
+    loss_mask = np.zeros((num_rows, length), np.float32)
+    old_logprobs = np.zeros((num_rows, length), np.float32)
+    row_advantages = np.zeros((num_rows,), np.float32)
+    for row, b in enumerate(kept):
+        p, r = len(prompt_ids[b]), len(response_ids[b])
+        input_ids[row, :p] = prompt_ids[b]
+        input_ids[row, p:p + r] = response_ids[b]
+        attention_mask[row, :p + r] = 1
+        loss_mask[row, p:p + r] = 1.0
+        old_logprobs[row, p:p + r] = np.asarray(response_logprobs[b], np.float32)
+        row_advantages[row] = advantages[b]
+    return Rollouts(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                    old_logprobs=old_logprobs, advantages=row_advantages)
