@@ -1,0 +1,280 @@
+"""Plot and compare runs from their `WORKDIR/metrics.jsonl` (one line per run).
+
+    python launch/plot.py runs/fst runs/rl --out plot.png
+    python launch/plot.py runs/fst runs/rl --metrics val/reward,kl_to_base --labels FST,RL --out cmp.png
+
+`--out` gets one row per metric: the metric against RL steps and against total rollouts (RL + GEPA, when the
+records count them), and a last row with KL to base against reward. A continual run (its records' `task`
+changes) also gets `<out stem>_stages.png`: the reward per stage, against steps since the stage began.
+
+Printed, per run (RECIPE.md §Tasks and evaluation): final and peak reward; the steps and rollouts it needs to
+reach the reference run's running peak (the run whose `method` is "rl", or `--reference`); and the asymptote
+A of the 4-parameter sigmoid R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) fitted to reward against steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from fst_jax.metrics import read_metrics  # noqa: E402
+
+DEFAULT_METRICS = ("val/reward", "val/reward_seed", "train/reward", "kl_to_base")
+BOOKKEEPING = frozenset({"step", "time", "rl_rollouts", "gepa_rollouts"})
+ROLLOUT_FIELDS = ("rl_rollouts", "gepa_rollouts")
+
+
+@dataclasses.dataclass
+class Run:
+    label: str
+    method: str | None
+    records: list[dict]
+
+
+def load_run(workdir: str, label: str | None = None) -> Run:
+    records = sorted(read_metrics(workdir), key=lambda r: r.get("step", 0))  # stable: file order within a step
+    methods = [r["method"] for r in records if isinstance(r.get("method"), str)]
+    return Run(label or Path(workdir).resolve().name, methods[-1] if methods else None, records)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def rollouts(record: dict) -> float | None:
+    counts = [_number(record.get(f)) for f in ROLLOUT_FIELDS if f in record]
+    return sum(c for c in counts if c is not None) if counts else None
+
+
+def series(records: list[dict], metric: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) of the finite values of `metric`; x is "step" or "rollouts". The last record wins per x."""
+    points = {}
+    for record in records:
+        y = _number(record.get(metric))
+        xv = rollouts(record) if x == "rollouts" else _number(record.get(x))
+        if y is not None and xv is not None:
+            points[xv] = y
+    xs = np.array(sorted(points), dtype=float)
+    return xs, np.array([points[v] for v in xs], dtype=float)
+
+
+def first_reaching(xs: np.ndarray, ys: np.ndarray, target: float) -> float | None:
+    hits = np.nonzero(ys >= target)[0]
+    return float(xs[hits[0]]) if hits.size else None
+
+
+def sigmoid(c, r0, a, c_mid, b):
+    return r0 + (a - r0) / (1.0 + (c_mid / c) ** b)
+
+
+def fit_sigmoid(xs: np.ndarray, ys: np.ndarray) -> dict | None:
+    """Least-squares fit of R(C) over C = xs > 0; None with fewer than 5 points or when it does not converge."""
+    keep = xs > 0
+    xs, ys = xs[keep], ys[keep]
+    if xs.size < 5 or np.ptp(ys) == 0:
+        return None
+    from scipy.optimize import curve_fit
+
+    span = float(np.ptp(ys))
+    p0 = [float(ys[0]), float(ys.max()), float(np.median(xs)), 1.0]
+    lower = [float(ys.min()) - 10 * span, float(ys.min()) - 10 * span, float(xs.min()) * 1e-3, 1e-2]
+    upper = [float(ys.max()) + 10 * span, float(ys.max()) + 10 * span, float(xs.max()) * 1e3, 20.0]
+    try:
+        params, _ = curve_fit(sigmoid, xs, ys, p0=p0, bounds=(lower, upper), maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    return dict(zip(("r0", "a", "c_mid", "b"), map(float, params)))
+
+
+def stages(records: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Consecutive runs of records with the same `task` (records without one join the current stage)."""
+    out = []
+    for record in records:
+        task = record.get("task")
+        if out and (task is None or task == out[-1][0]):
+            out[-1][1].append(record)
+        else:
+            out.append((task, [record]))
+    return [(task, recs) for task, recs in out if task is not None]
+
+
+def pick_metrics(runs: list[Run], requested: str | None) -> list[str]:
+    if requested:
+        return [m.strip() for m in requested.split(",") if m.strip()]
+    present = {k for run in runs for r in run.records for k, v in r.items() if _number(v) is not None}
+    chosen = [m for m in DEFAULT_METRICS if m in present]
+    return chosen or sorted(present - BOOKKEEPING)[:8]
+
+
+def summarize(runs: list[Run], reward: str, reference: str | None) -> list[str]:
+    ref = next((r for r in runs if r.label == reference), None) if reference else \
+        next((r for r in runs if r.method == "rl"), None)
+    if reference and ref is None:
+        raise SystemExit(f"--reference {reference!r} is not one of the runs: {[r.label for r in runs]}")
+    peak = None
+    if ref is not None:
+        _, ref_ys = series(ref.records, reward)
+        peak = float(ref_ys.max()) if ref_ys.size else None
+    ref_steps = ref_rollouts = None
+    lines = [f"reward metric: {reward}" + (f"; reference: {ref.label} (peak {peak:.4g})" if peak is not None
+                                           else "; no reference run (none has method 'rl'; see --reference)")]
+    header = f"{'run':<20} {'method':<7} {'last step':>9} {'final':>8} {'peak':>8} {'steps→ref peak':>15} " \
+             f"{'rollouts→ref peak':>18} {'asymptote A':>12}"
+    rows = []
+    for run in runs:
+        xs, ys = series(run.records, reward)
+        if not ys.size:
+            rows.append((run, None))
+            continue
+        steps = first_reaching(xs, ys, peak) if peak is not None else None
+        rxs, rys = series(run.records, reward, x="rollouts")
+        rolls = first_reaching(rxs, rys, peak) if peak is not None and rxs.size else None
+        if run is ref:
+            ref_steps, ref_rollouts = steps, rolls
+        rows.append((run, dict(last=xs[-1], final=ys[-1], peak=ys.max(), steps=steps, rolls=rolls,
+                               fit=fit_sigmoid(xs, ys))))
+    lines.append(header)
+    for run, row in rows:
+        if row is None:
+            lines.append(f"{run.label:<20} {run.method or '-':<7} (no '{reward}' values)")
+            continue
+        lines.append(f"{run.label:<20} {run.method or '-':<7} {row['last']:>9.0f} {row['final']:>8.4g} "
+                     f"{row['peak']:>8.4g} {_reach(row['steps'], ref_steps):>15} "
+                     f"{_reach(row['rolls'], ref_rollouts):>18} "
+                     f"{(format(row['fit']['a'], '.4g') if row['fit'] else 'n/a'):>12}")
+    return lines
+
+
+def _reach(value, ref_value) -> str:
+    if value is None:
+        return "not reached"
+    if ref_value and value > 0:
+        return f"{value:.0f} ({ref_value / value:.2g}x)"
+    return f"{value:.0f}"
+
+
+def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_rollouts = any(rollouts(r) is not None for run in runs for r in run.records)
+    with_kl = any(series(run.records, kl)[0].size and series(run.records, reward)[0].size for run in runs)
+    cols = 2 if with_rollouts else 1
+    rows = len(metrics) + int(with_kl)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    colors = {run.label: f"C{i % 10}" for i, run in enumerate(runs)}
+    for i, metric in enumerate(metrics):
+        for j, x in enumerate(["step", "rollouts"][:cols]):
+            ax = axes[i][j]
+            for run in runs:
+                xs, ys = series(run.records, metric, x=x)
+                if xs.size:
+                    ax.plot(xs, ys, marker="." if xs.size < 50 else None, color=colors[run.label], label=run.label)
+            if x == "step":
+                _mark_stages(ax, runs, colors)
+            ax.set(xlabel="RL steps" if x == "step" else "rollouts (RL + GEPA)", ylabel=metric)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    if with_kl:
+        ax = axes[-1][0]
+        for run in runs:
+            by_step = {s: v for s, v in zip(*series(run.records, reward))}
+            points = [(by_step[s], v) for s, v in zip(*series(run.records, kl)) if s in by_step]
+            if points:
+                ax.plot(*zip(*points), marker="o", color=colors[run.label], label=run.label)
+        ax.set(xlabel=reward, ylabel=kl, title=f"{kl} against {reward} (same steps)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        for extra in axes[-1][1:]:
+            extra.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    written = [out]
+
+    continual = [run for run in runs if len(stages(run.records)) > 1]
+    if continual:
+        order = list(dict.fromkeys(task for task, _ in stages(continual[0].records)))
+        order += [t for run in continual for t, _ in stages(run.records) if t not in order]
+        fig, axes = plt.subplots(1, len(order), figsize=(4.5 * len(order), 3.4), squeeze=False)
+        for ax, task in zip(axes[0], order):
+            for run in runs:
+                for k, (stage_task, recs) in enumerate(s for s in stages(run.records) if s[0] == task):
+                    xs, ys = series(recs, reward)
+                    if xs.size:
+                        start = min(r.get("step", 0) for r in recs)
+                        ax.plot(xs - start, ys, color=colors[run.label], label=run.label if k == 0 else None)
+            ax.set(title=f"stage: {task}", xlabel="steps in stage", ylabel=reward)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        stage_out = out.with_name(f"{out.stem}_stages{out.suffix}")
+        fig.savefig(stage_out, dpi=100)
+        plt.close(fig)
+        written.append(stage_out)
+    return written
+
+
+def _mark_stages(ax, runs, colors):
+    for run in runs:
+        for task, recs in stages(run.records)[1:]:
+            step = min(r.get("step", 0) for r in recs)
+            ax.axvline(step, color=colors[run.label], linestyle=":", alpha=0.6)
+            ax.annotate(task, (step, 1), xycoords=("data", "axes fraction"), fontsize="x-small",
+                        rotation=90, va="top", ha="right")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", help="run directories (or metrics.jsonl files)")
+    parser.add_argument("--out", default="plot.png", help="PNG to write (default: plot.png)")
+    parser.add_argument("--metrics", help=f"comma-separated metric names (default: those of "
+                                          f"{','.join(DEFAULT_METRICS)} that the runs have)")
+    parser.add_argument("--labels", help="comma-separated run labels (default: the workdir names)")
+    parser.add_argument("--reward", help="reward metric for the summary and KL plot (default: val/reward, "
+                                         "else the first plotted metric with 'reward' in its name)")
+    parser.add_argument("--kl", default="kl_to_base", help="KL metric (default: kl_to_base)")
+    parser.add_argument("--reference", help="label of the run whose peak the others must reach "
+                                            "(default: the run with method 'rl')")
+    args = parser.parse_args(argv)
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("launch/plot.py needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
+    labels = args.labels.split(",") if args.labels else [None] * len(args.workdirs)
+    if len(labels) != len(args.workdirs):
+        parser.error(f"--labels has {len(labels)} names for {len(args.workdirs)} runs")
+    try:
+        runs = [load_run(w, label) for w, label in zip(args.workdirs, labels)]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"launch/plot.py: {e}", file=sys.stderr)
+        return 1
+    metrics = pick_metrics(runs, args.metrics)
+    if not metrics:
+        print("launch/plot.py: the runs have no numeric metrics to plot", file=sys.stderr)
+        return 1
+    reward = args.reward or next((m for m in metrics if "reward" in m), metrics[0])
+    for line in summarize(runs, reward, args.reference):
+        print(line)
+    for path in plot(runs, metrics, reward, args.kl, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
