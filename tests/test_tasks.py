@@ -295,7 +295,8 @@ def test_codeio_options():
     assert get_task("codeio", float_rel_tol=1e-3).score({"question": "q", "answer": 1.0}, "1.0001").reward == 1.0
     # With literal parsing off, a Python dict no longer equals the JSON one.
     assert get_task("codeio").score({"question": "q", "answer": {"a": 1}}, "{'a': 1}").reward == 1.0
-    assert get_task("codeio", max_literal_chars=0).score({"question": "q", "answer": {"a": 1}}, "{'a': 1}").reward == 0.0
+    no_literals = get_task("codeio", max_literal_chars=0)
+    assert no_literals.score({"question": "q", "answer": {"a": 1}}, "{'a': 1}").reward == 0.0
 
 
 @settings(max_examples=150, deadline=None)
@@ -390,16 +391,20 @@ def test_other_file_errors(tmp_path):
     empty = _write(tmp_path, "empty.jsonl", "\n\n")
     with pytest.raises(DataError, match=rf"{re.escape(str(empty))}: contains no problems"):
         load_problems(empty, math)
-    latin = _write(tmp_path, "latin.jsonl", b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "1"}\n')
+    latin = _write(tmp_path, "latin.jsonl",
+                   b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "1"}\n')
     with pytest.raises(DataError, match=rf"{re.escape(str(latin))}, line 2: not valid UTF-8"):
         load_problems(latin, math)
     with pytest.raises(DataError, match="names 'solutoin', which task 'math' does not use"):
         load_problems(DATA / "math_small.jsonl", math, {"question": "problem", "solutoin": "solution"})
-    dup = _write(tmp_path, "dup.jsonl", '{"i": 1, "question": "a", "answer": "1"}\n{"i": 1, "question": "b", "answer": "2"}\n')
-    with pytest.raises(DataError, match=rf"{re.escape(str(dup))}, line 2: duplicate id '1' \(first at {re.escape(str(dup))}, line 1\)"):
+    dup = _write(tmp_path, "dup.jsonl",
+                 '{"i": 1, "question": "a", "answer": "1"}\n{"i": 1, "question": "b", "answer": "2"}\n')
+    d = re.escape(str(dup))
+    with pytest.raises(DataError, match=rf"{d}, line 2: duplicate id '1' \(first at {d}, line 1\)"):
         load_problems(dup, math, {"id": "i"})
     bad = _write(tmp_path, "c.jsonl", '{"code": "x", "answer": 1}\n')
-    with pytest.raises(DataError, match=rf"{re.escape(str(bad))}, line 1: a codeio problem needs a 'question', or both 'code' and 'input'"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(bad))}, line 1: a codeio problem needs a 'question', "
+                                        r"or both 'code' and 'input'"):
         load_problems(bad, get_task("codeio"))
 
 
@@ -408,7 +413,8 @@ def test_glob_lists_and_nested_keys(tmp_path):
     _write(tmp_path, "a.jsonl", '{"q": "a?", "rm": {"gt": "1"}}\n')
     fields = {"question": "q", "answer": "rm.gt"}
     problems = load_problems(str(tmp_path / "*.jsonl"), get_task("math"), fields)
-    assert [(p["question"], p["answer"], p["id"]) for p in problems] == [("a?", "1", "a.jsonl:1"), ("b?", "2", "b.jsonl:1")]
+    assert [(p["question"], p["answer"], p["id"]) for p in problems] == [
+        ("a?", "1", "a.jsonl:1"), ("b?", "2", "b.jsonl:1")]
     assert load_problems([tmp_path / "b.jsonl", tmp_path / "a.jsonl"], get_task("math"), fields)[0]["answer"] == "2"
 
 

@@ -14,9 +14,10 @@ box) and the extracted answer are each parsed by `math_verify.parse` as `\\boxed
 Identical strings (ignoring whitespace) score 1 without calling it.
 
 Timeouts: math-verify bounds parsing and comparison with `signal.alarm`, which only works in the main
-thread. There we pass `timeout_seconds` through; in any other thread (a thread-pool scorer) we disable its
-timeouts rather than let it raise, and instead bound the work by `max_answer_chars` (longer answers are
-compared as strings only). Note that math-verify's alarm replaces any SIGALRM alarm the caller had set.
+thread. There we pass `timeout_seconds` through (0 disables it); in any other thread (a thread-pool scorer)
+we disable its timeouts rather than let it raise, and instead bound the work by `max_answer_chars` (longer
+answers are compared as strings only). Note that math-verify's alarm replaces any SIGALRM alarm the caller
+had set.
 """
 
 from __future__ import annotations
