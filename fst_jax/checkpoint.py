@@ -93,6 +93,30 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
+# On several processes orbax saves only global arrays, but a step counter or an RNG key made with
+# `jnp.asarray`/`jax.random.key` lives on one local device. Such host-local leaves (the same value on every
+# process, as every process runs the same loop with the same seed) are saved as replicated global arrays
+# and restored back onto the target's local sharding.
+def _globalize(x):
+    if not (isinstance(x, jax.Array) and x.is_fully_addressable):
+        return x
+    whole = jax.device_put(x, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return jax.make_array_from_single_device_arrays(
+        x.shape, _replicated(), [jax.device_put(whole, d) for d in jax.local_devices()])
+
+
+def _global_target(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding.is_fully_addressable:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_replicated())
+    return x
+
+
+def _localize(restored, target):
+    if isinstance(target, jax.ShapeDtypeStruct) and target.sharding.is_fully_addressable:
+        return jax.device_put(restored.addressable_data(0), target.sharding)
+    return restored
+
+
 def config_snapshot(config: Any) -> dict:
     """A JSON-ready, credential-free copy of a config (ml_collections.ConfigDict, dataclass or dict)."""
     return redact(to_jsonable(config))
@@ -177,6 +201,8 @@ class Checkpointer:
             "config": None if config is None else config_snapshot(config),
         }
         data_doc = None if data is None else _safe_json(data, "data")
+        if jax.process_count() > 1:
+            state = jax.tree.map(_globalize, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta_doc),
                                   data=ocp.args.JsonSave(data_doc))
         return bool(self._manager.save(step, args=args, force=force))
@@ -268,8 +294,10 @@ class Checkpointer:
         missing = [item for item in _ITEMS if not (step_dir / item).is_dir()]
         if missing:
             raise _Unreadable(f"missing item director{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
-                                  data=ocp.args.JsonRestore())
+        multi = jax.process_count() > 1
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(_global_target, target) if multi else target),
+            meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore())
         try:
             out = self._manager.restore(step, args=args)
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
@@ -286,7 +314,8 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} has schema version {fmt['schema_version']}, newer "
                 f"than this fst_jax's {SCHEMA_VERSION}; upgrade fst_jax to resume it")
-        return Restored(step=step, state=out["state"], meta=meta_doc.get("meta") or {}, data=out["data"],
+        state = jax.tree.map(_localize, out["state"], target) if multi else out["state"]
+        return Restored(step=step, state=state, meta=meta_doc.get("meta") or {}, data=out["data"],
                         config=meta_doc.get("config"))
 
     def _set_aside(self, steps: list[int]):

@@ -272,6 +272,22 @@ class MetricsWriter:
             tag = name if "/" in name else f"{record['kind']}/{name}"
             self._tb.add_scalar(tag, value, record["step"])
 
+    def save_json(self, relative_path: str, obj: Any) -> Path | None:
+        """Write `obj` (redacted, JSON) to WORKDIR/relative_path atomically — e.g. the population and GEPA
+        candidates per cycle, "gepa/cycle_0003.json". Returns the path (None on processes other than 0)."""
+        if not self.active:
+            return None
+        path = self.path.parent / relative_path
+        if self.path.parent.resolve() not in path.resolve().parents:
+            raise ValueError(f"{relative_path!r} is outside the workdir {self.path.parent}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(redact(to_jsonable(obj), mask_numbers=False), f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
     def flush(self):
         if self._file is not None:
             self._file.flush()

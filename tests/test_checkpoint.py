@@ -1,5 +1,6 @@
 """Checkpointer: round trip, keep-last-N, interval, resharded resume, corruption fallback, redaction."""
 
+import json
 import logging
 import math
 import shutil
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from fst_jax.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatchError, abstract_like,
                                 config_snapshot, redact)
-from fst_jax.metrics import MetricsWriter
+from fst_jax.metrics import MetricsWriter, read_metrics
 
 # orbax leaves un-awaited read coroutines behind when a damaged array fails to load; they are harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -77,6 +78,21 @@ def test_round_trip_state_meta_data_config(tmp_path):
                                "mesh": [2, 4]}
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "7").iterdir()) == [
         "_CHECKPOINT_METADATA", "commit_success.txt", "data", "meta", "state"]
+
+
+def test_save_is_async_and_survives_donated_buffers(tmp_path):
+    state = make_state(seed=3)
+    expected = jax.tree.map(np.asarray, jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x, state))
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.save(1, state)
+    for leaf in jax.tree.leaves(state):  # what a jitted update with donate_argnums does to the old state
+        leaf.delete()
+    ckpt.close()
+    restored = Checkpointer(tmp_path).restore_latest(abstract_like(make_state()))
+    got = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+                       restored.state)
+    assert_trees_equal(got, expected)
 
 
 def test_explicit_step_and_missing_step(tmp_path):
@@ -284,3 +300,88 @@ def test_config_snapshot_of_a_configdict():
 def test_meta_must_be_json(tmp_path):
     with Checkpointer(tmp_path) as ckpt, pytest.raises(TypeError, match="meta/gepa/obj: object is not JSON"):
         ckpt.save(1, make_state(), meta={"gepa": {"obj": object()}})
+
+
+# -- two processes (PLATFORM.md §4): orbax coordinates, process 0 alone writes JSON, both fall back together.
+_WORKER = r'''
+import json, sys
+import jax
+i, port, workdir, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=i,
+                           coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60,
+                           shutdown_timeout_seconds=30)
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from fst_jax.checkpoint import Checkpointer, abstract_like
+from fst_jax.metrics import MetricsWriter, read_metrics
+
+sharding = NamedSharding(jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,)), P("data"))
+def state(k):  # a global array split over both processes + a host-local step and RNG key
+    local = np.arange(8, dtype=np.float32).reshape(4, 2)[2 * i:2 * i + 2] + k
+    return {"w": jax.make_array_from_process_local_data(sharding, local), "step": jax.numpy.asarray(k),
+            "rng": jax.random.key(k)}
+if mode == "save":
+    with Checkpointer(workdir) as ckpt:
+        for k in (1, 2, 3):
+            ckpt.save(k, state(k), meta={"k": k, "writer": i}, data={"next_index": k})
+    with MetricsWriter(workdir) as writer:
+        writer.write(3, "train", {"r": 1.0}, writer=i)
+else:
+    ckpt = Checkpointer(workdir)
+    r = ckpt.restore_latest(abstract_like(state(0)))
+    w = multihost_utils.process_allgather(r.state["w"], tiled=True)
+    print(json.dumps({"step": r.step, "meta": r.meta, "data": r.data, "w": np.asarray(w).ravel().tolist(),
+                      "rng": jax.random.key_data(r.state["rng"]).tolist(), "s": int(r.state["step"])}))
+    ckpt.save(3, state(30), meta={"k": 30})
+    ckpt.close()
+jax.distributed.shutdown()
+'''
+
+
+def _run_two_processes(script, workdir, mode):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(workdir), mode], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-3000:]
+        outs.append((out, err))
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_save_fall_back_and_resave(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    workdir = tmp_path / "run"
+    _run_two_processes(script, workdir, "save")
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2", "3"]
+    assert '"writer": 0' in (workdir / "checkpoints" / "3" / "meta" / "metadata").read_text()
+    assert [r["writer"] for r in read_metrics(workdir)] == [0]
+
+    _truncate_arrays(workdir / "checkpoints" / "3")
+    outs = _run_two_processes(script, workdir, "restore")
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    expected = {"step": 2, "meta": {"k": 2, "writer": 0}, "data": {"next_index": 2},
+                "w": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], "rng": [0, 2], "s": 2}
+    assert results == [expected, expected]
+    assert all("step 3" in err and "unusable" in err for _, err in outs)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2", "3", "3.corrupt"]
+    assert '"k": 30' in (workdir / "checkpoints" / "3" / "meta" / "metadata").read_text()

@@ -111,6 +111,19 @@ def test_tensorboard_mirror_and_redaction(tmp_path):
     assert b"abcdefghijklmnop" not in (tmp_path / "metrics.jsonl").read_bytes()
 
 
+def test_save_json_artifacts(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        path = writer.save_json("gepa/cycle_0001.json", {"population": ["a", "b"], "scores": np.array([0.5, 1.0]),
+                                                         "lm": {"api_key": "hunter2-hunter2"}})
+        with pytest.raises(ValueError, match="outside the workdir"):
+            writer.save_json("../escape.json", {})
+    assert path == tmp_path / "gepa" / "cycle_0001.json"
+    assert json.loads(path.read_text()) == {"population": ["a", "b"], "scores": [0.5, 1.0],
+                                            "lm": {"api_key": "<redacted>"}}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cycle_0001.json"]
+    assert MetricsWriter(tmp_path, process_index=1).save_json("x.json", {}) is None
+
+
 def test_progress_is_quiet_off_a_terminal():
     bar = progress(range(3), total=3, desc="steps")  # pytest captures stderr: not a TTY
     assert bar.disable and list(bar) == [0, 1, 2]
