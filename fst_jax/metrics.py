@@ -314,9 +314,7 @@ class MetricsWriter:
 def _numeric_leaves(record, prefix=""):
     for k, v in record.items():
         name = f"{prefix}{k}"
-        if isinstance(v, bool):
-            yield name, float(v)
-        elif isinstance(v, (int, float)):
+        if isinstance(v, (bool, int, float)):
             yield name, float(v)
         elif isinstance(v, str) and v in _STR_TO_NONFINITE:
             yield name, _STR_TO_NONFINITE[v]

@@ -212,7 +212,7 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -
         fig, axes = plt.subplots(1, len(order), figsize=(4.5 * len(order), 3.4), squeeze=False)
         for ax, task in zip(axes[0], order):
             for run in runs:
-                for k, (stage_task, recs) in enumerate(s for s in stages(run.records) if s[0] == task):
+                for k, (_, recs) in enumerate(s for s in stages(run.records) if s[0] == task):
                     xs, ys = series(recs, reward)
                     if xs.size:
                         start = min(r.get("step", 0) for r in recs)
