@@ -9,9 +9,9 @@ Each step is one orbax composite (PLATFORM.md §5):
 - `data/`  — JSON: the data stream's state (`stream.get_state()`, e.g. grain's {"next_index": n}), or null.
 
 Saves are atomic (orbax writes `<step>.orbax-checkpoint-tmp*` and renames on commit; leftovers of a killed
-save are ignored and cleaned up) and asynchronous (`save` blocks only while orbax copies the arrays to host memory, then writes in the
-background, so the caller may donate or delete them right after; `wait()`/`close()` finish the write). The last
-`max_to_keep` steps are kept.
+save are ignored and cleaned up) and asynchronous (`save` blocks only while orbax copies the arrays to host
+memory, then writes in the background, so the caller may donate or delete them right after; `wait()` and
+`close()` finish the write). The last `max_to_keep` steps are kept.
 
 A latest step that cannot be read (no `_CHECKPOINT_METADATA`, a missing item, a truncated or deleted array
 file, malformed JSON) is skipped by `restore_latest` with a warning naming the step and the reason; after an
