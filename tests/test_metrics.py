@@ -170,8 +170,8 @@ def test_plot_summary_and_pngs(tmp_path, capsys):
     assert "reference: rl" in printed
     fst_line = next(line for line in printed.splitlines() if line.startswith("fst "))
     # RL's peak (0.415 at step 120) is reached by the faster run at step 30, after 30*64 + 3*96 rollouts.
-    assert " 30 (4x)" in fst_line and "2208 (3.5x)" in fst_line and "120 (1x)" in next(line for line in printed.splitlines()
-                                                          if line.startswith("rl "))
+    rl_line = next(line for line in printed.splitlines() if line.startswith("rl "))
+    assert " 30 (4x)" in fst_line and "2208 (3.5x)" in fst_line and "120 (1x)" in rl_line
     xs, ys = plot.series(plot.load_run(str(tmp_path / "fst")).records, "val/reward")
     fit = plot.fit_sigmoid(xs, ys)
     assert fit["a"] == pytest.approx(0.5, abs=1e-3) and fit["b"] == pytest.approx(2.0, abs=1e-2)
