@@ -1,0 +1,152 @@
+"""The run configuration: one `ml_collections.ConfigDict` whose defaults are the paper's recipe (RECIPE.md).
+
+`configs/*.py` files start from `default_config()` and change what differs (the checkpoint, the data, the
+mesh, sizes). Every field is read by `fst_jax.fst` or the modules it configures; `validate` checks the
+fields that code cannot check locally, with messages that name the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("fst", "rl", "gepa")
+
+SEED_PROMPT = ("You are a careful problem solver. Think step by step, check your work, and give the final "
+               "answer in the format the problem asks for.")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "fst"                    # fst | rl (population fixed to the seed prompt) | gepa (weights frozen)
+    c.seed = 0
+    c.total_steps = 200                 # RL steps (for method=gepa: steps of the same schedule, weights frozen)
+    c.init_from = ""                    # another run's workdir: start from its latest params (plasticity probe)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.checkpoint = ""             # local HF Qwen3 directory (config.json, safetensors, tokenizer)
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "bfloat16"
+    c.model.remat = "dots_saveable"
+    c.model.enable_thinking = False     # Qwen3 chat template switch
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    # One entry per task; `schedule` picks which task trains when. Files are local JSONL/Parquet.
+    c.tasks = ml_collections.ConfigDict()
+    c.tasks.math = ml_collections.ConfigDict(dict(
+        train_files="", val_files="", val_fraction=0.0, fields=ml_collections.ConfigDict(), options={}))
+    c.task = "math"                     # the task trained on when `schedule` is empty
+    c.schedule = ""                     # continual learning: "hover:200,codeio:200,physics:200" (task:steps)
+    c.forgetting_tasks = ""             # comma-separated other tasks evaluated for forgetting
+
+    c.cycle = ml_collections.ConfigDict()
+    c.cycle.rl_steps = 6                # T: RL steps per cycle; GEPA's window is the next T batches
+    c.cycle.problems_per_step = 32      # B
+    c.cycle.rollouts_per_problem = 8    # G
+    c.cycle.population_size = 4         # K (must divide G)
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.temperature = 1.0        # rollouts (RL and GEPA evaluations)
+    c.sampling.top_p = 1.0
+    c.sampling.top_k = 0
+    c.sampling.max_new_tokens = 4096
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.loss = "cispo"
+    c.rl.tau = 4.0
+    c.rl.eps_low = 0.2
+    c.rl.eps_high = 0.28
+    c.rl.kl_coef = 1e-3
+    c.rl.kl_estimator = "k3"
+    c.rl.aggregation = "seq_mean_token_mean"
+    c.rl.learning_rate = 1e-6
+    c.rl.b1 = 0.9
+    c.rl.b2 = 0.999
+    c.rl.weight_decay = 0.0
+    c.rl.warmup_steps = 10
+    c.rl.max_grad_norm = ml_collections.config_dict.placeholder(float)  # None = no clipping
+    c.rl.micro_batch_size = ml_collections.config_dict.placeholder(int)
+    c.rl.logprob_chunk_size = ml_collections.config_dict.placeholder(int)
+
+    c.gepa = ml_collections.ConfigDict()
+    c.gepa.seed_prompt = SEED_PROMPT
+    c.gepa.budget_rollouts = 960        # metric calls per cycle (≈5 passes over the 192-problem window)
+    c.gepa.minibatch_size = 3
+    c.gepa.proposals_per_iteration = 8
+    c.gepa.selection = "pareto"         # pareto | current_best | epsilon_greedy
+    c.gepa.epsilon = 0.1
+    c.gepa.use_merge = False
+    c.gepa.max_merge_invocations = 5
+    c.gepa.max_iterations_without_improvement = ml_collections.config_dict.placeholder(int)
+    c.gepa.max_prompt_chars = 4000
+    c.gepa.reflection_template = ""     # "" = the built-in template (asks for small incremental edits)
+    c.gepa.reflection = ml_collections.ConfigDict()
+    c.gepa.reflection.kind = "local"    # local (the frozen base model) | openai (any compatible endpoint)
+    c.gepa.reflection.temperature = 0.7
+    c.gepa.reflection.max_new_tokens = 1024
+    c.gepa.reflection.base_url = "http://127.0.0.1:8000/v1"
+    c.gepa.reflection.model = ""
+    c.gepa.reflection.api_key_env = "OPENAI_API_KEY"   # the NAME of the variable; the key never enters a log
+    c.gepa.reflection.timeout_s = 120.0
+    c.gepa.reflection.max_retries = 5
+    c.gepa.reflection.max_concurrency = 8
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 12                   # RL steps (rounded to cycle ends); 0 = only at the end
+    c.eval.k = 4
+    c.eval.temperature = 0.6
+    c.eval.top_p = 0.95
+    c.eval.max_new_tokens = 4096
+    c.eval.num_problems = 0             # 0 = the whole validation split
+    c.eval.kl_prompts = 32              # held-out prompts for KL(π_θ ‖ π_base); 0 = off
+    c.eval.kl_max_new_tokens = 512
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_cycles = 1
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True
+    c.log.progress = True
+    return c
+
+
+def parse_schedule(config) -> list[tuple[str, int]]:
+    """[(task, rl_steps), ...]: `config.schedule` ("a:200,b:200") or the single `config.task` for all steps."""
+    text = str(config.schedule or "").strip()
+    if not text:
+        return [(config.task, int(config.total_steps))]
+    out = []
+    for part in text.split(","):
+        name, _, steps = part.strip().partition(":")
+        if not name or not steps.strip().isdigit() or int(steps) <= 0:
+            raise ValueError(f"config.schedule entry {part!r} must look like 'task:steps' with steps > 0")
+        out.append((name, int(steps)))
+    return out
+
+
+def validate(config) -> None:
+    """Cross-field checks, each error naming the field and what to do."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
+    if not config.model.checkpoint:
+        raise ValueError("config.model.checkpoint is empty: set it to a local HF Qwen3 directory "
+                         "(e.g. --config.model.checkpoint=~/models/Qwen3-8B)")
+    G, K, T = config.cycle.rollouts_per_problem, config.cycle.population_size, config.cycle.rl_steps
+    if K < 1 or G % K:
+        raise ValueError(f"config.cycle.population_size K={K} must divide rollouts_per_problem G={G} "
+                         "(each prompt gets G/K rollouts of every problem)")
+    if T < 1 or config.cycle.problems_per_step < 1:
+        raise ValueError("config.cycle.rl_steps and problems_per_step must be ≥ 1")
+    schedule = parse_schedule(config)
+    for name, _ in schedule:
+        if name not in config.tasks:
+            raise ValueError(f"task {name!r} (from config.schedule/config.task) has no entry in config.tasks; "
+                             f"configured: {sorted(config.tasks.keys())}")
+    for name in filter(None, (s.strip() for s in str(config.forgetting_tasks).split(","))):
+        if name not in config.tasks:
+            raise ValueError(f"config.forgetting_tasks names {name!r}, which has no entry in config.tasks")
+    if sum(steps for _, steps in schedule) != config.total_steps and config.schedule:
+        raise ValueError(f"config.schedule adds up to {sum(s for _, s in schedule)} steps but config.total_steps "
+                         f"is {config.total_steps}; make them agree")

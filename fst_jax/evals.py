@@ -1,0 +1,92 @@
+"""Evaluations: validation mean@k with a given system prompt, and token-level KL(π_θ ‖ π_base).
+
+mean@k (RECIPE.md §Tasks and evaluation): k samples per problem at temperature 0.6, top-p 0.95; the score of a
+problem is the mean reward of its k samples, the score of the set the mean over problems.
+
+KL to base: responses are sampled from the current policy on held-out prompts; for each response token the
+log-ratio log π_θ(y_t) − log π_base(y_t) is an unbiased sample of the token-level KL(π_θ ‖ π_base) (the k1
+estimator, whose expectation under π_θ is the KL). Reported as the mean over all response tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fst_jax.models.hf import render_chat
+from fst_jax.rl import losses
+from fst_jax.rl.rollouts import build_rollouts
+from fst_jax.sampling import Sampler
+from fst_jax.tasks.base import Task
+
+__all__ = ["render_prompts", "mean_at_k", "kl_to_base", "sequence_logprobs"]
+
+
+def render_prompts(tokenizer, task: Task, problems: Sequence[Mapping[str, Any]], system_prompt: str | None,
+                   enable_thinking: bool | None = None) -> list[list[int]]:
+    """Token ids of [system = system_prompt (omitted when None/empty), user = the task's problem message]."""
+    out = []
+    for problem in problems:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": task.format_problem(problem)})
+        out.append(render_chat(tokenizer, messages, enable_thinking=enable_thinking))
+    return out
+
+
+def mean_at_k(sampler: Sampler, tokenizer, task: Task, problems: Sequence[Mapping[str, Any]],
+              system_prompt: str | None, *, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
+              max_new_tokens: int = 1024, seed: int = 0, enable_thinking: bool | None = None) -> dict[str, float]:
+    """mean@k of `problems` under `system_prompt`: {"mean_at_k", "pass_at_k", "response_length"}."""
+    if not problems:
+        raise ValueError("mean_at_k: no evaluation problems (configure eval files or a validation fraction)")
+    prompts = render_prompts(tokenizer, task, problems, system_prompt, enable_thinking)
+    out = sampler.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seed=seed, stop_token_ids=_stops(tokenizer), num_samples=k,
+                           pad_id=_pad(tokenizer))
+    rewards = np.array([task.score(problems[i // k], tokenizer.decode(toks, skip_special_tokens=True)).reward
+                        for i, toks in enumerate(out.tokens)], np.float64).reshape(len(problems), k)
+    return {"mean_at_k": float(rewards.mean()), "pass_at_k": float((rewards.max(axis=1) >= 1.0).mean()),
+            "response_length": float(np.mean([len(t) for t in out.tokens]))}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def sequence_logprobs(graphdef: nnx.GraphDef, params: nnx.State, input_ids_bt, attention_mask_bt, *,
+                      chunk_size: int | None = None) -> jax.Array:
+    """log π(x_{t+1} | x_≤t) at every position t (the last position gets 0) — [B, T]."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.forward(input_ids_bt, attention_mask=attention_mask_bt, compute_logits=False).last_hidden
+    targets = jnp.concatenate([input_ids_bt[:, 1:], jnp.zeros_like(input_ids_bt[:, :1])], axis=1)
+    return losses.token_logprobs(hidden, model.unembed_matrix(), targets, chunk_size=chunk_size)
+
+
+def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base_params: nnx.State,
+               tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256, seed: int = 0,
+               chunk_size: int | None = None) -> float:
+    """Token-level KL(π_θ ‖ π_base) on responses sampled from π_θ (temperature 1) to `prompt_ids`."""
+    if not prompt_ids:
+        raise ValueError("kl_to_base: no held-out prompts")
+    sampler.set_params(params)
+    out = sampler.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                           stop_token_ids=_stops(tokenizer), pad_id=_pad(tokenizer))
+    batch = build_rollouts(prompt_ids, out.tokens, out.logprobs, np.zeros(len(prompt_ids)),
+                           pad_id=_pad(tokenizer))
+    ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+    logp = sequence_logprobs(graphdef, params, ids, mask, chunk_size=chunk_size)
+    base_logp = sequence_logprobs(graphdef, base_params, ids, mask, chunk_size=chunk_size)
+    # position t predicts token t+1, so the loss mask shifts left by one
+    response = np.concatenate([batch.loss_mask[:, 1:], np.zeros_like(batch.loss_mask[:, :1])], axis=1)
+    diff = np.asarray(logp - base_logp, np.float64)
+    return float((diff * response).sum() / max(response.sum(), 1.0))
+
+
+def _stops(tokenizer) -> list[int]:
+    return [t for t in (tokenizer.eos_token_id,) if t is not None]
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

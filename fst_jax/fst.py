@@ -1,0 +1,373 @@
+"""The FST cycle loop (DESIGN.md §2); methods `fst`, `rl` and `gepa` share it.
+
+Each cycle looks ahead at the next T batches of problems (the window). `fst` and `gepa` first run GEPA on that
+window, seeded with the current population, and take the top-K of its Pareto front as the new population;
+`fst` and `rl` then run T coupled `fst_step`s on exactly those batches (`rl` with the seed prompt as a
+population of one; `gepa` leaves the weights frozen). Evaluations run on cycle ends every `eval.every` steps;
+a checkpoint of everything (params, optimizer, RNG, population, GEPA lineage, data streams, counters) is
+written at cycle ends, so a killed run resumes at its last cycle boundary and continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fst_jax import evals, parallel
+from fst_jax.checkpoint import Checkpointer, abstract_like
+from fst_jax.config import parse_schedule, validate
+from fst_jax.data import ProblemStream, load_splits
+from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, LocalReflectionLM, make_reflection_lm
+from fst_jax.metrics import MetricsWriter, progress
+from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
+from fst_jax.rl.step import RLConfig, TrainState, fst_step
+from fst_jax.sampling import Sampler
+from fst_jax.tasks import get_task
+
+log = logging.getLogger("fst_jax")
+COMPONENT = "system_prompt"
+
+
+@dataclasses.dataclass
+class Counters:
+    """Run totals, saved with every checkpoint."""
+
+    rl_steps: int = 0
+    rl_rollouts: int = 0
+    gepa_rollouts: int = 0
+    reflection_calls: int = 0
+    cycles: int = 0
+    time_gepa: float = 0.0
+    time_sampling: float = 0.0
+    time_update: float = 0.0
+    time_eval: float = 0.0
+
+
+def _seed(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (no Python hash randomisation)."""
+    key = jax.random.PRNGKey(0)
+    for p in parts:
+        key = jax.random.fold_in(key, int(p) % (2**31))
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def _plain(x) -> dict:
+    """A ConfigDict / dict / None as a plain dict."""
+    if x is None:
+        return {}
+    return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+
+
+def _files(value, field: str):
+    if not value:
+        raise ValueError(f"{field} is empty: point it at local JSONL/Parquet problem files")
+    return [os.path.expanduser(v.strip()) for v in value.split(",")] if isinstance(value, str) else value
+
+
+class FSTRunner:
+    """Builds everything a run needs from the config and runs (or resumes) it in `workdir`."""
+
+    def __init__(self, config, workdir: str):
+        validate(config)
+        self.config, self.workdir = config, os.path.abspath(os.path.expanduser(workdir))
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh = parallel.make_mesh(config.mesh.to_dict())
+        checkpoint = os.path.expanduser(config.model.checkpoint)
+        model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
+                                param_dtype=config.model.param_dtype, remat=config.model.remat)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.base_params = params  # frozen: TrainState.create copies, and nothing donates these buffers
+        c = config
+        self.rl_config = RLConfig(
+            learning_rate=c.rl.learning_rate, b1=c.rl.b1, b2=c.rl.b2, weight_decay=c.rl.weight_decay,
+            warmup_steps=c.rl.warmup_steps, max_grad_norm=c.rl.max_grad_norm, loss=c.rl.loss, tau=c.rl.tau,
+            eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, kl_coef=c.rl.kl_coef, kl_estimator=c.rl.kl_estimator,
+            aggregation=c.rl.aggregation, micro_batch_size=c.rl.micro_batch_size,
+            logprob_chunk_size=c.rl.logprob_chunk_size, temperature=c.sampling.temperature,
+            rollouts_per_problem=c.cycle.rollouts_per_problem, max_new_tokens=c.sampling.max_new_tokens,
+            enable_thinking=c.model.enable_thinking)
+        self.state = TrainState.create((self.graphdef, params), self.rl_config, seed=c.seed)
+        self.sampler = Sampler((self.graphdef, self.state.params), mesh=self.mesh)
+        self.base_sampler = Sampler((self.graphdef, self.base_params), mesh=self.mesh)
+
+        self.schedule = parse_schedule(c)
+        self.tasks, self.val, self.streams = {}, {}, {}
+        names = {n for n, _ in self.schedule} | {n.strip() for n in str(c.forgetting_tasks).split(",") if n.strip()}
+        for name in sorted(names):
+            spec = c.tasks[name]
+            task = get_task(spec.get("task", name), **_plain(spec.get("options")))
+            val_files = spec.get("val_files") or None
+            train, val = load_splits(task, _files(spec.train_files, f"config.tasks.{name}.train_files"),
+                                     _plain(spec.get("fields")) or None, val_files=val_files,
+                                     val_fraction=0.0 if val_files else spec.val_fraction, seed=c.seed)
+            self.tasks[name], self.val[name] = task, val
+            self.streams[name] = ProblemStream(train, c.cycle.problems_per_step, seed=_seed(c.seed, len(train)))
+        self.population = [c.gepa.seed_prompt]
+        self.current_task = self.schedule[0][0]
+        self.counters = Counters()
+        self.reflection_lm = self._make_reflection_lm()
+
+        self.checkpointer = Checkpointer(self.workdir, max_to_keep=c.checkpoint.max_to_keep,
+                                         async_save=c.checkpoint.async_save)
+        resumed = self._restore()
+        if not resumed and c.init_from:
+            self._init_from(c.init_from)
+        self.metrics = MetricsWriter(self.workdir, resume_step=self.counters.rl_steps if resumed else -1,
+                                     tensorboard=c.log.tensorboard)
+        self.metrics.write(self.counters.rl_steps, "config", method=c.method, resumed=bool(resumed),
+                           devices=jax.device_count(), mesh=dict(self.mesh.shape))
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run to `total_steps`; returns the last evaluation record."""
+        c = self.config
+        total = int(c.total_steps)
+        bar = progress(total=total, initial=self.counters.rl_steps, desc=f"{c.method} steps",
+                       enabled=None if c.log.progress else False)
+        last_eval: dict[str, Any] = {}
+        last_eval_step = self.counters.rl_steps if self.counters.rl_steps else -1
+        try:
+            while self.counters.rl_steps < total:
+                task_name, steps_left_in_stage = self._stage(self.counters.rl_steps)
+                if task_name != self.current_task:  # continual learning: a new task, a task-agnostic seed
+                    self.current_task, self.population = task_name, [c.gepa.seed_prompt]
+                steps = min(int(c.cycle.rl_steps), steps_left_in_stage, total - self.counters.rl_steps)
+                stream = self.streams[task_name]
+                window = stream.window(steps)
+                if c.method in ("fst", "gepa"):
+                    self._fast_phase(task_name, window)
+                for _ in range(steps):
+                    batch = stream.next_batch()
+                    if c.method != "gepa":
+                        self._slow_step(task_name, batch)
+                    self.counters.rl_steps += 1
+                    bar.update(1)
+                self.counters.cycles += 1
+                step = self.counters.rl_steps
+                if step == total or (c.eval.every and step - max(last_eval_step, 0) >= c.eval.every):
+                    last_eval, last_eval_step = self._evaluate(task_name), step
+                if self.counters.cycles % c.checkpoint.every_cycles == 0 or step == total:
+                    self._save()
+        finally:
+            bar.close()
+            self.checkpointer.close()
+            self.metrics.close()
+        return last_eval
+
+    def _stage(self, step: int) -> tuple[str, int]:
+        start = 0
+        for name, steps in self.schedule:
+            if step < start + steps:
+                return name, start + steps - step
+            start += steps
+        return self.schedule[-1][0], int(self.config.total_steps) - step
+
+    # ---- fast weights -----------------------------------------------------------------------------------
+
+    def _fast_phase(self, task_name: str, window: list[list[Mapping[str, Any]]]) -> None:
+        c, t0 = self.config, time.perf_counter()
+        items = [problem for batch in window for problem in batch]  # ids = window positions (repeats allowed)
+        task = self.tasks[task_name]
+        self.sampler.set_params(self.state.params)
+        calls = [0]
+
+        def evaluate(pairs, capture_traces):
+            prompts = [render_chat(self.tokenizer, [{"role": "system", "content": cand[COMPONENT]},
+                                                    {"role": "user", "content": task.format_problem(item)}],
+                                   enable_thinking=c.model.enable_thinking) for cand, item in pairs]
+            calls[0] += 1
+            out = self._generate(self.sampler, prompts, temperature=c.sampling.temperature,
+                                 seed=_seed(c.seed, self.counters.cycles, calls[0], 1))
+            results = []
+            for (cand, item), toks in zip(pairs, out.tokens):
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                s = task.score(item, text)
+                results.append(EvalResult(score=s.reward, output=text, feedback=s.feedback,
+                                          trace={"inputs": task.format_problem(item)}))
+            return results
+
+        gepa_config = GEPAConfig(
+            max_metric_calls=c.gepa.budget_rollouts,
+            max_iterations_without_improvement=c.gepa.max_iterations_without_improvement,
+            proposals_per_iteration=c.gepa.proposals_per_iteration, minibatch_size=c.gepa.minibatch_size,
+            selection=c.gepa.selection, epsilon=c.gepa.epsilon, use_merge=c.gepa.use_merge,
+            max_merge_invocations=c.gepa.max_merge_invocations, max_text_chars=c.gepa.max_prompt_chars,
+            reflection_template=c.gepa.reflection_template or None,
+            seed=_seed(c.seed, self.counters.cycles, 2),
+            output_dir=os.path.join(self.workdir, "gepa", f"cycle_{self.counters.cycles:05d}")
+            if jax.process_index() == 0 else None)
+        step = self.counters.rl_steps
+
+        def on_event(event):
+            if event.get("type") in ("proposal", "merge"):
+                self.metrics.write(step, "gepa", {k: v for k, v in event.items() if k != "type"},
+                                   event=event.get("type"), cycle=self.counters.cycles)
+
+        engine = GEPAEngine(evaluate, self.reflection_lm, items, items, gepa_config, on_event=on_event,
+                            describe_item=task.format_problem)
+        seeds = [{COMPONENT: p} for p in dict.fromkeys(self.population)]
+        gepa_state = engine.init_state(seeds)
+        result = engine.run(gepa_state)
+        K = int(c.cycle.population_size)
+        chosen = [cand[COMPONENT] for cand in result.population(K, fill=True)]
+        self.population = [chosen[i % len(chosen)] for i in range(K)]
+        self.counters.gepa_rollouts += result.state.metric_calls
+        self.counters.reflection_calls += engine.reflection_calls
+        self.counters.time_gepa += time.perf_counter() - t0
+        best = result.state.best_id()
+        self.metrics.write(step, "gepa_cycle", cycle=self.counters.cycles, stop_reason=result.stop_reason,
+                           candidates=len(result.candidates), front=len(result.pareto_front),
+                           best_window_score=result.state.aggregate(best), metric_calls=result.state.metric_calls,
+                           population=self.population, gepa_rollouts=self.counters.gepa_rollouts,
+                           reflection_calls=self.counters.reflection_calls)
+
+    def _make_reflection_lm(self):
+        r = self.config.gepa.reflection
+        if r.kind == "openai":
+            return make_reflection_lm("openai", base_url=r.base_url, model=r.model, api_key_env=r.api_key_env,
+                                      timeout=r.timeout_s, max_retries=r.max_retries,
+                                      max_concurrency=r.max_concurrency, temperature=r.temperature,
+                                      max_tokens=r.max_new_tokens)
+        if r.kind != "local":
+            raise ValueError(f"config.gepa.reflection.kind must be 'local' or 'openai', got {r.kind!r}")
+        calls = [0]
+
+        def generate_text(prompts, *, temperature, max_new_tokens):
+            ids = [render_chat(self.tokenizer, [{"role": "user", "content": p}],
+                               enable_thinking=self.config.model.enable_thinking) for p in prompts]
+            calls[0] += 1
+            out = self._generate(self.base_sampler, ids, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 seed=_seed(self.config.seed, self.counters.cycles, calls[0], 3))
+            return [(self.tokenizer.decode(t, skip_special_tokens=True), f) for t, f in zip(out.tokens, out.finished)]
+
+        return LocalReflectionLM(generate_text, temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+
+    # ---- slow weights -------------------------------------------------------------------------------
+
+    def _generate(self, sampler, prompts, *, temperature, seed, max_new_tokens=None, num_samples=1, top_p=None):
+        c, t0 = self.config, time.perf_counter()
+        out = sampler.generate(prompts, max_new_tokens=max_new_tokens or c.sampling.max_new_tokens,
+                               temperature=temperature, top_p=c.sampling.top_p if top_p is None else top_p,
+                               top_k=c.sampling.top_k, seed=seed, num_samples=num_samples,
+                               stop_token_ids=[t for t in (self.tokenizer.eos_token_id,) if t is not None],
+                               pad_id=self.tokenizer.pad_token_id or 0)
+        self.counters.time_sampling += time.perf_counter() - t0
+        return out
+
+    def _slow_step(self, task_name: str, batch) -> None:
+        task, t0 = self.tasks[task_name], time.perf_counter()
+        sampling_before = self.counters.time_sampling
+
+        def generate(graphdef, params, prompts, **kwargs):
+            self.sampler.set_params(params)
+            return self._generate(self.sampler, prompts, temperature=kwargs["temperature"], seed=kwargs["seed"],
+                                  max_new_tokens=kwargs["max_new_tokens"], num_samples=kwargs["num_samples"])
+
+        self.state, m = fst_step(self.state, self.population, batch, tokenizer=self.tokenizer,
+                                 reward_fn=lambda p, text: task.score(p, text).reward,
+                                 base_params=self.base_params, config=self.rl_config, generate=generate,
+                                 user_message=task.format_problem)
+        m["optimizer_step"] = m.pop("step")
+        self.counters.rl_rollouts += len(batch) * self.rl_config.rollouts_per_problem
+        sampled = self.counters.time_sampling - sampling_before
+        self.counters.time_update += time.perf_counter() - t0 - sampled
+        self.metrics.write(self.counters.rl_steps + 1, "train", m, task=task_name,
+                           **{k: v for k, v in dataclasses.asdict(self.counters).items()},
+                           total_rollouts=self.counters.rl_rollouts + self.counters.gepa_rollouts)
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+
+    def _evaluate(self, task_name: str) -> dict[str, Any]:
+        c, t0 = self.config, time.perf_counter()
+        self.sampler.set_params(self.state.params)
+        record: dict[str, Any] = {}
+        forgetting = [n.strip() for n in str(c.forgetting_tasks).split(",") if n.strip()]
+        for name in [task_name] + [n for n in forgetting if n != task_name]:
+            problems = self.val[name][: c.eval.num_problems or None]
+            if not problems:
+                continue
+            prompts = {"best": self.population[0], "seed": c.gepa.seed_prompt} if name == task_name \
+                else {"seed": c.gepa.seed_prompt}
+            for label, prompt in prompts.items():
+                r = evals.mean_at_k(self.sampler, self.tokenizer, self.tasks[name], problems, prompt, k=c.eval.k,
+                                    temperature=c.eval.temperature, top_p=c.eval.top_p,
+                                    max_new_tokens=c.eval.max_new_tokens,
+                                    seed=_seed(c.seed, self.counters.rl_steps, 4),
+                                    enable_thinking=c.model.enable_thinking)
+                record.update({f"{name}/{label}/{k}": v for k, v in r.items()})
+        if c.eval.kl_prompts and self.val[task_name]:
+            held_out = self.val[task_name][: c.eval.kl_prompts]
+            ids = evals.render_prompts(self.tokenizer, self.tasks[task_name], held_out, self.population[0],
+                                       c.model.enable_thinking)
+            record["kl_to_base"] = evals.kl_to_base(self.sampler, self.graphdef, self.state.params,
+                                                    self.base_params, self.tokenizer, ids,
+                                                    max_new_tokens=c.eval.kl_max_new_tokens,
+                                                    seed=_seed(c.seed, self.counters.rl_steps, 5),
+                                                    chunk_size=c.rl.logprob_chunk_size)
+        self.counters.time_eval += time.perf_counter() - t0
+        record.update(dataclasses.asdict(self.counters),
+                      total_rollouts=self.counters.rl_rollouts + self.counters.gepa_rollouts)
+        self.metrics.write(self.counters.rl_steps, "eval", record, task=task_name)
+        return record
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+
+    def _arrays(self) -> dict[str, Any]:
+        s = self.state
+        return {"params": s.params, "opt_state": s.opt_state, "step": s.step, "rng": s.rng,
+                "num_rollouts": s.num_rollouts}
+
+    def _restore_target(self) -> dict[str, Any]:
+        """Restore targets with the current shardings; scalars replicated over the mesh (fresh ones are
+        uncommitted single-device arrays, which a restore would pin to one device)."""
+        target = abstract_like(self._arrays())
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        for key in ("step", "rng", "num_rollouts"):
+            target[key] = jax.ShapeDtypeStruct(target[key].shape, target[key].dtype, sharding=replicated)
+        return target
+
+    def _save(self) -> None:
+        meta = {"population": self.population, "current_task": self.current_task,
+                "counters": dataclasses.asdict(self.counters)}
+        data = {name: stream.get_state() for name, stream in self.streams.items()}
+        self.checkpointer.save(self.counters.rl_steps, self._arrays(), meta=meta, data=data,
+                               config=self.config.to_dict(), force=True)
+
+    def _restore(self) -> bool:
+        restored = self.checkpointer.restore_latest(self._restore_target())
+        if restored is None:
+            return False
+        a = restored.state
+        self.state = self.state.replace(params=a["params"], opt_state=a["opt_state"], step=a["step"],
+                                        rng=a["rng"], num_rollouts=a["num_rollouts"])
+        self.population = list(restored.meta["population"])
+        self.current_task = restored.meta["current_task"]
+        self.counters = Counters(**restored.meta["counters"])
+        for name, state in (restored.data or {}).items():
+            self.streams[name].set_state(state)
+        log.info("resumed from %s at RL step %d", self.checkpointer.directory, self.counters.rl_steps)
+        return True
+
+    def _init_from(self, other_workdir: str) -> None:
+        """Start from another run's latest params (fresh optimizer, counters and data): the plasticity probe."""
+        other = Checkpointer(os.path.expanduser(other_workdir), read_only=True)
+        try:
+            restored = other.restore_latest(self._restore_target())
+        finally:
+            other.close()
+        if restored is None:
+            raise ValueError(f"config.init_from={other_workdir!r} holds no checkpoint to start from")
+        fresh = TrainState.create((self.graphdef, restored.state["params"]), self.rl_config, seed=self.config.seed)
+        self.state = fresh
+        log.info("initialised params from %s (step %d)", other_workdir, restored.step)

@@ -1,0 +1,61 @@
+"""Train with FST (or the RL-only / GEPA-only baselines) from a config file.
+
+    python launch/train.py --config configs/fst_tiny.py
+    python launch/train.py --config configs/fst_qwen3.py --workdir runs/qwen3-math \\
+        --config.mesh.fsdp=4 --config.mesh.tensor=2 --config.rl.learning_rate=2e-6
+    python launch/train.py --config configs/fst_qwen3.py --config.method=rl      # the RL-only baseline
+
+Re-running the same command with the same --workdir resumes from its latest checkpoint. Metrics go to
+WORKDIR/metrics.jsonl (and TensorBoard event files); `python launch/plot.py WORKDIR...` draws them.
+Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a scheduler
+jax.distributed.initialize() detects) and start the same command on every host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs import fst_jax
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>-<method>)")
+flags.mark_flags_as_required(["config"])
+
+
+def _maybe_initialize_distributed() -> None:
+    import jax
+
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()
+
+
+def main(argv) -> None:
+    del argv
+    _maybe_initialize_distributed()
+    import jax
+
+    from fst_jax.fst import FSTRunner
+
+    config = _CONFIG.value
+    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", f"{name}-{config.method}")
+    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    runner = FSTRunner(config, workdir)
+    result = runner.run()
+    if jax.process_index() == 0:
+        print(f"done: {runner.counters.rl_steps} steps in {workdir}")
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
