@@ -1,0 +1,183 @@
+"""Benchmarks that print numbers (never timed tests). One subcommand per benchmark:
+
+    python launch/bench.py sampler            # our sampler vs transformers' generate on CPU, + roofline
+    python launch/bench.py sampler --gpu      # Qwen3-8B shape, bf16, random weights, on the accelerator
+
+Add a benchmark by writing `add_<name>_args(parser)` and `run_<name>(args)` and registering them in
+`BENCHMARKS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+# The CPU benchmark's model: Qwen3-0.6B's widths with 4 layers (the 151936 × 1024 tied embedding dominates).
+CPU_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def host_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s moved by a large numpy copy, counting the read and the write (best of `repeats`)."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def _timed(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls of fn (fn must block until its result is ready)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--layers", type=int, default=CPU_SHAPE["num_hidden_layers"])
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of our sampler (best is reported)")
+    p.add_argument("--skip-hf", action="store_true", help="do not run transformers' generate")
+    p.add_argument("--gpu", action="store_true",
+                   help="Qwen3-8B shape, bf16, random weights, batch 64 and 256, prompt 512, 1024 new tokens")
+    p.add_argument("--gpu-batches", type=int, nargs="+", default=[64, 256])
+
+
+def run_sampler(args) -> None:
+    if args.gpu:
+        return _run_sampler_gpu(args)
+    import torch
+    import transformers
+
+    from fst_jax.models.hf import load_pretrained
+    from fst_jax.sampling import Sampler
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    B, P, M = args.batch, args.prompt_len, args.new_tokens
+    shape = dict(CPU_SHAPE, num_hidden_layers=args.layers)
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape)).eval()
+    prompts = np.random.default_rng(0).integers(0, shape["vocab_size"], (B, P)).tolist()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        model = load_pretrained(tmp, dtype="float32")
+    sampler = Sampler(model)
+    n_params = model.config.num_params()
+    weight_bytes = n_params * 4
+
+    def ours():
+        return sampler.generate(prompts, max_new_tokens=M)
+
+    start = time.perf_counter()
+    out = ours()
+    compile_s = time.perf_counter() - start
+    ours_s = _timed(ours, args.repeats)
+    ours_tps = B * M / ours_s
+    bandwidth = host_copy_bandwidth()
+    roofline_tps = B * bandwidth / weight_bytes
+
+    print(f"config: {shape}")
+    print(f"batch {B}, prompt {P}, {M} new tokens, greedy, fp32; {n_params / 1e6:.0f}M params "
+          f"({weight_bytes / 1e9:.2f} GB read per decode step)")
+    print(f"ours:         {ours_tps:8.1f} tokens/s  ({ours_s:.2f} s per call, first call {compile_s:.1f} s "
+          "incl. compile)")
+    if not args.skip_hf:
+        ids = torch.tensor(prompts)
+        kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=M, min_new_tokens=M,
+                      pad_token_id=0)
+        with torch.inference_mode():
+            hf_model.generate(ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+            start = time.perf_counter()
+            hf_out = hf_model.generate(ids, **kwargs)
+            hf_s = time.perf_counter() - start
+        hf_tps = B * M / hf_s
+        agree = np.mean(np.array(out.tokens) == hf_out[:, P:].numpy())
+        print(f"transformers: {hf_tps:8.1f} tokens/s  ({hf_s:.2f} s per call; greedy tokens agree with ours "
+              f"at {agree:.1%} of positions)")
+        print(f"ratio:        {ours_tps / hf_tps:8.2f}x transformers")
+    print(f"roofline:     {roofline_tps:8.1f} tokens/s  (host copy bandwidth {bandwidth / 1e9:.1f} GB/s, read + "
+          f"write)")
+    print(f"fraction:     {ours_tps / roofline_tps:8.1%} of roofline (end to end, prefill included)")
+
+
+def _run_sampler_gpu(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fst_jax.models.config import Qwen3Config
+    from fst_jax.models.qwen3 import Qwen3
+    from fst_jax.sampling import Sampler
+
+    if jax.default_backend() == "cpu":
+        print("--gpu: no accelerator found (jax backend is cpu); nothing to run")
+        return
+    config = Qwen3Config.preset("8B", dtype="bfloat16", param_dtype="bfloat16")
+    P, M = 512, 1024
+    abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    leaves, treedef = jax.tree.flatten(abstract_params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    params = jax.tree.unflatten(treedef, [
+        jax.jit(lambda k, s=leaf.shape, d=leaf.dtype: (0.02 * jax.random.normal(k, s, jnp.float32)).astype(d))(key)
+        for key, leaf in zip(keys, leaves)])
+    sampler = Sampler((graphdef, params))
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    copy = jax.jit(lambda x: x + 1)
+    big = jnp.zeros((1 << 30,), jnp.bfloat16)
+    copy(big).block_until_ready()
+    hbm = 2 * big.nbytes / _timed(lambda: copy(big).block_until_ready(), 5)
+    del big
+    print(f"Qwen3-8B shape, bf16, random weights; prompt {P}, {M} new tokens; {weight_bytes / 1e9:.1f} GB of "
+          f"weights; measured HBM bandwidth {hbm / 1e9:.0f} GB/s")
+    for B in args.gpu_batches:
+        prompts = np.random.default_rng(0).integers(0, config.vocab_size, (B, P)).tolist()
+        kv_bytes_per_step = 2 * config.num_layers * B * (P + M // 2) * config.num_kv_heads * config.head_dim * 2
+        try:
+            sampler.generate(prompts, max_new_tokens=M)
+            seconds = _timed(lambda: sampler.generate(prompts, max_new_tokens=M), 1)
+        except Exception as e:  # e.g. out of memory at batch 256: report and go on to the next shape
+            print(f"batch {B}: failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        tps = B * M / seconds
+        roofline = B * hbm / (weight_bytes + kv_bytes_per_step)
+        print(f"batch {B}: {tps:9.0f} tokens/s; roofline (weights + mean KV read per step) {roofline:9.0f}; "
+              f"fraction {tps / roofline:.1%}")
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+BENCHMARKS = {
+    "sampler": (add_sampler_args, run_sampler, "sampler tokens/s vs transformers' generate and the roofline"),
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (add_args, _, help_text) in BENCHMARKS.items():
+        add_args(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    BENCHMARKS[args.benchmark][1](args)
+
+
+if __name__ == "__main__":
+    main()
