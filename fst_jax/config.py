@@ -92,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.gepa.reflection.max_concurrency = 8
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.at_start = True              # evaluate the base model before the first step
     c.eval.every = 12                   # RL steps (rounded to cycle ends); 0 = only at the end
     c.eval.k = 4
     c.eval.temperature = 0.6

@@ -73,6 +73,24 @@ def _files(value, field: str):
     return [os.path.expanduser(v.strip()) for v in value.split(",")] if isinstance(value, str) else value
 
 
+def _problems(name: str, spec, task, seed: int):
+    """(train, validation) problems of one configured task: from local files, or made by the task itself
+    (synthetic tasks have `make_problems(n, seed)`) when `train_files` is empty."""
+    if spec.get("train_files"):
+        val_files = spec.get("val_files") or None
+        return load_splits(task, _files(spec.train_files, f"config.tasks.{name}.train_files"),
+                           _plain(spec.get("fields")) or None, val_files=val_files,
+                           val_fraction=0.0 if val_files else spec.get("val_fraction", 0.0), seed=seed)
+    if hasattr(task, "make_problems"):
+        num_train, num_val = int(spec.get("num_train", 0)), int(spec.get("num_val", 0))
+        if num_train < 1:
+            raise ValueError(f"config.tasks.{name}: a generated task needs num_train ≥ 1 (and num_val for evals)")
+        val = task.make_problems(num_val, _seed(seed, 12)) if num_val else []
+        return task.make_problems(num_train, _seed(seed, 11)), val
+    raise ValueError(f"config.tasks.{name}.train_files is empty and task {task.name!r} cannot make its own "
+                     "problems: point train_files at local JSONL/Parquet files")
+
+
 class FSTRunner:
     """Builds everything a run needs from the config and runs (or resumes) it in `workdir`."""
 
@@ -106,10 +124,7 @@ class FSTRunner:
         for name in sorted(names):
             spec = c.tasks[name]
             task = get_task(spec.get("task", name), **_plain(spec.get("options")))
-            val_files = spec.get("val_files") or None
-            train, val = load_splits(task, _files(spec.train_files, f"config.tasks.{name}.train_files"),
-                                     _plain(spec.get("fields")) or None, val_files=val_files,
-                                     val_fraction=0.0 if val_files else spec.val_fraction, seed=c.seed)
+            train, val = _problems(name, spec, task, c.seed)
             self.tasks[name], self.val[name] = task, val
             self.streams[name] = ProblemStream(train, c.cycle.problems_per_step, seed=_seed(c.seed, len(train)))
         self.population = [c.gepa.seed_prompt]
@@ -138,6 +153,8 @@ class FSTRunner:
         last_eval: dict[str, Any] = {}
         last_eval_step = self.counters.rl_steps if self.counters.rl_steps else -1
         try:
+            if self.counters.rl_steps == 0 and c.eval.at_start:  # the base model's numbers, for every curve
+                last_eval = self._evaluate(self._stage(0)[0])
             while self.counters.rl_steps < total:
                 task_name, steps_left_in_stage = self._stage(self.counters.rl_steps)
                 if task_name != self.current_task:  # continual learning: a new task, a task-agnostic seed
@@ -283,7 +300,7 @@ class FSTRunner:
         sampled = self.counters.time_sampling - sampling_before
         self.counters.time_update += time.perf_counter() - t0 - sampled
         self.metrics.write(self.counters.rl_steps + 1, "train", m, task=task_name,
-                           **{k: v for k, v in dataclasses.asdict(self.counters).items()},
+                           **{"train/reward": m["reward_mean"]}, **dataclasses.asdict(self.counters),
                            total_rollouts=self.counters.rl_rollouts + self.counters.gepa_rollouts)
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -306,6 +323,10 @@ class FSTRunner:
                                     seed=_seed(c.seed, self.counters.rl_steps, 4),
                                     enable_thinking=c.model.enable_thinking)
                 record.update({f"{name}/{label}/{k}": v for k, v in r.items()})
+                if name == task_name:  # the headline numbers, under the names launch/plot.py draws
+                    record["val/reward" if label == "best" else "val/reward_seed"] = r["mean_at_k"]
+                elif label == "seed":
+                    record[f"forgetting/{name}"] = r["mean_at_k"]
         if c.eval.kl_prompts and self.val[task_name]:
             held_out = self.val[task_name][: c.eval.kl_prompts]
             ids = evals.render_prompts(self.tokenizer, self.tasks[task_name], held_out, self.population[0],

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>-<method>)")
+_PLOT = flags.DEFINE_bool("plot", True, "draw WORKDIR/plot.png from the metrics at the end")
 flags.mark_flags_as_required(["config"])
 
 
@@ -55,6 +56,10 @@ def main(argv) -> None:
     if jax.process_index() == 0:
         print(f"done: {runner.counters.rl_steps} steps in {workdir}")
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=1))
+        if _PLOT.value:
+            import plot  # launch/plot.py, beside this file
+
+            plot.main([workdir, "--out", os.path.join(workdir, "plot.png")])
 
 
 if __name__ == "__main__":

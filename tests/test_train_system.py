@@ -69,8 +69,11 @@ def test_fst_runs_logs_and_resumes_exactly(tiny_checkpoint, tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert {"reward_mean", "kl", "grad_norm", "reward_prompt_0", "reward_prompt_1"} <= set(train[0])
     evals = _records(tmp_path / "full", "eval")
-    assert [r["step"] for r in evals] == [2, 4] and "kl_to_base" in evals[0]
+    assert [r["step"] for r in evals] == [0, 2, 4] and "kl_to_base" in evals[0]
     assert "math/best/mean_at_k" in evals[0] and "math/seed/mean_at_k" in evals[0]
+    assert evals[0]["val/reward"] == evals[0]["math/best/mean_at_k"]
+    assert abs(evals[0]["kl_to_base"]) < 1e-5  # the policy starts as the base
+    assert train[0]["train/reward"] == train[0]["reward_mean"]
     assert len(_records(tmp_path / "full", "gepa_cycle")) == 2
 
     # a "killed" run: stop after the first cycle, then the same command again in the same workdir
