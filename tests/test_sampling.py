@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from jax.sharding import NamedSharding
@@ -49,11 +50,27 @@ def _hf_greedy(torch_model, prompts, new_tokens):
     return out[:, width:].numpy().tolist()
 
 
-def _forward_logprobs(sampler_model, prompt, completion, temperature=1.0):
+_WIDTH = 64  # every prompt + completion fits; right padding leaves the causal logits before it unchanged
+
+
+@jax.jit
+def _full_forward_logits(graphdef, params, ids_bt):
+    return nnx.merge(graphdef, params)(ids_bt)
+
+
+def _forward_logprobs(model, prompts, completions, temperature=1.0):
     """log softmax(logits / T) of each completion token under one full forward pass of prompt + completion."""
-    logits = sampler_model(jnp.asarray([prompt + completion]))[0, len(prompt) - 1:-1] / temperature
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return np.asarray(logp[np.arange(len(completion)), np.asarray(completion)])
+    ids = np.zeros((len(prompts), _WIDTH), np.int32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids[row, :len(prompt) + len(completion)] = prompt + completion
+    logits = np.asarray(_full_forward_logits(*nnx.split(model, nnx.Param), ids), np.float64) / temperature
+    out = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        at = logits[row, len(prompt) - 1:len(prompt) + len(completion) - 1]
+        logp = at - at.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        out.append(logp[np.arange(len(completion)), completion])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +103,10 @@ def test_greedy_logprobs_equal_full_forward_log_softmax(hf_checkpoints, greedy, 
     model = load_pretrained(hf_checkpoints[name][0])
     single, batch = greedy[name]
     prompts = _prompts(model.config.vocab_size, SINGLE) + _prompts(model.config.vocab_size, BATCH, seed=1)
-    for prompt, tokens, logprobs in zip(prompts, single.tokens + batch.tokens, single.logprobs + batch.logprobs):
-        assert logprobs.dtype == np.float32 and logprobs.shape == (len(tokens),)
-        np.testing.assert_allclose(logprobs, _forward_logprobs(model, prompt, tokens), atol=1e-4, rtol=0)
+    tokens, logprobs = single.tokens + batch.tokens, single.logprobs + batch.logprobs
+    for ours, reference, row in zip(logprobs, _forward_logprobs(model, prompts, tokens), tokens):
+        assert ours.dtype == np.float32 and ours.shape == (len(row),)
+        np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
 def test_sampled_logprobs_are_tempered_and_unfiltered(hf_checkpoints, samplers):
@@ -96,8 +114,8 @@ def test_sampled_logprobs_are_tempered_and_unfiltered(hf_checkpoints, samplers):
     sampler, model = samplers["tied"], load_pretrained(hf_checkpoints["tied"][0])
     prompts = _prompts(sampler.config.vocab_size, BATCH, seed=1)
     out = sampler.generate(prompts, max_new_tokens=NEW, temperature=0.7, top_p=0.9, top_k=20, seed=3)
-    for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
-        np.testing.assert_allclose(logprobs, _forward_logprobs(model, prompt, tokens, 0.7), atol=1e-4, rtol=0)
+    for ours, reference in zip(out.logprobs, _forward_logprobs(model, prompts, out.tokens, 0.7)):
+        np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
 def test_prompt_alone_and_inside_a_padded_batch_give_the_same_completion(samplers, greedy):
@@ -207,14 +225,15 @@ def test_stop_tokens_end_rows_and_set_finished(samplers, greedy):
     assert out.finished[1] and len(out.tokens[1]) <= 7
 
 
-def test_num_samples_are_prompt_major_copies_of_one_prefill(samplers):
+def test_num_samples_are_prompt_major_copies_of_one_prefill(samplers, greedy):
     sampler = samplers["tied"]
-    prompts = _prompts(sampler.config.vocab_size, [9, 21], seed=6)
-    single = sampler.generate(prompts, max_new_tokens=NEW)
-    greedy3 = sampler.generate(prompts, max_new_tokens=NEW, num_samples=3)
-    assert greedy3.tokens == [single.tokens[0]] * 3 + [single.tokens[1]] * 3
-    sampled = sampler.generate(prompts, max_new_tokens=NEW, num_samples=3, temperature=1.0, seed=2)
-    assert len(sampled.tokens) == 6 and len({tuple(t) for t in sampled.tokens[:3]}) > 1
+    prompts = _prompts(sampler.config.vocab_size, BATCH, seed=1)
+    single = greedy["tied"][1]
+    twice = sampler.generate(prompts, max_new_tokens=NEW, num_samples=2)
+    assert twice.tokens == [row for row in single.tokens for _ in range(2)]
+    sampled = sampler.generate(prompts, max_new_tokens=NEW, num_samples=2, temperature=1.0, seed=2)
+    assert len(sampled.tokens) == 8
+    assert all(sampled.tokens[2 * i] != sampled.tokens[2 * i + 1] for i in range(len(prompts)))
 
 
 def test_bad_requests_are_refused_with_clear_errors(samplers):
@@ -256,7 +275,6 @@ def test_the_same_shapes_never_compile_twice(hf_checkpoints, samplers):
 
 def _split(path):
     """A (graphdef, params) pair, as a caller of `generate` would pass."""
-    from flax import nnx
     return nnx.split(load_pretrained(path), nnx.Param)
 
 
@@ -289,11 +307,12 @@ def test_chat_sampler_renders_samples_and_decodes(hf_checkpoints, samplers):
     chat = ChatSampler(samplers["tied"], tokenizer, enable_thinking=False)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in chat.stop_token_ids
-    prompts = ["What is 2+2?", "Name a colour"]
-    results = chat.generate_text(prompts, temperature=0.0, max_new_tokens=16)
-    assert len(results) == 2 and all(isinstance(text, str) and isinstance(done, bool) for text, done in results)
+    prompts = ["hi", "2+2?", "red", "ok"]  # rendered, each fits the 32-token bucket the other tests use
+    results = chat.generate_text(prompts, temperature=0.0, max_new_tokens=NEW)
+    assert len(results) == 4 and all(isinstance(text, str) and isinstance(done, bool) for text, done in results)
     ids = [render_chat(tokenizer, [{"role": "user", "content": p}], enable_thinking=False) for p in prompts]
-    raw = samplers["tied"].generate(ids, max_new_tokens=16, stop_token_ids=chat.stop_token_ids,
+    assert max(map(len, ids)) <= 32
+    raw = samplers["tied"].generate(ids, max_new_tokens=NEW, stop_token_ids=chat.stop_token_ids,
                                     pad_id=tokenizer.pad_token_id)
     for (text, done), tokens, finished in zip(results, raw.tokens, raw.finished):
         body = tokens[:-1] if finished else tokens
@@ -305,11 +324,11 @@ def test_chat_sampler_cuts_at_the_turn_end_and_strips_thinking(hf_checkpoints, s
     path, _ = hf_checkpoints["tied"]
     tokenizer = load_tokenizer(path)
     sampler = samplers["tied"]
-    conversation = [{"role": "user", "content": "hi"}]
-    first = sampler.generate([render_chat(tokenizer, conversation)], max_new_tokens=16).tokens[0]
-    # declare the 4th greedy token a turn end: the completion must stop there, finished, without it
+    conversations = [[{"role": "user", "content": text}] for text in ("hi", "yes", "no", "why")]
+    first = sampler.generate([render_chat(tokenizer, c) for c in conversations], max_new_tokens=NEW).tokens[0]
+    # declare the 4th greedy token of the first chat a turn end: it must stop there, finished, without it
     chat = ChatSampler(sampler, tokenizer, stop_token_ids=[first[3]])
-    (completion,) = chat.generate_chats([conversation], max_new_tokens=16)
+    completion = chat.generate_chats(conversations, max_new_tokens=NEW)[0]
     cut = first.index(first[3])
     assert completion.finished and completion.token_ids == first[:cut + 1]
     assert completion.text == tokenizer.decode(first[:cut], skip_special_tokens=False)
