@@ -85,7 +85,7 @@ def build_rollouts(
 
     `response_logprobs[b]` holds one behaviour log-prob per response token. Rows with `keep[b]` False are
     left out (their places filled by padding rows at the end). The row count is len(prompt_ids) rounded up to
-    `row_multiple`; the length is `length_bucket` of the longest prompt + response.
+    `row_multiple`; the length is `length_bucket` of the longest prompt + response (dropped rows included).
     """
     num = len(prompt_ids)
     if not (len(response_ids) == len(response_logprobs) == len(advantages) == num):
@@ -102,7 +102,8 @@ def build_rollouts(
             raise ValueError(f"row {b}: empty prompt; the first response token needs context")
     kept = [b for b in range(num) if keep[b]]
     num_rows = max(1, -(-num // row_multiple)) * row_multiple
-    longest = max((len(prompt_ids[b]) + len(response_ids[b]) for b in kept), default=1)
+    # Over all rows, kept or not, so that the shape does not depend on which groups were dropped.
+    longest = max((len(p) + len(r) for p, r in zip(prompt_ids, response_ids)), default=1)
     length = length_bucket(longest, min_length)
 
     input_ids = np.full((num_rows, length), pad_id, np.int32)

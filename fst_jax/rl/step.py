@@ -290,7 +290,7 @@ def compute_gradients(params, base_params, rollouts: Rollouts, *, graphdef, conf
     metrics = {name: value if name.endswith("_max") else value / tokens
                for name, value in sums.items() if name not in totals}
     metrics.update({name: sums[name] / denominator for name in ("loss", "policy_loss", "kl")},
-                   num_tokens=sums["num_tokens"], num_rows=sums["num_rows"], grad_norm=optax.global_norm(grads))
+                   num_tokens=sums["num_tokens"], num_rows=sums["num_rows"], grad_norm=optax.tree.norm(grads))
     return grads, metrics
 
 
@@ -355,11 +355,17 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
                          f"axes (data × fsdp = {multiple})")
     multiple = config.micro_batch_size or multiple
     rollouts = pad_rows(rollouts, -(-rollouts.input_ids.shape[0] // multiple) * multiple)
+    # The sampling-only fields do not change the program: reset them so that they do not split the jit cache.
+    config = dataclasses.replace(config, **{name: RLConfig.__dataclass_fields__[name].default
+                                            for name in _SAMPLING_ONLY})
     if mesh is None:
         return _update_jit(state, base_params, rollouts, config)
     with jax.set_mesh(mesh):
         rollouts = parallel.shard_batch(rollouts, mesh) if isinstance(rollouts.input_ids, np.ndarray) else rollouts
         return _update_jit(state, base_params, rollouts, config)
+
+
+_SAMPLING_ONLY = ("rollouts_per_problem", "max_new_tokens", "enable_thinking")
 
 
 def _shares_buffers(a, b) -> bool:
@@ -407,7 +413,8 @@ def fst_step(
     [system = prompt, user = user_message(problem)] is rendered with the tokenizer's template and sampled
     G/K times at config.temperature by `generate(graphdef, params, prompts, max_new_tokens=, temperature=,
     seed=, stop_token_ids=, num_samples=, pad_id=)` (a `SampleOutput`; default: the jitted sampler). Each
-    completion, decoded without special tokens, is scored by `reward_fn(problem, text)` on the host. The
+    completion, decoded without special tokens, is scored by `reward_fn(problem, text)` on the host (a float,
+    or a `tasks.Score`: `reward_fn=task.score, user_message=task.format_problem` plugs in a task). The
     advantage of each rollout is normalised over all G rollouts of its problem whatever prompt produced it;
     problems whose G rewards are all equal carry no signal and are dropped. Then one `update`.
 
@@ -462,6 +469,7 @@ def fst_step(
         for j in range(group):
             completion = tokenizer.decode(samples.tokens[i * group + j], skip_special_tokens=True)
             reward = reward_fn(problem, completion)
+            reward = getattr(reward, "reward", reward)  # a task's `Score` works as well as a float
             try:
                 reward = float(reward)
             except (TypeError, ValueError):
