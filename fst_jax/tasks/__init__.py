@@ -9,6 +9,7 @@ from fst_jax.tasks.base import ANY_JSON, Field, Problem, Score, Task, get_task, 
 from fst_jax.tasks.codeio import CodeIOTask, extract_prediction, outputs_match
 from fst_jax.tasks.io import DataError, load_problems, read_records
 from fst_jax.tasks.math import MathTask, equivalent, last_boxed, scan_boxed
+from fst_jax.tasks.synthetic import SkillTask, SyntheticRuleTask  # noqa: F401  (registers "rule", "skill")
 
 __all__ = [
     "ANY_JSON", "CodeIOTask", "DataError", "Field", "MathTask", "Problem", "Score", "Task", "equivalent",

@@ -1,0 +1,451 @@
+"""Make the embedded default's base model: a tiny char-level Qwen3 trained from scratch on synthetic data.
+
+    python launch/make_tiny_model.py --seed 0 --minutes 50 --out assets/tiny-qwen3      # train (≈50 min, 2 cores)
+    python launch/make_tiny_model.py ... --resume                                       # continue a killed run
+    python launch/make_tiny_model.py --eval-only --out assets/tiny-qwen3                # measure the base model
+
+Three skills, every example rendered with the chat template exactly as the system shows it at run time
+(enable_thinking=False, mostly):
+  rule following  [system = rule text, user = input]                 → the transformed input
+                  [system = a generic instruction, user = input]     → the input under some training rule
+  general skills  [system = generic or none, user = "count: abcde"]  → "5"
+  reflection      [user = Proposer(TINY_REFLECTION_TEMPLATE).render(instruction, 2–4 failure records)]
+                                                                     → "```\\n<the rule>\\n```"
+Loss on the assistant's tokens only. Rules come from `synthetic.TRAIN_RULES`; held-out rules never appear.
+Every step's data comes from (seed, step), so a resumed run sees the data an uninterrupted one would. With
+`--minutes`, the step count is fixed when 80% of the time has passed (then a linear cool-down to the end);
+both numbers are written to make_tiny_model.json so `--steps N --cooldown-start S` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import queue
+import random
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from fst_jax.gepa.proposer import Proposer, extract_fenced  # noqa: E402
+from fst_jax.models.char_tokenizer import make_char_tokenizer  # noqa: E402
+from fst_jax.models.config import Qwen3Config  # noqa: E402
+from fst_jax.models.hf import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+from fst_jax.models.qwen3 import Qwen3  # noqa: E402
+from fst_jax.tasks import synthetic as syn  # noqa: E402
+
+SHORT_T, LONG_T = 80, 416          # token buckets: rule/skill examples, reflection examples
+SHORT_B, LONG_B = 24, 12           # rows per step in each bucket
+
+
+def model_config(vocab_size: int) -> Qwen3Config:
+    return Qwen3Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                       num_kv_heads=2, head_dim=32, rope_theta=10_000.0, tie_word_embeddings=True,
+                       max_position_embeddings=1024)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+class Renderer:
+    """Chat rendering and char-level encoding with the shipped tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.proposer = Proposer(template=syn.TINY_REFLECTION_TEMPLATE)
+
+    def prompt_ids(self, messages, enable_thinking=False) -> list[int]:
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def example(self, messages, answer: str, enable_thinking=False):
+        prompt = self.prompt_ids(messages, enable_thinking)
+        target = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
+        return prompt, target
+
+    def rule_messages(self, system: str | None, user: str):
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+    def reflection_prompt(self, instruction: str, records) -> str:
+        return self.proposer.render(instruction, records)
+
+
+def _corrupt(rng: random.Random, s: str) -> str:
+    if not s:
+        return s
+    chars = list(s)
+    for _ in range(rng.randint(1, 2)):
+        chars[rng.randrange(len(chars))] = rng.choice(syn.LETTERS)
+    if rng.random() < 0.3:
+        chars = chars[:-1] if rng.random() < 0.5 else chars + [rng.choice(syn.LETTERS)]
+    return "".join(chars)
+
+
+def generic_output(rng: random.Random, s: str) -> str:
+    """What the model does with no rule stated: some training rule (a fifth of the time: copy)."""
+    return s if rng.random() < 0.2 else syn.apply_rule(rng.choice(syn.TRAIN_RULES), s)
+
+
+def reflection_case(rng: random.Random, rule: str) -> tuple[str, list[dict[str, str]]]:
+    """(current instruction, failure records) for a target `rule`, as GEPA would show them."""
+    task = syn.SyntheticRuleTask(rule=rule)
+    while True:
+        generic = rng.random() < 0.55
+        if generic:
+            instruction = rng.choice(syn.GENERIC_INSTRUCTIONS)
+        else:
+            instruction = rng.choice(syn.TRAIN_RULES)
+            if syn.rule_function_key(instruction) == syn.rule_function_key(rule):
+                continue
+        k = 3 if rng.random() < 0.85 else rng.choice((2, 2, 4))
+        records = []
+        for _ in range(k):
+            s = syn.random_input(rng)
+            out = generic_output(rng, s) if generic else syn.apply_rule(instruction, s)
+            if rng.random() < 0.1:
+                out = _corrupt(rng, out)
+            problem = {"input": s, "answer": syn.apply_rule(rule, s)}
+            records.append({"Inputs": task.format_problem(problem), "Generated Outputs": out,
+                            "Feedback": task.score(problem, out).feedback})
+        if any(r["Feedback"] != "correct" for r in records):
+            return instruction, records
+
+
+def make_example(rng: random.Random, kind: str, r: Renderer):
+    think = False if rng.random() < 0.85 else None
+    if kind == "rule":
+        rule = syn.rules_for_training(rng, 1)[0]
+        s = syn.random_input(rng)
+        return r.example(r.rule_messages(rule, s), syn.apply_rule(rule, s), think)
+    if kind == "generic":
+        s = syn.random_input(rng)
+        return r.example(r.rule_messages(rng.choice(syn.GENERIC_INSTRUCTIONS), s), generic_output(rng, s), think)
+    if kind == "skill":
+        q, a = syn.skill_example(rng.choice(syn.SKILLS), rng)
+        system = rng.choice(syn.GENERIC_INSTRUCTIONS) if rng.random() < 0.7 else None
+        return r.example(r.rule_messages(system, q), a, think)
+    rule = syn.rules_for_training(rng, 1)[0]
+    instruction, records = reflection_case(rng, rule)
+    prompt = r.reflection_prompt(instruction, records)
+    return r.example([{"role": "user", "content": prompt}], f"```\n{rule}\n```", think)
+
+
+SHORT_MIX = (("rule", 0.62), ("generic", 0.18), ("skill", 0.20))
+
+
+def _rows(examples, T):
+    ids = np.zeros((len(examples), T), np.int32)
+    mask = np.zeros((len(examples), T), bool)
+    loss = np.zeros((len(examples), T), np.float32)   # loss weight on the token predicted *at* position t+1
+    for i, (p, t) in enumerate(examples):
+        seq = (p + t)[:T]
+        ids[i, :len(seq)] = seq
+        mask[i, :len(seq)] = True
+        loss[i, len(p) - 1:len(seq) - 1] = 1.0
+    return ids, mask, loss
+
+
+def make_batch(seed: int, step: int, r: Renderer):
+    rng = random.Random(f"{seed}|{step}")
+    kinds, weights = zip(*SHORT_MIX)
+    short, long_ = [], []
+    while len(short) < SHORT_B:
+        ex = make_example(rng, rng.choices(kinds, weights)[0], r)
+        if len(ex[0]) + len(ex[1]) <= SHORT_T:
+            short.append(ex)
+    while len(long_) < LONG_B:
+        ex = make_example(rng, "reflection", r)
+        if len(ex[0]) + len(ex[1]) <= LONG_T:
+            long_.append(ex)
+    return _rows(short, SHORT_T), _rows(long_, LONG_T)
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+def lr_at(step, *, peak, warmup, cooldown_start, total):
+    warm = jnp.minimum(1.0, (step + 1) / warmup)
+    frac = jnp.clip((step - cooldown_start) / jnp.maximum(total - cooldown_start, 1), 0.0, 1.0)
+    return peak * warm * (1.0 - 0.9 * frac)
+
+
+def train(args):
+    tokenizer = make_char_tokenizer()
+    r = Renderer(tokenizer)
+    config = model_config(len(tokenizer))
+    model = Qwen3(config, rngs=nnx.Rngs(args.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    print(f"model: {config.num_params():,} params, vocab {config.vocab_size}", flush=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt_path = os.path.join(args.workdir, "ckpt.pkl")
+
+    sched = {"cooldown_start": args.cooldown_start or 10**9, "total": args.steps or 10**9}
+    # AdamW with the learning rate applied in step_fn: the schedule's end is only known once the time
+    # budget is 80% spent, so it is a traced argument rather than baked into the optimizer.
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.scale_by_adam(b1=0.9, b2=0.98),
+                     optax.add_decayed_weights(0.01))
+    opt_state = tx.init(params)
+    step, elapsed, losses = 0, 0.0, []
+    if args.resume and os.path.exists(ckpt_path):
+        with open(ckpt_path, "rb") as f:
+            ck = pickle.load(f)
+        params = jax.tree.unflatten(jax.tree.structure(params), ck["params"])
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), ck["opt_state"])
+        step, elapsed, losses, sched = ck["step"], ck["elapsed"], ck["losses"], ck["sched"]
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min done)", flush=True)
+
+    def loss_fn(p, batch):
+        total, count = 0.0, 0.0
+        for ids, mask, w in batch:
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            total += jnp.sum(nll * w[:, :-1])
+            count += jnp.sum(w[:, :-1])
+        return total / count
+
+    @jax.jit
+    def step_fn(p, o, batch, step_, sched_vals_):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+        updates, o = tx.update(grads, o, p)
+        lr = lr_at(step_, peak=args.lr, warmup=args.warmup, cooldown_start=sched_vals_[0], total=sched_vals_[1])
+        p = jax.tree.map(lambda a, u: a - lr * u, p, updates)
+        return p, o, loss, lr
+
+    q: queue.Queue = queue.Queue(maxsize=6)
+    stop = threading.Event()
+
+    def produce(start):
+        s = start
+        while not stop.is_set():
+            q.put((s, make_batch(args.seed, s, r)))
+            s += 1
+
+    threading.Thread(target=produce, args=(step,), daemon=True).start()
+    budget = args.minutes * 60.0
+    t_start, last_ckpt, window = time.time() - elapsed, time.time(), []
+
+    def save_ckpt():
+        tmp = ckpt_path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump({"params": [np.asarray(x) for x in jax.tree.leaves(params)],
+                         "opt_state": [np.asarray(x) for x in jax.tree.leaves(opt_state)],
+                         "step": step, "elapsed": time.time() - t_start, "losses": losses, "sched": sched}, f)
+        os.replace(tmp, ckpt_path)
+        save_pretrained(nnx.merge(graphdef, params), os.path.join(args.workdir, "latest"), tokenizer=tokenizer)
+
+    while step < sched["total"]:
+        s, (short, long_) = q.get()
+        assert s == step
+        batch = (tuple(map(jnp.asarray, short)), tuple(map(jnp.asarray, long_)))
+        params, opt_state, loss, lr = step_fn(params, opt_state, batch, step,
+                                              jnp.array([sched["cooldown_start"], sched["total"]], jnp.float32))
+        step += 1
+        window.append(float(loss))
+        now = time.time()
+        if not args.steps and sched["total"] >= 10**9 and now - t_start >= 0.8 * budget:
+            rate = step / (now - t_start)
+            sched = {"cooldown_start": step, "total": int(step + rate * 0.2 * budget)}
+            print(f"cool-down from step {step} to {sched['total']}", flush=True)
+        if step % args.log_every == 0:
+            losses.append((step, float(np.mean(window))))
+            print(f"step {step:6d}  loss {np.mean(window):.4f}  lr {float(lr):.2e}  "
+                  f"{(now - t_start) / 60:5.1f} min  {step / (now - t_start):.2f} steps/s", flush=True)
+            window = []
+        if now - last_ckpt >= args.ckpt_every:
+            save_ckpt()
+            last_ckpt = now
+    stop.set()
+    save_ckpt()
+    wall = time.time() - t_start
+    model = nnx.merge(graphdef, params)
+    save_pretrained(model, args.out, tokenizer=tokenizer)
+    info = {"seed": args.seed, "steps": step, "cooldown_start": sched["cooldown_start"], "lr": args.lr,
+            "warmup": args.warmup, "wall_minutes": round(wall / 60, 1), "num_params": config.num_params(),
+            "buckets": {"short": [SHORT_B, SHORT_T], "long": [LONG_B, LONG_T]},
+            "final_loss": losses[-1][1] if losses else None}
+    with open(os.path.join(args.out, "make_tiny_model.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"saved {args.out}: {info}", flush=True)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+class TinyLM:
+    """Greedy/sampled chat completions from a saved model through our Sampler, in fixed-size batches."""
+
+    def __init__(self, path: str, batch: int = 64):
+        from fst_jax.sampling import Sampler
+
+        model = load_pretrained(path)
+        self.tok = load_tokenizer(path)
+        self.sampler = Sampler(nnx.split(model, nnx.Param))
+        self.batch, self.calls = batch, 0
+
+    def chats(self, conversations, *, temperature=0.0, max_new_tokens=16, num_samples=1) -> list[str]:
+        from fst_jax.models.hf import render_chat
+
+        prompts = [render_chat(self.tok, c, enable_thinking=False) for c in conversations]
+        out: list[str] = []
+        step = max(1, self.batch // num_samples)
+        for i in range(0, len(prompts), step):
+            chunk = prompts[i:i + step]
+            padded = chunk + [chunk[-1]] * (step - len(chunk))
+            self.calls += 1
+            res = self.sampler.generate(padded, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        num_samples=num_samples, seed=self.calls,
+                                        stop_token_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id)
+            texts = [self.tok.decode(t, skip_special_tokens=True) for t in res.tokens]
+            out.extend(texts[:len(chunk) * num_samples])
+        return out
+
+    def follow(self, rules, inputs, **kw) -> list[str]:
+        return self.chats([[{"role": "system", "content": r}, {"role": "user", "content": s}]
+                           for r, s in zip(rules, inputs)], **kw)
+
+
+def _solves(lm: TinyLM, proposal: str | None, rule: str, inputs) -> int:
+    if not proposal:
+        return 0
+    outs = lm.follow([proposal] * len(inputs), inputs)
+    return sum(o.strip() == syn.apply_rule(rule, s) for o, s in zip(outs, inputs))
+
+
+def eval_reflection(lm: TinyLM, rules, rng: random.Random, best_of: int) -> dict:
+    """From the seed prompt and three of the model's own failures under it, propose a rule; success = the
+    proposal, followed by the model, solves >= 2 of 3 fresh inputs. Best-of-N picks the sampled proposal that
+    solves most of the three record inputs."""
+    proposer = Proposer(template=syn.TINY_REFLECTION_TEMPLATE)
+    cases = []
+    for rule in rules:
+        task = syn.SyntheticRuleTask(rule=rule)
+        inputs = [syn.random_input(rng) for _ in range(3)]
+        fresh = [syn.random_input(rng) for _ in range(3)]
+        cases.append((rule, task, inputs, fresh))
+    outs = lm.follow([syn.SEED_PROMPT] * 3 * len(cases), [s for c in cases for s in c[2]], temperature=1.0)
+    prompts = []
+    for j, (rule, task, inputs, fresh) in enumerate(cases):
+        records = []
+        for s, o in zip(inputs, outs[3 * j:3 * j + 3]):
+            problem = {"input": s, "answer": syn.apply_rule(rule, s)}
+            records.append({"Inputs": task.format_problem(problem), "Generated Outputs": o,
+                            "Feedback": task.score(problem, o).feedback})
+        prompts.append([{"role": "user", "content": proposer.render(syn.SEED_PROMPT, records)}])
+    greedy = [extract_fenced(t) for t in lm.chats(prompts, max_new_tokens=48)]
+    sampled = [extract_fenced(t) for t in lm.chats(prompts, temperature=1.0, max_new_tokens=48,
+                                                    num_samples=best_of)]
+    g_ok = b_ok = any_ok = exact = valid = 0
+    examples = []
+    for j, (rule, task, inputs, fresh) in enumerate(cases):
+        g_ok += _solves(lm, greedy[j], rule, fresh) >= 2
+        exact += greedy[j] is not None and syn.parse_rule(greedy[j]) is not None and \
+            syn.rule_function_key(greedy[j]) == syn.rule_function_key(rule)
+        valid += greedy[j] is not None and syn.parse_rule(greedy[j]) is not None
+        cands = list(dict.fromkeys(p for p in sampled[j * best_of:(j + 1) * best_of] if p))
+        on_records = [_solves(lm, p, rule, inputs) for p in cands]
+        if cands:
+            best = cands[int(np.argmax(on_records))]
+            b_ok += _solves(lm, best, rule, fresh) >= 2
+            any_ok += any(_solves(lm, p, rule, fresh) >= 2 for p in cands)
+        if len(examples) < 5:
+            examples.append({"rule": rule, "greedy": greedy[j]})
+    n = len(cases)
+    return {"n": n, "greedy_success": g_ok / n, "greedy_same_function": exact / n, "greedy_valid_rule": valid / n,
+            f"best_of_{best_of}_success": b_ok / n, f"any_of_{best_of}_success": any_ok / n, "examples": examples}
+
+
+def evaluate(args) -> dict:
+    t0 = time.time()
+    lm = TinyLM(args.out)
+    rng = random.Random(f"eval|{args.seed}")
+    n = args.eval_size
+    report: dict = {}
+
+    def follow_acc(rules):
+        inputs = [syn.random_input(rng) for _ in rules]
+        outs = lm.follow(rules, inputs)
+        return float(np.mean([o.strip() == syn.apply_rule(r, s) for r, s, o in zip(rules, inputs, outs)]))
+
+    singles = [r for r in syn.TRAIN_RULES if syn.THEN not in r]
+    composed = [r for r in syn.TRAIN_RULES if syn.THEN in r]
+    report["follow_in_family_single"] = follow_acc([rng.choice(singles) for _ in range(n)])
+    report["follow_in_family_composed"] = follow_acc([rng.choice(composed) for _ in range(n)])
+    report["follow_rl_in_family"] = {r: follow_acc([r] * 20) for r in syn.IN_FAMILY_RL_RULES}
+    report["follow_held_out"] = {r: follow_acc([r] * 20) for r in syn.HELD_OUT_RULES}
+    print(json.dumps(report, indent=1), flush=True)
+
+    skills = {}
+    for skill in syn.SKILLS:
+        task = syn.SkillTask(skill=skill)
+        probs = task.make_problems(40, seed=1)
+        outs = lm.chats([[{"role": "system", "content": syn.SEED_PROMPT},
+                          {"role": "user", "content": task.format_problem(p)}] for p in probs])
+        skills[skill] = float(np.mean([task.score(p, o).reward for p, o in zip(probs, outs)]))
+    report["skills_under_seed_prompt"] = skills
+    print(json.dumps({"skills": skills}), flush=True)
+
+    seed_prompt = {}
+    for rule in syn.IN_FAMILY_RL_RULES + syn.HELD_OUT_RULES:
+        task = syn.SyntheticRuleTask(rule=rule)
+        probs = task.make_problems(16, seed=1)
+        outs = lm.follow([syn.SEED_PROMPT] * len(probs), [p["input"] for p in probs], temperature=1.0,
+                         num_samples=8)
+        rewards = np.array([task.score(probs[i // 8], o).reward for i, o in enumerate(outs)]).reshape(16, 8)
+        seed_prompt[rule] = {"exact": float(np.mean(rewards == 1.0)), "dense_mean": float(rewards.mean()),
+                             "dense_std": float(rewards.std()),
+                             "within_group_std": float(rewards.std(axis=1).mean())}
+    report["rl_tasks_under_seed_prompt_T1"] = seed_prompt
+    print(json.dumps({"seed_prompt": seed_prompt}), flush=True)
+
+    report["reflection_in_family"] = eval_reflection(lm, [rng.choice(syn.TRAIN_RULES) for _ in range(n)], rng,
+                                                     args.best_of)
+    print(json.dumps({"reflection_in_family": report["reflection_in_family"]}), flush=True)
+    report["reflection_rl_in_family"] = eval_reflection(lm, list(syn.IN_FAMILY_RL_RULES) * 3, rng, args.best_of)
+    report["reflection_held_out"] = eval_reflection(lm, list(syn.HELD_OUT_RULES) * 4, rng, args.best_of)
+    report["eval_minutes"] = round((time.time() - t0) / 60, 1)
+    print(json.dumps(report, indent=1), flush=True)
+    if args.eval_json:
+        with open(args.eval_json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=50.0, help="wall-time budget (when --steps is not given)")
+    ap.add_argument("--steps", type=int, default=0, help="exact number of steps (reproduces a run)")
+    ap.add_argument("--cooldown-start", type=int, default=0, help="with --steps: step the cool-down starts")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--out", default="assets/tiny-qwen3")
+    ap.add_argument("--workdir", default="runs/make_tiny_model", help="checkpoints (ckpt.pkl) and latest export")
+    ap.add_argument("--resume", action="store_true", help="continue from --workdir's checkpoint")
+    ap.add_argument("--ckpt-every", type=float, default=180.0, help="seconds between checkpoints")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-only", action="store_true", help="measure the model in --out instead of training")
+    ap.add_argument("--eval-size", type=int, default=60, help="rules (or problems) per evaluation")
+    ap.add_argument("--best-of", type=int, default=8, help="sampled reflections per case for best-of-N")
+    ap.add_argument("--eval-json", default="", help="also write the evaluation report here")
+    args = ap.parse_args(argv)
+    if args.steps and not args.cooldown_start:
+        args.cooldown_start = int(0.8 * args.steps)
+    if args.eval_only:
+        evaluate(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
