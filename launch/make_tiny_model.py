@@ -45,7 +45,7 @@ from fst_jax.models.qwen3 import Qwen3  # noqa: E402
 from fst_jax.tasks import synthetic as syn  # noqa: E402
 
 SHORT_T, LONG_T = 80, 416          # token buckets: rule/skill examples, reflection examples
-SHORT_B, LONG_B = 24, 12           # rows per step in each bucket
+SHORT_B, LONG_B = 12, 8            # rows per step in each bucket (small batches: more updates per token)
 
 
 def model_config(vocab_size: int) -> Qwen3Config:
@@ -428,7 +428,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=0, help="exact number of steps (reproduces a run)")
     ap.add_argument("--cooldown-start", type=int, default=0, help="with --steps: step the cool-down starts")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--out", default="assets/tiny-qwen3")
     ap.add_argument("--workdir", default="runs/make_tiny_model", help="checkpoints (ckpt.pkl) and latest export")
     ap.add_argument("--resume", action="store_true", help="continue from --workdir's checkpoint")

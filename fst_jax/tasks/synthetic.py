@@ -176,7 +176,6 @@ class SyntheticRuleTask:
         "input": Field((str,), description="the string to transform (the whole user message)"),
         "answer": Field((str,), description="the transformed string"),
         "rule": Field((str,), required=False, description="the hidden rule (informational)"),
-        "id": Field((str, int), required=False, to_str=True),
     })
 
     def __post_init__(self):
@@ -236,7 +235,6 @@ class SkillTask:
     fields: Any = field(init=False, repr=False, default_factory=lambda: {
         "question": Field((str,), description="the user message, e.g. 'count: abcde'"),
         "answer": Field((str,), to_str=True),
-        "id": Field((str, int), required=False, to_str=True),
     })
 
     def __post_init__(self):
