@@ -19,6 +19,7 @@ Shape letters: B rows (responses), T tokens, P problems, G rollouts per problem,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -168,20 +169,40 @@ class TrainState:
         base copy) stay valid.
         """
         graphdef, params = nnx.split(model, nnx.Param) if isinstance(model, nnx.Module) else model
-        tx = make_optimizer(config)
-        shardings = jax.tree.map(lambda x: x.sharding, params)
+        leaves, treedef = jax.tree.flatten(params)
+        abstract = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves)
+        initialize = _state_initializer(_program_config(RLConfig.from_config(config)), treedef, abstract)
+        params, opt_state, step, rng, num_rollouts = initialize(params, np.uint32(seed % 2**32))
+        return cls(params=params, opt_state=opt_state, step=step, rng=rng, num_rollouts=num_rollouts,
+                   graphdef=graphdef)
 
-        def init(params):
-            params = jax.tree.map(jnp.copy, params)
-            return params, tx.init(params)
 
-        abstract_opt = jax.eval_shape(tx.init, params)
-        replicated = _replicated_like(params)
-        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, shardings,
-                                              transform_non_params=lambda _: replicated)
-        params, opt_state = jax.jit(init, out_shardings=(shardings, opt_shardings))(params)
-        return cls(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
-                   rng=jax.random.PRNGKey(seed), num_rollouts=jnp.zeros((), jnp.int32), graphdef=graphdef)
+@functools.lru_cache(maxsize=16)
+def _state_initializer(config: RLConfig, treedef, abstract_leaves: tuple[jax.ShapeDtypeStruct, ...]):
+    """A jitted (params, seed) → (copy of params, optimizer state, step, rng, num_rollouts), cached so that
+    repeated creates compile once. Adam's moments get their parameter's sharding (jit would otherwise put the
+    zeros on one device); the scalars are committed and replicated exactly as `update` returns them, so the
+    first update of a fresh state and later ones share one compiled program."""
+    tx = make_optimizer(config)
+    abstract_params = jax.tree.unflatten(treedef, abstract_leaves)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    replicated = _replicated_like(abstract_params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), shardings,
+                                          transform_non_params=lambda _: replicated)
+
+    def init(params, seed):
+        params = jax.tree.map(jnp.copy, params)
+        zero = jnp.zeros((), jnp.int32)
+        return params, tx.init(params), zero, jax.random.PRNGKey(seed), zero
+
+    return jax.jit(init, out_shardings=(shardings, opt_shardings, replicated, replicated, replicated))
+
+
+def _program_config(config: RLConfig) -> RLConfig:
+    """`config` with the sampling-only fields at their defaults: they do not change the update's program, so
+    they must not split the jit cache."""
+    sampling_only = ("rollouts_per_problem", "max_new_tokens", "enable_thinking")
+    return dataclasses.replace(config, **{name: RLConfig.__dataclass_fields__[name].default for name in sampling_only})
 
 
 def _replicated_like(params):
@@ -355,17 +376,13 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
                          f"axes (data × fsdp = {multiple})")
     multiple = config.micro_batch_size or multiple
     rollouts = pad_rows(rollouts, -(-rollouts.input_ids.shape[0] // multiple) * multiple)
-    # The sampling-only fields do not change the program: reset them so that they do not split the jit cache.
-    config = dataclasses.replace(config, **{name: RLConfig.__dataclass_fields__[name].default
-                                            for name in _SAMPLING_ONLY})
+    config = _program_config(config)
     if mesh is None:
         return _update_jit(state, base_params, rollouts, config)
     with jax.set_mesh(mesh):
         rollouts = parallel.shard_batch(rollouts, mesh) if isinstance(rollouts.input_ids, np.ndarray) else rollouts
         return _update_jit(state, base_params, rollouts, config)
 
-
-_SAMPLING_ONLY = ("rollouts_per_problem", "max_new_tokens", "enable_thinking")
 
 
 def _shares_buffers(a, b) -> bool:
