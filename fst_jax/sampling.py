@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from fst_jax import parallel
 from fst_jax.models.config import canonical_dtype
-from fst_jax.models.qwen3 import Qwen3, rms_norm
+from fst_jax.models.qwen3 import Qwen3, apply_rope, rms_norm
 
 __all__ = ["SampleOutput", "Sampler", "generate", "sample_logits", "sampling_weights", "bucket_length", "MIN_BUCKET"]
 
@@ -85,22 +85,39 @@ def sample_logits(logits_bv: jax.Array, keys_b: jax.Array, temperature, top_p, t
     needs is skipped by `lax.cond` when both are off. `keys_b` holds one PRNG key per row. The log-prob is
     always that of the unfiltered softmax(logits / temperature), temperature 1 when greedy.
     """
-    logits_bv = logits_bv.astype(jnp.float32)
+    return _sample_vb(jnp.asarray(logits_bv).T, keys_b, temperature, top_p, top_k)
+
+
+def _first_argmax_v(x_vb: jax.Array) -> jax.Array:
+    """argmax over the vocab axis (0), first index on ties: two plain reductions, which XLA:CPU vectorises
+    (its (value, index) pair reduction for jnp.argmax took ~5x longer on a 151936 × 8 array)."""
+    best_b = jnp.max(x_vb, axis=0)
+    index_v = jax.lax.broadcasted_iota(jnp.int32, x_vb.shape, 0)
+    return jnp.min(jnp.where(x_vb == best_b, index_v, x_vb.shape[0]), axis=0)
+
+
+def _sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k):
+    """`sample_logits` on vocab-major logits [V, B], the layout the LM head produces cheaply (see `_logits`):
+    the greedy path then needs no transpose of the [V, B] array."""
+    logits_vb = logits_vb.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
     top_k = jnp.asarray(top_k, jnp.int32)
     greedy = temperature <= 0
-    scaled_bv = logits_bv / jnp.where(greedy, 1.0, temperature)
+    scaled_vb = logits_vb / jnp.where(greedy, 1.0, temperature)
 
-    def draw(scaled):
-        filtered = jax.lax.cond((top_p < 1) | (top_k > 0), _filter_top_k_top_p, lambda s, p, k: s,
-                                scaled, top_p, top_k)
-        gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], jnp.float32))(keys_b)
-        return jnp.argmax(filtered + gumbel_bv, axis=-1).astype(jnp.int32)
+    def draw(scaled_vb):
+        scaled_bv = scaled_vb.T
+        filtered_bv = jax.lax.cond((top_p < 1) | (top_k > 0), _filter_top_k_top_p, lambda s, p, k: s,
+                                   scaled_bv, top_p, top_k)
+        gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[-1:], jnp.float32))(keys_b)
+        return _first_argmax_v((filtered_bv + gumbel_bv).T)
 
-    tokens_b = jax.lax.cond(greedy, lambda s: jnp.argmax(s, axis=-1).astype(jnp.int32), draw, scaled_bv)
-    chosen_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
-    return tokens_b, chosen_b - jax.nn.logsumexp(scaled_bv, axis=-1)
+    tokens_b = jax.lax.cond(greedy, _first_argmax_v, draw, scaled_vb)
+    best_b = jnp.max(scaled_vb, axis=0)
+    log_norm_b = best_b + jnp.log(jnp.sum(jnp.exp(scaled_vb - best_b), axis=0))
+    chosen_b = jnp.take_along_axis(scaled_vb, tokens_b[None, :], axis=0)[0]
+    return tokens_b, chosen_b - log_norm_b
 
 
 # --------------------------------------------------------------------------------- the sampling weight layout
@@ -130,10 +147,11 @@ def _unstack(flat: dict, *, num_layers: int, tied: bool) -> dict:
 
 
 class _Cache(NamedTuple):
-    """KV cache with one buffer per layer (each updated in place in the decode loop).
+    """KV cache with one buffer per layer, each updated in place by the decode loop.
 
-    k, v: L × [B, S, K, H]; key_mask [B, S]: slots holding real tokens; index: the next slot (shared by all
-    rows); next_position [B]: each row's next RoPE position.
+    k, v: L × [B, K, S, H] (kv heads before slots, so attention reads each head's keys contiguously and no
+    step transposes the cache); key_mask [B, S]: slots holding real tokens; index: the next slot (shared by
+    all rows); next_position [B]: each row's next RoPE position.
     """
 
     k: tuple
@@ -143,25 +161,68 @@ class _Cache(NamedTuple):
     next_position: jax.Array
 
 
-def _forward(model: Qwen3, weights: dict, tokens_bt, mask_bt, cache: _Cache, kv_sharding):
-    """Qwen3 on T new tokens written at cache slots [index, index + T): (final hidden [B, D] of the last
-    token after the final norm, the advanced cache). Masking and positions follow `Qwen3.forward`; each layer
-    is the model's own layer function, applied to that layer's weights and cache buffers."""
-    c = model.config
+# Finite, as in the model, so fully masked (padding) rows stay NaN-free.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _layer(c, p: dict, x_btd, positions_bt, allowed_bts, k_cache, v_cache, index):
+    """One Qwen3 decoder layer on T new tokens, their keys/values written into the cache at `index`.
+
+    The same computation as the layer of `fst_jax.models.qwen3.Qwen3` (same dtypes and op order; the tests
+    hold it to transformers' generate and to the model's full forward), arranged for decoding: the cache is
+    [B, K, S, H] and every projection is a 2-D contraction over a reshaped weight (a free bitcast), which
+    keeps XLA from transposing the cache or the o_proj weight on every step (measured on XLA:CPU).
+    """
     dtype = canonical_dtype(c.dtype)
+    p = {name: w.astype(dtype) for name, w in p.items()}
+    B, T, D = x_btd.shape
+    N, K, G, H = c.num_heads, c.num_kv_heads, c.queries_per_kv, c.head_dim
+
+    h_btd = rms_norm(x_btd, p["attn_norm"], c.rms_norm_eps)
+    with jax.named_scope("qkv"):
+        q_btnh = jnp.einsum("btd,dm->btm", h_btd, p["q_proj"].reshape(D, N * H)).reshape(B, T, N, H)
+        k_btkh = jnp.einsum("btd,dm->btm", h_btd, p["k_proj"].reshape(D, K * H)).reshape(B, T, K, H)
+        v_btkh = jnp.einsum("btd,dm->btm", h_btd, p["v_proj"].reshape(D, K * H)).reshape(B, T, K, H)
+        q_btnh = rms_norm(q_btnh, p["q_norm"], c.rms_norm_eps)
+        k_btkh = rms_norm(k_btkh, p["k_norm"], c.rms_norm_eps)
+    with jax.named_scope("rope"):
+        q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
+        k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
+    with jax.named_scope("cache_update"):
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                               (0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                               (0, 0, index, 0))
+    with jax.named_scope("attention"):
+        q_bktgh = q_btnh.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
+        scores = jnp.einsum("bktgh,bksh->bktgs", q_bktgh, k_cache.astype(dtype)).astype(jnp.float32)
+        scores = jnp.where(allowed_bts[:, None, :, None, :], scores * c.head_dim ** -0.5, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attn_bktgh = jnp.einsum("bktgs,bksh->bktgh", probs, v_cache.astype(dtype))
+        attn_btm = attn_bktgh.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
+        x_btd = x_btd + jnp.einsum("btm,md->btd", attn_btm, p["o_proj"].reshape(N * H, D))
+    with jax.named_scope("mlp"):
+        h_btd = rms_norm(x_btd, p["mlp_norm"], c.rms_norm_eps)
+        gate_btf = jnp.einsum("btd,df->btf", h_btd, p["gate_proj"])
+        up_btf = jnp.einsum("btd,df->btf", h_btd, p["up_proj"])
+        x_btd = x_btd + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, p["down_proj"])
+    return x_btd, k_cache, v_cache
+
+
+def _forward(c, weights: dict, tokens_bt, mask_bt, cache: _Cache, kv_sharding, row_sharding):
+    """Qwen3 on T new tokens written at cache slots [index, index + T): (final hidden [B, D] of the last
+    token after the final norm, the advanced cache). Masking and positions follow `Qwen3.forward`."""
     B, T = tokens_bt.shape
     S = cache.key_mask.shape[1]
     positions_bt = cache.next_position[:, None] + jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
     key_mask_bs = jax.lax.dynamic_update_slice(cache.key_mask, mask_bt, (0, cache.index))
     query_slot_t = cache.index + jnp.arange(T)
     allowed_bts = key_mask_bs[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slot_t[None, :, None])
-    # Qwen3._layer_fn reads only the config from the model and the write index from the cache.
-    layer = model._layer_fn(positions_bt, allowed_bts, cache, False)
     with jax.named_scope("embed"):
-        x_btd = jnp.take(weights["embed"], tokens_bt, axis=0).astype(dtype)
+        x_btd = jnp.take(weights["embed"], tokens_bt, axis=0).astype(canonical_dtype(c.dtype))
     ks, vs = [], []
     for p, k, v in zip(weights["layers"], cache.k, cache.v):
-        x_btd, (_, k, v) = layer(x_btd, (p, k, v))
+        x_btd, k, v = _layer(c, p, _constrain(x_btd, row_sharding), positions_bt, allowed_bts, k, v, cache.index)
         ks.append(_constrain(k, kv_sharding))
         vs.append(_constrain(v, kv_sharding))
     hidden_bd = rms_norm(x_btd[:, -1], weights["final_norm"], c.rms_norm_eps)
@@ -169,18 +230,16 @@ def _forward(model: Qwen3, weights: dict, tokens_bt, mask_bt, cache: _Cache, kv_
                              next_position=cache.next_position + mask_bt.sum(axis=1, dtype=jnp.int32))
 
 
-def _logits(model: Qwen3, weights: dict, hidden_bd: jax.Array) -> jax.Array:
-    """LM-head logits [B, V] in float32 (computed in the compute dtype, as `Qwen3.forward` does).
+def _logits_vb(c, weights: dict, hidden_bd: jax.Array) -> jax.Array:
+    """LM-head logits, vocab-major [V, B], in float32 (computed in the compute dtype, as `Qwen3.forward`).
 
-    Written weight-first ("vd,bd->vb") with an optimisation barrier before the small transpose, so XLA does
-    not re-associate it into "bd,vd->bv": on XLA:CPU the weight-first order streams the 151936 × 1024
-    embedding at close to memory bandwidth, about twice as fast as the other.
+    Weight-first ("vd,bd->vb") because on XLA:CPU that order streams the 151936 × 1024 embedding at close to
+    memory bandwidth, about twice as fast as "bd,vd->bv"; the sampling step consumes [V, B] as it is.
     """
-    dtype = canonical_dtype(model.config.dtype)
+    dtype = canonical_dtype(c.dtype)
     unembed_vd = weights["embed"] if weights["unembed_vd"] is None else weights["unembed_vd"]
     with jax.named_scope("unembed"):
-        logits_vb = jnp.einsum("vd,bd->vb", unembed_vd.astype(dtype), hidden_bd)
-        return jax.lax.optimization_barrier(logits_vb).T.astype(jnp.float32)
+        return jnp.einsum("vd,bd->vb", unembed_vd.astype(dtype), hidden_bd).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------- jitted programs
@@ -189,40 +248,33 @@ def _constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-@functools.lru_cache(maxsize=16)
-def _model(config) -> Qwen3:
-    """An abstract (shape-only) model: the decode path borrows its config and layer function, not weights."""
-    return nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
-
-
 def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_samples, cache_dtype,
              kv_sharding, row_sharding):
     """Run the prompts into a fresh cache; repeat it `num_samples` times along the batch.
 
-    Returns the cache (L × [B·n, S, K, H]) and the float32 logits [B·n, V] at each prompt's last token.
+    Returns the cache (L × [B·n, K, S, H]) and the float32 logits [V, B·n] at each prompt's last token.
     """
-    model = _model(config)
     B = prompt_ids_bp.shape[0]
-    shape = (B, cache_len, config.num_kv_heads, config.head_dim)
+    shape = (B, config.num_kv_heads, cache_len, config.head_dim)
     dtype = canonical_dtype(cache_dtype)
     zeros = tuple(_constrain(jnp.zeros(shape, dtype), kv_sharding) for _ in range(config.num_layers))
     cache = _Cache(k=zeros, v=zeros, key_mask=jnp.zeros((B, cache_len), bool), index=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((B,), jnp.int32))
-    hidden_bd, cache = _forward(model, weights, prompt_ids_bp, prompt_mask_bp, cache, kv_sharding)
-    logits_bv = _logits(model, weights, hidden_bd)
+    hidden_bd, cache = _forward(config, weights, prompt_ids_bp, prompt_mask_bp, cache, kv_sharding, row_sharding)
+    logits_vb = _logits_vb(config, weights, hidden_bd)
     if num_samples > 1:
         with jax.named_scope("repeat_samples"):
             rep = lambda x: _constrain(jnp.repeat(x, num_samples, axis=0), kv_sharding)  # noqa: E731
             cache = _Cache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
                            key_mask=jnp.repeat(cache.key_mask, num_samples, axis=0), index=cache.index,
                            next_position=jnp.repeat(cache.next_position, num_samples, axis=0))
-            logits_bv = jnp.repeat(logits_bv, num_samples, axis=0)
+            logits_vb = jnp.repeat(logits_vb, num_samples, axis=1)
     cache = cache._replace(key_mask=_constrain(cache.key_mask, row_sharding),
                            next_position=_constrain(cache.next_position, row_sharding))
-    return cache, _constrain(logits_bv, row_sharding)
+    return cache, logits_vb
 
 
-def _decode(weights, cache, logits_bv, row_active_b, sample_index_b, seed, temperature, top_p, top_k, stop_ids,
+def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, temperature, top_p, top_k, stop_ids,
             *, config, max_new_tokens, pad_id, kv_sharding, row_sharding):
     """Sample the first token from the prefill logits, then loop: forward one token, sample the next.
 
@@ -230,14 +282,13 @@ def _decode(weights, cache, logits_bv, row_active_b, sample_index_b, seed, tempe
     keep running (static shapes) but write nothing. Returns (tokens [B, M], logprobs [B, M], lengths [B],
     finished [B]) and the final cache, which aliases the donated input cache so the loop updates it in place.
     """
-    model = _model(config)
-    B, M = logits_bv.shape[0], max_new_tokens
+    B, M = logits_vb.shape[1], max_new_tokens
     base_key = jax.random.key(seed)
     row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(base_key, sample_index_b)
 
     def sample(logits, step):
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys_b, step)
-        return sample_logits(logits, keys, temperature, top_p, top_k)
+        return _sample_vb(logits, keys, temperature, top_p, top_k)
 
     def record(state, step, tok_b, logprob_b):
         tokens, logprobs, lengths, finished, done = state
@@ -250,7 +301,7 @@ def _decode(weights, cache, logits_bv, row_active_b, sample_index_b, seed, tempe
     out0 = (jnp.full((B, M), pad_id, jnp.int32), jnp.zeros((B, M), jnp.float32), jnp.zeros((B,), jnp.int32),
             jnp.zeros((B,), bool), ~row_active_b)
     out0 = jax.tree.map(lambda x: _constrain(x, row_sharding), out0)
-    tok_b, logprob_b = sample(logits_bv, 0)
+    tok_b, logprob_b = sample(logits_vb, 0)
     out0 = record(out0, 0, tok_b, logprob_b)
 
     def cond(carry):
@@ -259,8 +310,9 @@ def _decode(weights, cache, logits_bv, row_active_b, sample_index_b, seed, tempe
 
     def body(carry):
         step, cache, tok_b, out = carry
-        hidden_bd, cache = _forward(model, weights, tok_b[:, None], jnp.ones((B, 1), bool), cache, kv_sharding)
-        tok_b, logprob_b = sample(_logits(model, weights, hidden_bd), step)
+        hidden_bd, cache = _forward(config, weights, tok_b[:, None], jnp.ones((B, 1), bool), cache, kv_sharding,
+                                    row_sharding)
+        tok_b, logprob_b = sample(_logits_vb(config, weights, hidden_bd), step)
         return step + 1, cache, tok_b, record(out, step, tok_b, logprob_b)
 
     _, cache, _, (tokens, logprobs, lengths, finished, _) = jax.lax.while_loop(
@@ -298,8 +350,8 @@ class Sampler:
         self._kv_sharding = self._row_sharding = None
         if mesh is not None:
             c = self.config
-            kv_spec = parallel.logical_to_spec(("batch", None, "kv_heads", "head_dim"), rules, mesh,
-                                               (parallel.batch_size_multiple(mesh), 1, c.num_kv_heads, c.head_dim))
+            kv_spec = parallel.logical_to_spec(("batch", "kv_heads", None, "head_dim"), rules, mesh,
+                                               (parallel.batch_size_multiple(mesh), c.num_kv_heads, 1, c.head_dim))
             self._kv_sharding = NamedSharding(mesh, kv_spec)
             self._row_sharding = parallel.batch_sharding(mesh, 1)
         self.set_params(params)
@@ -317,7 +369,7 @@ class Sampler:
         the stop tokens, is compiled in: only the batch size, the prompt bucket, max_new_tokens and
         num_samples select a program.
         """
-        _check_request(prompts, max_new_tokens, temperature, top_p, top_k, num_samples, self.config.vocab_size)
+        _check_request(prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
         n = num_samples
         multiple = 1 if self.mesh is None else parallel.batch_size_multiple(self.mesh)
         B = len(prompts)
@@ -328,6 +380,11 @@ class Sampler:
         for i, prompt in enumerate(prompts):
             ids[i, bucket - len(prompt):] = prompt
             mask[i, bucket - len(prompt):] = True
+        outside = (ids < 0) | (ids >= self.config.vocab_size)
+        if outside.any():
+            row = int(np.nonzero(outside.any(axis=1))[0][0])
+            raise ValueError(f"prompt {row} has token id {ids[row][outside[row]][0]} outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
         row_active = np.arange(Bp * n) < B * n
         stops = np.full(max(1, -(-len(stop_token_ids) // _STOP_SLOTS)) * _STOP_SLOTS, -1, np.int32)
         stops[:len(stop_token_ids)] = stop_token_ids
@@ -354,21 +411,22 @@ class Sampler:
 
 
 def generate(model: Qwen3 | tuple[nnx.GraphDef, nnx.State], prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, mesh: Mesh | None = None, **kwargs) -> SampleOutput:
-    """`Sampler(model, mesh=mesh).generate(prompts, ...)`: lays the weights out anew on every call; for
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             stop_token_ids: Sequence[int] = (), num_samples: int = 1, pad_id: int = 0,
+             mesh: Mesh | None = None) -> SampleOutput:
+    """`Sampler(model, mesh=mesh).generate(prompts, ...)`. This lays the weights out anew on every call; for
     repeated sampling keep one `Sampler` (the compiled programs are shared either way)."""
-    return Sampler(model, mesh=mesh).generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+    return Sampler(model, mesh=mesh).generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop_token_ids=stop_token_ids, num_samples=num_samples, pad_id=pad_id)
 
 
-def _check_request(prompts, max_new_tokens, temperature, top_p, top_k, num_samples, vocab_size):
+def _check_request(prompts, max_new_tokens, temperature, top_p, top_k, num_samples):
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"prompt(s) {empty[:5]} are empty; every prompt needs at least one token")
-    bad = [(i, t) for i, p in enumerate(prompts) for t in p if not 0 <= int(t) < vocab_size]
-    if bad:
-        raise ValueError(f"prompt {bad[0][0]} has token id {bad[0][1]} outside the vocabulary [0, {vocab_size})")
     if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
