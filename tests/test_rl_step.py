@@ -139,7 +139,8 @@ def test_optimizer_is_adamw_with_warmup_and_clipping():
     config = RLConfig(learning_rate=0.1, b1=0.5, b2=0.9, weight_decay=0.3, warmup_steps=4, max_grad_norm=0.5)
     schedule = rl_step.learning_rate_schedule(config)
     np.testing.assert_allclose([schedule(n) for n in range(6)], [0.025, 0.05, 0.075, 0.1, 0.1, 0.1], rtol=1e-6)
-    assert float(rl_step.learning_rate_schedule(RLConfig(learning_rate=0.2, warmup_steps=0))(7)) == pytest.approx(0.2)
+    constant = rl_step.learning_rate_schedule(RLConfig(learning_rate=0.2, warmup_steps=0))
+    assert float(constant(0)) == float(constant(7)) == pytest.approx(0.2)
     reference = optax.chain(optax.clip_by_global_norm(0.5),
                             optax.adamw(lambda n: 0.1 * jnp.minimum(1.0, (n + 1) / 4), b1=0.5, b2=0.9,
                                         weight_decay=0.3))
@@ -410,11 +411,13 @@ def test_fst_step_drops_zero_variance_groups(tiny):
     state = TrainState.create((graphdef, params), SCRIPTED)
     kwargs = dict(tokenizer=TOKENIZER, base_params=None, config=SCRIPTED, generate=generate)
     batch = [{"question": "same"}, {"question": "mixed"}, {"question": "same again"}]
-    state, metrics = fst_step(state, ["p"], batch, reward_fn=lambda problem, text: float("a" in text), **kwargs)
+    population = ["Answer with b."]  # the same prompt length as above: the same length bucket, the same program
+    state, metrics = fst_step(state, population, batch, reward_fn=lambda problem, text: float("a" in text),
+                              **kwargs)
     assert metrics["groups_kept_fraction"] == pytest.approx(1 / 3) and metrics["num_rows"] == 6
     assert metrics["skipped"] == 0 and metrics["step"] == 1
     # no group with signal: nothing to learn, nothing applied, but the rollouts are counted
-    state, metrics = fst_step(state, ["p"], batch, reward_fn=lambda problem, text: 1.0, **kwargs)
+    state, metrics = fst_step(state, population, batch, reward_fn=lambda problem, text: 1.0, **kwargs)
     assert metrics["groups_kept_fraction"] == 0 and metrics["skipped"] == 1 and metrics["num_tokens"] == 0
     assert metrics["step"] == 1 and metrics["num_rollouts"] == 36
 
@@ -446,12 +449,13 @@ def test_fst_step_bad_inputs(tiny):
 
 
 def test_fst_step_learns_a_rewarded_character(tiny):
-    """A tiny random model learns to write vowels: reward = fraction of vowels in the response."""
+    """A tiny random model learns to write vowels (reward = fraction of vowels in the response), with the real
+    sampler, on 8 devices (FSDP × tensor parallel), micro-batched: the whole coupled step as a run uses it."""
     graphdef, params, _ = tiny
-    base = jax.tree.map(jnp.copy, params)
+    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
     config = RLConfig(learning_rate=5e-3, warmup_steps=0, rollouts_per_problem=8, max_new_tokens=8,
                       kl_coef=1e-3, micro_batch_size=16)
-    state = TrainState.create((graphdef, params), config, seed=0)
+    state, base = _fresh_state(graphdef, params, config, mesh)  # base: the sharded initial params
     vowels = lambda problem, text: sum(c in "aeiou" for c in text) / max(len(text), 1)
     batch = [{"question": q} for q in ("abc", "hello", "xyz", "qq")]
     rewards, kls = [], []
@@ -465,6 +469,8 @@ def test_fst_step_learns_a_rewarded_character(tiny):
             assert metrics["importance_weight_max"] == pytest.approx(1.0, abs=1e-3)
     print("reward per step:", " ".join(f"{r:.3f}" for r in rewards))
     print("KL to base per step:", " ".join(f"{k:.4f}" for k in kls))
-    assert kls[0] == pytest.approx(0.0, abs=1e-9) and kls[-1] > 0.05 and np.mean(kls[-5:]) > np.mean(kls[5:10])
+    assert kls[0] == pytest.approx(0.0, abs=1e-9) and np.mean(kls[-5:]) > max(0.05, 3 * np.mean(kls[5:10]))
     assert np.mean(rewards[-5:]) > 0.3 and np.mean(rewards[-5:]) > 4 * np.mean(rewards[:5])
     assert metrics["num_rollouts"] == 30 * 4 * 8 and metrics["step"] == 30
+    for leaf, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(base)):
+        assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)

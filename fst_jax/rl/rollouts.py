@@ -1,4 +1,5 @@
-"""Rollout batches for the RL update: prompt + response token ids packed into fixed-shape [B, T] arrays.
+"""Rollouts on the host: prompts rendered per (problem, prompt of the population), completions scored, and
+prompt + response token ids packed into the fixed-shape [B, T] arrays the RL update takes.
 
 Every per-token array is aligned with `input_ids`: position t describes token t. A row is
 
@@ -18,7 +19,8 @@ shape does not depend on how many groups were dropped and whole padding micro-ba
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import chex
 import flax.struct
@@ -26,7 +28,60 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Rollouts", "build_rollouts", "length_bucket", "pad_rows"]
+__all__ = ["Rollouts", "build_rollouts", "length_bucket", "pad_rows", "question_field", "render_prompts",
+           "score_completions"]
+
+
+def question_field(problem: Mapping[str, Any]) -> str:
+    """The user turn of a problem: its canonical "question" field (fst_jax.tasks' problem schema)."""
+    try:
+        return problem["question"]
+    except (KeyError, TypeError):
+        keys = sorted(problem) if isinstance(problem, Mapping) else type(problem).__name__
+        raise ValueError(f"a problem has no 'question' field (keys: {keys}); pass user_message=... (e.g. a "
+                         "task's format_problem) to say what the user turn is") from None
+
+
+def render_prompts(tokenizer, population: Sequence[str], batch: Sequence[Mapping[str, Any]], *,
+                   user_message: Callable[[Mapping[str, Any]], str] = question_field,
+                   enable_thinking: bool | None = None) -> list[list[int]]:
+    """Token ids of the chat [system = prompt, user = user_message(problem)] under the tokenizer's template,
+    with the assistant turn opened; problem-major, then population order (entry i·K + k)."""
+    from fst_jax.models.hf import render_chat
+
+    prompt_ids = []
+    for problem in batch:
+        text = user_message(problem)
+        for system in population:
+            prompt_ids.append(render_chat(tokenizer, [{"role": "system", "content": system},
+                                                      {"role": "user", "content": text}],
+                                          enable_thinking=enable_thinking))
+    return prompt_ids
+
+
+def score_completions(tokenizer, batch: Sequence[Mapping[str, Any]], completions: Sequence[Sequence[int]],
+                      reward_fn: Callable[[Mapping[str, Any], str], Any], *, per_prompt: int) -> np.ndarray:
+    """Rewards [P, G] of completions laid out problem-major (row i·G + j is problem i's rollout j, drawn with
+    prompt j // per_prompt), each decoded without special tokens and scored by `reward_fn(problem, text)`:
+    a float or anything with a float `.reward` (a task's `Score`). A non-number or NaN/inf reward is a
+    ValueError naming the problem."""
+    group = len(completions) // len(batch)
+    rewards_pg = np.zeros((len(batch), group), np.float64)
+    for i, problem in enumerate(batch):
+        for j in range(group):
+            text = tokenizer.decode(completions[i * group + j], skip_special_tokens=True)
+            reward = reward_fn(problem, text)
+            reward = getattr(reward, "reward", reward)
+            try:
+                reward = float(reward)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward_fn returned {reward!r} for problem {i} (rollout {j}); "
+                                 "it must return a float") from None
+            if not math.isfinite(reward):
+                raise ValueError(f"reward_fn returned {reward} for problem {i} (rollout {j}, prompt "
+                                 f"{j // per_prompt} of the population); rewards must be finite numbers")
+            rewards_pg[i, j] = reward
+    return rewards_pg
 
 
 @flax.struct.dataclass

@@ -33,7 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fst_jax import parallel
 from fst_jax.rl import losses
-from fst_jax.rl.rollouts import Rollouts, build_rollouts, pad_rows
+from fst_jax.rl.rollouts import (Rollouts, build_rollouts, pad_rows, question_field, render_prompts,
+                                 score_completions)
 
 __all__ = ["RLConfig", "TrainState", "make_optimizer", "learning_rate_schedule", "compute_gradients", "update",
            "fst_step", "sampler_generate"]
@@ -201,8 +202,9 @@ def _state_initializer(config: RLConfig, treedef, abstract_leaves: tuple[jax.Sha
 def _program_config(config: RLConfig) -> RLConfig:
     """`config` with the sampling-only fields at their defaults: they do not change the update's program, so
     they must not split the jit cache."""
+    defaults = RLConfig()
     sampling_only = ("rollouts_per_problem", "max_new_tokens", "enable_thinking")
-    return dataclasses.replace(config, **{name: RLConfig.__dataclass_fields__[name].default for name in sampling_only})
+    return dataclasses.replace(config, **{name: getattr(defaults, name) for name in sampling_only})
 
 
 def _replicated_like(params):
@@ -359,7 +361,8 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
 
     Metrics: loss, policy_loss, kl (to the base), entropy (token mean), importance_weight_mean/_max,
     truncated_fraction (CISPO: ρ > τ) or clip_fraction/_low/_high (PPO), grad_norm (before clipping),
-    learning_rate (of this update), num_tokens, num_rows, skipped, nonfinite.
+    learning_rate (of this update), num_tokens, num_rows, skipped, nonfinite. Token statistics are over the
+    loss tokens (response tokens of kept groups) and read 0 when there are none.
     """
     config = RLConfig.from_config(config)
     if base_params is None and config.kl_coef > 0:
@@ -384,7 +387,6 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
         return _update_jit(state, base_params, rollouts, config)
 
 
-
 def _shares_buffers(a, b) -> bool:
     ids = {id(x) for x in jax.tree.leaves(a)}
     return any(id(x) in ids for x in jax.tree.leaves(b))
@@ -401,15 +403,6 @@ def sampler_generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequenc
     return Sampler((graphdef, params), mesh=_mesh_of(params)).generate(prompts, **kwargs)
 
 
-def _question(problem: Mapping[str, Any]) -> str:
-    try:
-        return problem["question"]
-    except (KeyError, TypeError):
-        raise ValueError(f"fst_step: a problem has no 'question' field (keys: "
-                         f"{sorted(problem) if isinstance(problem, Mapping) else type(problem).__name__}); "
-                         "pass user_message=... to say which field is the user turn") from None
-
-
 def fst_step(
     state: TrainState,
     prompt_population: Sequence[str],
@@ -420,7 +413,7 @@ def fst_step(
     base_params,
     config: RLConfig | Mapping[str, Any],
     generate: Callable[..., Any] = sampler_generate,
-    user_message: Callable[[Mapping[str, Any]], str] = _question,
+    user_message: Callable[[Mapping[str, Any]], str] = question_field,
     stop_token_ids: Sequence[int] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One coupled FST step: sample with the population, score, and update the weights (DESIGN.md §2).
@@ -443,12 +436,10 @@ def fst_step(
     (so far), step, and every `update` metric (KL to base, entropy, importance weights, grad_norm,
     learning_rate, skipped, ...).
     """
-    from fst_jax.models.hf import render_chat
-
     config = RLConfig.from_config(config)
-    if isinstance(prompt_population, str):
+    population = list(prompt_population) if not isinstance(prompt_population, str) else None
+    if population is None:
         raise ValueError("prompt_population must be a list of prompts, not one string; wrap it: [prompt]")
-    population = list(prompt_population)
     if not population:
         raise ValueError("fst_step: the prompt population is empty; the RL-only baseline is a population of one")
     group = config.rollouts_per_problem
@@ -457,45 +448,22 @@ def fst_step(
                          f"rollouts_per_problem G = {group}; each prompt gets G/K rollouts of every problem")
     if len(batch) == 0:
         raise ValueError("fst_step: the batch of problems is empty")
-    per_prompt = group // len(population)
+    per_prompt, num_problems = group // len(population), len(batch)
 
-    prompt_ids = []
-    for problem in batch:
-        text = user_message(problem)
-        for system in population:
-            prompt_ids.append(render_chat(tokenizer, [{"role": "system", "content": system},
-                                                      {"role": "user", "content": text}],
-                                          enable_thinking=config.enable_thinking))
+    prompt_ids = render_prompts(tokenizer, population, batch, user_message=user_message,
+                                enable_thinking=config.enable_thinking)
     if stop_token_ids is None:
         stop_token_ids = [t for t in (tokenizer.eos_token_id,) if t is not None]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     rng, sample_key = jax.random.split(state.rng)
     seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
     samples = generate(state.graphdef, state.params, prompt_ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, seed=seed, stop_token_ids=list(stop_token_ids),
                        num_samples=per_prompt, pad_id=pad_id)
-    num_problems = len(batch)
     if len(samples.tokens) != num_problems * group:
         raise ValueError(f"generate returned {len(samples.tokens)} completions for {num_problems} problems × "
                          f"{group} rollouts")
-
-    # Prompt-major order: row i·G + k·(G/K) + s is problem i, prompt k, sample s.
-    rewards_pg = np.zeros((num_problems, group), np.float64)
-    for i, problem in enumerate(batch):
-        for j in range(group):
-            completion = tokenizer.decode(samples.tokens[i * group + j], skip_special_tokens=True)
-            reward = reward_fn(problem, completion)
-            reward = getattr(reward, "reward", reward)  # a task's `Score` works as well as a float
-            try:
-                reward = float(reward)
-            except (TypeError, ValueError):
-                raise ValueError(f"reward_fn returned {reward!r} for problem {i} (rollout {j}); "
-                                 "it must return a float") from None
-            if not math.isfinite(reward):
-                raise ValueError(f"reward_fn returned {reward} for problem {i} (rollout {j}, prompt "
-                                 f"{j // per_prompt} of the population); rewards must be finite numbers")
-            rewards_pg[i, j] = reward
+    rewards_pg = score_completions(tokenizer, batch, samples.tokens, reward_fn, per_prompt=per_prompt)
     advantages_pg, valid_p = losses.group_advantages(jnp.asarray(rewards_pg, jnp.float32))
     advantages_pg, valid_p = np.asarray(advantages_pg), np.asarray(valid_p)
 
