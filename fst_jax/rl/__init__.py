@@ -13,7 +13,15 @@ from fst_jax.rl.losses import (
     token_logprobs,
     token_logprobs_from_logits,
 )
-from fst_jax.rl.rollouts import Rollouts, build_rollouts, length_bucket, pad_rows
+from fst_jax.rl.rollouts import (
+    Rollouts,
+    build_rollouts,
+    length_bucket,
+    pad_rows,
+    question_field,
+    render_prompts,
+    score_completions,
+)
 from fst_jax.rl.step import (
     RLConfig,
     TrainState,
@@ -47,6 +55,9 @@ __all__ = [
     "length_bucket",
     "make_optimizer",
     "pad_rows",
+    "question_field",
+    "render_prompts",
     "sampler_generate",
+    "score_completions",
     "update",
 ]
