@@ -355,7 +355,9 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
 
     The jitted core donates `state` (its buffers are reused: do not touch the old state afterwards) and is
     compiled once per (config, rollout shape, graphdef). Rollouts are padded with empty rows to a multiple of
-    micro_batch_size × the mesh's batch size and placed with `parallel.shard_batch` on the params' mesh.
+    micro_batch_size × the mesh's batch size and placed with `parallel.shard_batch` on the params' mesh (the
+    mesh of their NamedShardings; `base_params` must be laid out the same way, e.g. both by
+    `parallel.param_shardings(..., TRAIN_RULES)`).
     A NaN/inf loss or gradient is never applied: the state is returned unchanged (step not advanced) and
     `metrics["skipped"]` and `metrics["nonfinite"]` are 1.
 
