@@ -45,7 +45,10 @@ from fst_jax.models.qwen3 import Qwen3  # noqa: E402
 from fst_jax.tasks import synthetic as syn  # noqa: E402
 
 SHORT_T, LONG_T = 80, 416          # token buckets: rule/skill examples, reflection examples
-SHORT_B, LONG_B = 12, 8            # rows per step in each bucket (small batches: more updates per token)
+# Rows per step in each bucket. Phase A (the first `--phase-a` of the time) teaches rule following and the
+# general skills on short examples only; phase B adds reflection, which is slow to learn and needs rules known.
+PHASE_A = {"short": 48, "long": 0}
+PHASE_B = {"short": 16, "long": 8}
 
 
 def model_config(vocab_size: int) -> Qwen3Config:
@@ -156,19 +159,21 @@ def _rows(examples, T):
     return ids, mask, loss
 
 
-def make_batch(seed: int, step: int, r: Renderer):
+def make_batch(seed: int, step: int, r: Renderer, phase_b: bool = True):
+    """Step `step`'s batch: ((ids, mask, loss weights) of the short bucket[, and of the long bucket])."""
     rng = random.Random(f"{seed}|{step}")
     kinds, weights = zip(*SHORT_MIX)
+    sizes = PHASE_B if phase_b else PHASE_A
     short, long_ = [], []
-    while len(short) < SHORT_B:
+    while len(short) < sizes["short"]:
         ex = make_example(rng, rng.choices(kinds, weights)[0], r)
         if len(ex[0]) + len(ex[1]) <= SHORT_T:
             short.append(ex)
-    while len(long_) < LONG_B:
+    while len(long_) < sizes["long"]:
         ex = make_example(rng, "reflection", r)
         if len(ex[0]) + len(ex[1]) <= LONG_T:
             long_.append(ex)
-    return _rows(short, SHORT_T), _rows(long_, LONG_T)
+    return (_rows(short, SHORT_T),) + ((_rows(long_, LONG_T),) if long_ else ())
 
 
 # ---- training -----------------------------------------------------------------------------------------------
@@ -189,7 +194,8 @@ def train(args):
     os.makedirs(args.workdir, exist_ok=True)
     ckpt_path = os.path.join(args.workdir, "ckpt.pkl")
 
-    sched = {"cooldown_start": args.cooldown_start or 10**9, "total": args.steps or 10**9}
+    sched = {"cooldown_start": args.cooldown_start or 10**9, "total": args.steps or 10**9,
+             "phase_b": args.phase_b_step or 10**9}
     # AdamW with the learning rate applied in step_fn: the schedule's end is only known once the time
     # budget is 80% spent, so it is a traced argument rather than baked into the optimizer.
     tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -203,6 +209,8 @@ def train(args):
         params = jax.tree.unflatten(jax.tree.structure(params), ck["params"])
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), ck["opt_state"])
         step, elapsed, losses, sched = ck["step"], ck["elapsed"], ck["losses"], ck["sched"]
+        if args.steps:
+            sched.update(total=args.steps, cooldown_start=args.cooldown_start, phase_b=args.phase_b_step)
         print(f"resumed at step {step} ({elapsed / 60:.1f} min done)", flush=True)
 
     def loss_fn(p, batch):
@@ -229,7 +237,7 @@ def train(args):
     def produce(start):
         s = start
         while not stop.is_set():
-            q.put((s, make_batch(args.seed, s, r)))
+            q.put((s, make_batch(args.seed, s, r, phase_b=s >= sched["phase_b"])))
             s += 1
 
     threading.Thread(target=produce, args=(step,), daemon=True).start()
@@ -246,17 +254,21 @@ def train(args):
         save_pretrained(nnx.merge(graphdef, params), os.path.join(args.workdir, "latest"), tokenizer=tokenizer)
 
     while step < sched["total"]:
-        s, (short, long_) = q.get()
+        s, parts = q.get()
         assert s == step
-        batch = (tuple(map(jnp.asarray, short)), tuple(map(jnp.asarray, long_)))
+        batch = tuple(tuple(map(jnp.asarray, part)) for part in parts)
         params, opt_state, loss, lr = step_fn(params, opt_state, batch, step,
                                               jnp.array([sched["cooldown_start"], sched["total"]], jnp.float32))
         step += 1
         window.append(float(loss))
         now = time.time()
+        if not args.steps and sched["phase_b"] >= 10**9 and now - t_start >= args.phase_a * budget:
+            # a few steps ahead: the producer thread has already made the next batches (queue size 6)
+            sched["phase_b"] = step + 10
+            print(f"phase B (reflection) from step {sched['phase_b']}", flush=True)
         if not args.steps and sched["total"] >= 10**9 and now - t_start >= 0.8 * budget:
-            rate = step / (now - t_start)
-            sched = {"cooldown_start": step, "total": int(step + rate * 0.2 * budget)}
+            rate = (step - sched["phase_b"]) / (now - t_start - args.phase_a * budget)
+            sched.update(cooldown_start=step, total=int(step + rate * 0.2 * budget))
             print(f"cool-down from step {step} to {sched['total']}", flush=True)
         if step % args.log_every == 0:
             losses.append((step, float(np.mean(window))))
@@ -271,9 +283,10 @@ def train(args):
     wall = time.time() - t_start
     model = nnx.merge(graphdef, params)
     save_pretrained(model, args.out, tokenizer=tokenizer)
-    info = {"seed": args.seed, "steps": step, "cooldown_start": sched["cooldown_start"], "lr": args.lr,
+    info = {"seed": args.seed, "steps": step, "cooldown_start": sched["cooldown_start"],
+            "phase_b_step": sched["phase_b"], "lr": args.lr,
             "warmup": args.warmup, "wall_minutes": round(wall / 60, 1), "num_params": config.num_params(),
-            "buckets": {"short": [SHORT_B, SHORT_T], "long": [LONG_B, LONG_T]},
+            "rows": {"phase_a": PHASE_A, "phase_b": PHASE_B}, "buckets": [SHORT_T, LONG_T],
             "final_loss": losses[-1][1] if losses else None}
     with open(os.path.join(args.out, "make_tiny_model.json"), "w") as f:
         json.dump(info, f, indent=2)
@@ -315,27 +328,17 @@ class TinyLM:
                            for r, s in zip(rules, inputs)], **kw)
 
 
-def _solves(lm: TinyLM, proposal: str | None, rule: str, inputs) -> int:
-    if not proposal:
-        return 0
-    outs = lm.follow([proposal] * len(inputs), inputs)
-    return sum(o.strip() == syn.apply_rule(rule, s) for o, s in zip(outs, inputs))
-
-
 def eval_reflection(lm: TinyLM, rules, rng: random.Random, best_of: int) -> dict:
-    """From the seed prompt and three of the model's own failures under it, propose a rule; success = the
-    proposal, followed by the model, solves >= 2 of 3 fresh inputs. Best-of-N picks the sampled proposal that
-    solves most of the three record inputs."""
+    """From the seed prompt and three of the model's own rollouts under it (sampled, T=1), propose a rule.
+    Success: the proposal, followed greedily by the model, solves >= 2 of 3 fresh inputs. Best-of-N picks, of
+    N sampled proposals, the one that solves most of the three record inputs (what GEPA's acceptance sees)."""
     proposer = Proposer(template=syn.TINY_REFLECTION_TEMPLATE)
-    cases = []
-    for rule in rules:
-        task = syn.SyntheticRuleTask(rule=rule)
-        inputs = [syn.random_input(rng) for _ in range(3)]
-        fresh = [syn.random_input(rng) for _ in range(3)]
-        cases.append((rule, task, inputs, fresh))
-    outs = lm.follow([syn.SEED_PROMPT] * 3 * len(cases), [s for c in cases for s in c[2]], temperature=1.0)
+    cases = [(rule, [syn.random_input(rng) for _ in range(3)], [syn.random_input(rng) for _ in range(3)])
+             for rule in rules]
+    outs = lm.follow([syn.SEED_PROMPT] * 3 * len(cases), [s for c in cases for s in c[1]], temperature=1.0)
     prompts = []
-    for j, (rule, task, inputs, fresh) in enumerate(cases):
+    for j, (rule, inputs, _) in enumerate(cases):
+        task = syn.SyntheticRuleTask(rule=rule)
         records = []
         for s, o in zip(inputs, outs[3 * j:3 * j + 3]):
             problem = {"input": s, "answer": syn.apply_rule(rule, s)}
@@ -345,76 +348,102 @@ def eval_reflection(lm: TinyLM, rules, rng: random.Random, best_of: int) -> dict
     greedy = [extract_fenced(t) for t in lm.chats(prompts, max_new_tokens=48)]
     sampled = [extract_fenced(t) for t in lm.chats(prompts, temperature=1.0, max_new_tokens=48,
                                                     num_samples=best_of)]
-    g_ok = b_ok = any_ok = exact = valid = 0
+    cands = [list(dict.fromkeys(p for p in sampled[j * best_of:(j + 1) * best_of] if p)) for j in range(len(cases))]
+    # every (proposal, input) pair to follow, in one batched call
+    jobs = []
+    for j, (rule, inputs, fresh) in enumerate(cases):
+        if greedy[j]:
+            jobs += [(j, greedy[j], s) for s in fresh]
+        for p in cands[j]:
+            jobs += [(j, p, s) for s in inputs + fresh]
+    followed = lm.follow([p for _, p, _ in jobs], [s for _, _, s in jobs]) if jobs else []
+    right = {}
+    for (j, p, s), o in zip(jobs, followed):
+        right[(j, p, s)] = o.strip() == syn.apply_rule(cases[j][0], s)
+
+    def solved(j, p, inputs):
+        return sum(right.get((j, p, s), False) for s in inputs) if p else 0
+
+    g_ok = b_ok = any_ok = same = valid = 0
     examples = []
-    for j, (rule, task, inputs, fresh) in enumerate(cases):
-        g_ok += _solves(lm, greedy[j], rule, fresh) >= 2
-        exact += greedy[j] is not None and syn.parse_rule(greedy[j]) is not None and \
-            syn.rule_function_key(greedy[j]) == syn.rule_function_key(rule)
-        valid += greedy[j] is not None and syn.parse_rule(greedy[j]) is not None
-        cands = list(dict.fromkeys(p for p in sampled[j * best_of:(j + 1) * best_of] if p))
-        on_records = [_solves(lm, p, rule, inputs) for p in cands]
-        if cands:
-            best = cands[int(np.argmax(on_records))]
-            b_ok += _solves(lm, best, rule, fresh) >= 2
-            any_ok += any(_solves(lm, p, rule, fresh) >= 2 for p in cands)
-        if len(examples) < 5:
-            examples.append({"rule": rule, "greedy": greedy[j]})
+    for j, (rule, inputs, fresh) in enumerate(cases):
+        g = greedy[j]
+        g_ok += solved(j, g, fresh) >= 2
+        is_rule = g is not None and syn.parse_rule(g) is not None
+        valid += is_rule
+        same += is_rule and syn.rule_function_key(g) == syn.rule_function_key(rule)
+        if cands[j]:
+            best = max(cands[j], key=lambda p: solved(j, p, inputs))
+            b_ok += solved(j, best, fresh) >= 2
+            any_ok += any(solved(j, p, fresh) >= 2 for p in cands[j])
+        if len(examples) < 6:
+            examples.append({"rule": rule, "greedy": g})
     n = len(cases)
-    return {"n": n, "greedy_success": g_ok / n, "greedy_same_function": exact / n, "greedy_valid_rule": valid / n,
+    return {"n": n, "greedy_success": g_ok / n, "greedy_same_function": same / n, "greedy_valid_rule": valid / n,
             f"best_of_{best_of}_success": b_ok / n, f"any_of_{best_of}_success": any_ok / n, "examples": examples}
 
 
 def evaluate(args) -> dict:
+    """The base-model numbers: rule following with the rule given, general skills, the RL tasks under the seed
+    prompt (exact match and dense reward at T=1), and reflection (see `eval_reflection`)."""
     t0 = time.time()
     lm = TinyLM(args.out)
     rng = random.Random(f"eval|{args.seed}")
     n = args.eval_size
-    report: dict = {}
-
-    def follow_acc(rules):
-        inputs = [syn.random_input(rng) for _ in rules]
-        outs = lm.follow(rules, inputs)
-        return float(np.mean([o.strip() == syn.apply_rule(r, s) for r, s, o in zip(rules, inputs, outs)]))
+    report: dict = {"model": args.out}
 
     singles = [r for r in syn.TRAIN_RULES if syn.THEN not in r]
     composed = [r for r in syn.TRAIN_RULES if syn.THEN in r]
-    report["follow_in_family_single"] = follow_acc([rng.choice(singles) for _ in range(n)])
-    report["follow_in_family_composed"] = follow_acc([rng.choice(composed) for _ in range(n)])
-    report["follow_rl_in_family"] = {r: follow_acc([r] * 20) for r in syn.IN_FAMILY_RL_RULES}
-    report["follow_held_out"] = {r: follow_acc([r] * 20) for r in syn.HELD_OUT_RULES}
-    print(json.dumps(report, indent=1), flush=True)
+    groups = {"in_family_single": [rng.choice(singles) for _ in range(n)],
+              "in_family_composed": [rng.choice(composed) for _ in range(2 * n)]}
+    groups.update({f"rl_in_family/{r}": [r] * 20 for r in syn.IN_FAMILY_RL_RULES})
+    groups.update({f"held_out/{r}": [r] * 20 for r in syn.HELD_OUT_RULES})
+    rules = [r for g in groups.values() for r in g]
+    inputs = [syn.random_input(rng) for _ in rules]
+    outs = iter(lm.follow(rules, inputs))
+    follow = {}
+    for name, group in groups.items():
+        follow[name] = float(np.mean([next(outs).strip() == syn.apply_rule(r, s)
+                                      for r, s in zip(group, inputs[:len(group)])]))
+        inputs = inputs[len(group):]
+    report["follow_rule_given_greedy"] = follow
+    print(json.dumps({"follow": follow}, indent=1), flush=True)
 
-    skills = {}
+    skills, convs, probs = {}, [], []
     for skill in syn.SKILLS:
         task = syn.SkillTask(skill=skill)
-        probs = task.make_problems(40, seed=1)
-        outs = lm.chats([[{"role": "system", "content": syn.SEED_PROMPT},
-                          {"role": "user", "content": task.format_problem(p)}] for p in probs])
-        skills[skill] = float(np.mean([task.score(p, o).reward for p, o in zip(probs, outs)]))
-    report["skills_under_seed_prompt"] = skills
-    print(json.dumps({"skills": skills}), flush=True)
+        for p in task.make_problems(40, seed=1):
+            probs.append((task, p))
+            convs.append([{"role": "system", "content": syn.SEED_PROMPT},
+                          {"role": "user", "content": task.format_problem(p)}])
+    for (task, p), o in zip(probs, lm.chats(convs)):
+        skills.setdefault(task.skill, []).append(task.score(p, o).reward)
+    report["skills_under_seed_prompt_greedy"] = {k: float(np.mean(v)) for k, v in skills.items()}
+    print(json.dumps({"skills": report["skills_under_seed_prompt_greedy"]}), flush=True)
 
+    k = 8
+    tasks = [syn.SyntheticRuleTask(rule=r) for r in syn.IN_FAMILY_RL_RULES + syn.HELD_OUT_RULES]
+    probs = [(t, p) for t in tasks for p in t.make_problems(16, seed=1)]
+    outs = lm.follow([syn.SEED_PROMPT] * len(probs), [p["input"] for _, p in probs], temperature=1.0,
+                     num_samples=k)
     seed_prompt = {}
-    for rule in syn.IN_FAMILY_RL_RULES + syn.HELD_OUT_RULES:
-        task = syn.SyntheticRuleTask(rule=rule)
-        probs = task.make_problems(16, seed=1)
-        outs = lm.follow([syn.SEED_PROMPT] * len(probs), [p["input"] for p in probs], temperature=1.0,
-                         num_samples=8)
-        rewards = np.array([task.score(probs[i // 8], o).reward for i, o in enumerate(outs)]).reshape(16, 8)
-        seed_prompt[rule] = {"exact": float(np.mean(rewards == 1.0)), "dense_mean": float(rewards.mean()),
-                             "dense_std": float(rewards.std()),
-                             "within_group_std": float(rewards.std(axis=1).mean())}
+    for i, t in enumerate(tasks):
+        rewards = np.array([t.score(p, outs[(16 * i + j) * k + m]).reward
+                            for j, (_, p) in enumerate(probs[16 * i:16 * (i + 1)]) for m in range(k)]).reshape(16, k)
+        seed_prompt[t.rule] = {"exact": float(np.mean(rewards == 1.0)), "dense_mean": float(rewards.mean()),
+                               "dense_std": float(rewards.std()),
+                               "within_group_std": float(rewards.std(axis=1).mean())}
     report["rl_tasks_under_seed_prompt_T1"] = seed_prompt
-    print(json.dumps({"seed_prompt": seed_prompt}), flush=True)
+    print(json.dumps({"seed_prompt": seed_prompt}, indent=1), flush=True)
 
-    report["reflection_in_family"] = eval_reflection(lm, [rng.choice(syn.TRAIN_RULES) for _ in range(n)], rng,
-                                                     args.best_of)
-    print(json.dumps({"reflection_in_family": report["reflection_in_family"]}), flush=True)
-    report["reflection_rl_in_family"] = eval_reflection(lm, list(syn.IN_FAMILY_RL_RULES) * 3, rng, args.best_of)
+    report["reflection_in_family"] = eval_reflection(lm, [rng.choice(syn.TRAIN_RULES) for _ in range(2 * n)],
+                                                     rng, args.best_of)
+    print(json.dumps({"reflection_in_family": report["reflection_in_family"]}, indent=1), flush=True)
+    report["reflection_rl_in_family"] = eval_reflection(lm, list(syn.IN_FAMILY_RL_RULES) * 4, rng, args.best_of)
     report["reflection_held_out"] = eval_reflection(lm, list(syn.HELD_OUT_RULES) * 4, rng, args.best_of)
     report["eval_minutes"] = round((time.time() - t0) / 60, 1)
-    print(json.dumps(report, indent=1), flush=True)
+    print(json.dumps({k: report[k] for k in ("reflection_rl_in_family", "reflection_held_out", "eval_minutes")},
+                     indent=1), flush=True)
     if args.eval_json:
         with open(args.eval_json, "w") as f:
             json.dump(report, f, indent=1)
@@ -427,6 +456,8 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=50.0, help="wall-time budget (when --steps is not given)")
     ap.add_argument("--steps", type=int, default=0, help="exact number of steps (reproduces a run)")
     ap.add_argument("--cooldown-start", type=int, default=0, help="with --steps: step the cool-down starts")
+    ap.add_argument("--phase-b-step", type=int, default=0, help="with --steps: step reflection data starts")
+    ap.add_argument("--phase-a", type=float, default=0.35, help="fraction of --minutes without reflection data")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--out", default="assets/tiny-qwen3")
@@ -441,6 +472,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps and not args.cooldown_start:
         args.cooldown_start = int(0.8 * args.steps)
+    if args.steps and not args.phase_b_step:
+        args.phase_b_step = int(args.phase_a * args.steps)
     if args.eval_only:
         evaluate(args)
     else:

@@ -184,8 +184,10 @@ def test_batches_are_deterministic_and_mask_only_the_answer():
     renderer = maker.Renderer(make_char_tokenizer())
     (ids, mask, w), long_ = maker.make_batch(0, 5, renderer)
     (ids2, _, _), _ = maker.make_batch(0, 5, renderer)
-    assert (ids == ids2).all() and ids.shape == (maker.SHORT_B, maker.SHORT_T)
-    assert long_[0].shape == (maker.LONG_B, maker.LONG_T)
+    assert (ids == ids2).all() and ids.shape == (maker.PHASE_B["short"], maker.SHORT_T)
+    assert long_[0].shape == (maker.PHASE_B["long"], maker.LONG_T)
+    (short_only,) = maker.make_batch(0, 5, renderer, phase_b=False)
+    assert short_only[0].shape == (maker.PHASE_A["short"], maker.SHORT_T)
     tok = renderer.tok
     for row in range(ids.shape[0]):
         n = int(mask[row].sum())
