@@ -358,6 +358,7 @@ class Sampler:
 
     def set_params(self, params: nnx.State) -> None:
         """Replace the weights (e.g. after an RL update; any layout) with a copy in the sampling layout."""
+        self.weights = None  # drop the old copy first: at most one sampling copy is alive at a time
         self.weights = sampling_weights(params, self.config, self.mesh, self.rules)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,

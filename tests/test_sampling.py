@@ -236,6 +236,18 @@ def test_num_samples_are_prompt_major_copies_of_one_prefill(samplers, greedy):
     assert all(sampled.tokens[2 * i] != sampled.tokens[2 * i + 1] for i in range(len(prompts)))
 
 
+def test_set_params_replaces_the_weights(hf_checkpoints, greedy):
+    graphdef, params = _split(hf_checkpoints["tied"][0])
+    sampler = Sampler((graphdef, params))
+    prompts = _prompts(sampler.config.vocab_size, BATCH, seed=1)
+    sampler.set_params(jax.tree.map(jnp.zeros_like, params))  # every logit 0: greedy picks token 0
+    out = sampler.generate(prompts, max_new_tokens=NEW)
+    assert out.tokens == [[0] * NEW] * len(prompts)
+    np.testing.assert_allclose(np.concatenate(out.logprobs), -np.log(sampler.config.vocab_size), rtol=1e-6)
+    sampler.set_params(params)
+    assert sampler.generate(prompts, max_new_tokens=NEW).tokens == greedy["tied"][1].tokens
+
+
 def test_bad_requests_are_refused_with_clear_errors(samplers):
     sampler = samplers["tied"]
     with pytest.raises(ValueError, match="empty"):
