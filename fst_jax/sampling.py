@@ -5,6 +5,11 @@ cache holds `bucket + max_new_tokens` slots. Temperature, top-p, top-k, the seed
 traced values: changing them never recompiles. A program is compiled once per (model, mesh, batch, bucket,
 max_new_tokens, num_samples) and reused from jax's jit cache.
 
+The decode path has its own layout (see `sampling_weights` and `_layer`): one buffer per layer for weights
+and KV cache instead of the model's stacked arrays, the cache as [B, K, S, H], vocab-major logits. It
+computes what `Qwen3.forward` computes (the tests hold it to transformers' generate and to the model's
+forward) without the per-step copies that the training layout costs inside a decode loop.
+
 Randomness is per sample: the key of sample `r` at step `t` is `fold_in(fold_in(key(seed), r), t)`, so a
 sample's tokens depend on the seed, its index in the request and the model, never on how the batch was
 padded or sharded.
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fst_jax import parallel
 from fst_jax.models.config import canonical_dtype
@@ -126,24 +131,41 @@ def sampling_weights(params: nnx.State, config, mesh: Mesh | None = None,
                      rules: parallel.Rules = parallel.SAMPLE_RULES) -> dict:
     """The model's parameters laid out for decoding: {"embed", "final_norm", "unembed_vd", "layers"}.
 
-    `layers` is a tuple of per-layer dicts instead of arrays stacked along a leading axis: inside a decode
-    loop, scanning over stacked weights makes XLA copy each layer's slice out of the stack every step
-    (measured on XLA:CPU: about 3x the weight traffic of separate per-layer buffers). `unembed_vd` is the LM
-    head as [V, D] (None when tied: the embedding serves). With a mesh, every array gets the sharding `rules`
-    give it (weights whole on each batch shard, split by `tensor` by default).
+    Two differences from the model's layout, both measured on XLA:CPU inside the decode loop:
+    - `layers` is a tuple of per-layer dicts, not arrays stacked along a leading axis: scanning over stacked
+      weights makes XLA copy each layer's slice out of the stack every step (3x the weight traffic).
+    - every projection is a 2-D [out, in] matrix (q_proj [N·H, D], o_proj [D, N·H], gate_proj [F, D], ...)
+      applied weight-first to feature-major activations [features, tokens]: for the few-token matmuls of a
+      decode step that streams the weights about 1.6x faster than [tokens, in] @ [in, out].
+    `unembed_vd` is the LM head as [V, D] (None when tied: the embedding serves). With a mesh, every array
+    gets the sharding `rules` give the model's parameter (whole on each batch shard, split by `tensor`).
     """
     if mesh is not None:
         params = jax.device_put(params, parallel.param_shardings(params, mesh, rules))
-    return _unstack(nnx.to_pure_dict(params), num_layers=config.num_layers, tied=config.tie_word_embeddings)
+    return _relayout(nnx.to_pure_dict(params), config=config)
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "tied"))
-def _unstack(flat: dict, *, num_layers: int, tied: bool) -> dict:
-    # One program rather than L × 11 eager slices: a new Sampler of a known shape compiles nothing.
+@functools.partial(jax.jit, static_argnames=("config",))
+def _relayout(flat: dict, *, config) -> dict:
+    # One program rather than many eager ops: a new Sampler of a known shape compiles nothing.
+    D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     stacked = flat["layers"]
+    out_in = {"q_proj": lambda w: w.reshape(D, N * H).T, "k_proj": lambda w: w.reshape(D, K * H).T,
+              "v_proj": lambda w: w.reshape(D, K * H).T, "o_proj": lambda w: w.reshape(N * H, D).T,
+              "gate_proj": lambda w: w.T, "up_proj": lambda w: w.T, "down_proj": lambda w: w.T}
+    layers = tuple({name: out_in.get(name, lambda w: w)(w[i]) for name, w in stacked.items()}
+                   for i in range(config.num_layers))
     return {"embed": flat["embed"], "final_norm": flat["final_norm"],
-            "unembed_vd": None if tied else flat["lm_head"].T,
-            "layers": tuple({name: w[i] for name, w in stacked.items()} for i in range(num_layers))}
+            "unembed_vd": None if config.tie_word_embeddings else flat["lm_head"].T, "layers": layers}
+
+
+class _Shardings(NamedTuple):
+    """Where the jitted programs keep their arrays on a mesh: kv [B, K, S, H] caches, rows [B, ...] and
+    columns [features, tokens] (tokens batch-major, so splitting them splits the batch)."""
+
+    kv: NamedSharding
+    rows: NamedSharding
+    columns: NamedSharding
 
 
 class _Cache(NamedTuple):
@@ -165,53 +187,54 @@ class _Cache(NamedTuple):
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _layer(c, p: dict, x_btd, positions_bt, allowed_bts, k_cache, v_cache, index):
-    """One Qwen3 decoder layer on T new tokens, their keys/values written into the cache at `index`.
+def _norm_features(x_dn: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
+    """`rms_norm` over the feature axis (0) of feature-major activations."""
+    return rms_norm(x_dn.T, weight_d, eps).T
 
-    The same computation as the layer of `fst_jax.models.qwen3.Qwen3` (same dtypes and op order; the tests
-    hold it to transformers' generate and to the model's full forward), arranged for decoding: the cache is
-    [B, K, S, H] and every projection is a 2-D contraction over a reshaped weight (a free bitcast), which
-    keeps XLA from transposing the cache or the o_proj weight on every step (measured on XLA:CPU).
+
+def _layer(c, p: dict, x_dn, positions_bt, allowed_bts, k_cache, v_cache, index):
+    """One Qwen3 decoder layer on B·T new tokens (feature-major x [D, B·T]); their keys and values are written
+    into the [B, K, S, H] cache at slot `index`.
+
+    The computation of `fst_jax.models.qwen3.Qwen3`'s layer (same dtypes; float32 norms, RoPE and softmax),
+    held by the tests to transformers' generate and to the model's forward, in the decode layout of
+    `sampling_weights`.
     """
     dtype = canonical_dtype(c.dtype)
     p = {name: w.astype(dtype) for name, w in p.items()}
-    B, T, D = x_btd.shape
+    B, T = positions_bt.shape
     N, K, G, H = c.num_heads, c.num_kv_heads, c.queries_per_kv, c.head_dim
 
-    h_btd = rms_norm(x_btd, p["attn_norm"], c.rms_norm_eps)
+    h_dn = _norm_features(x_dn, p["attn_norm"], c.rms_norm_eps)
     with jax.named_scope("qkv"):
-        q_btnh = jnp.einsum("btd,dm->btm", h_btd, p["q_proj"].reshape(D, N * H)).reshape(B, T, N, H)
-        k_btkh = jnp.einsum("btd,dm->btm", h_btd, p["k_proj"].reshape(D, K * H)).reshape(B, T, K, H)
-        v_btkh = jnp.einsum("btd,dm->btm", h_btd, p["v_proj"].reshape(D, K * H)).reshape(B, T, K, H)
+        q_btnh = (p["q_proj"] @ h_dn).reshape(N, H, B, T).transpose(2, 3, 0, 1)
+        k_btkh = (p["k_proj"] @ h_dn).reshape(K, H, B, T).transpose(2, 3, 0, 1)
+        v_bkth = (p["v_proj"] @ h_dn).reshape(K, H, B, T).transpose(2, 0, 3, 1)
         q_btnh = rms_norm(q_btnh, p["q_norm"], c.rms_norm_eps)
         k_btkh = rms_norm(k_btkh, p["k_norm"], c.rms_norm_eps)
     with jax.named_scope("rope"):
         q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
-        k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
+        k_bkth = apply_rope(k_btkh, positions_bt, c.rope_theta).transpose(0, 2, 1, 3)
     with jax.named_scope("cache_update"):
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                               (0, 0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                               (0, 0, index, 0))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_bkth.astype(k_cache.dtype), (0, 0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_bkth.astype(v_cache.dtype), (0, 0, index, 0))
     with jax.named_scope("attention"):
         q_bktgh = q_btnh.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
         scores = jnp.einsum("bktgh,bksh->bktgs", q_bktgh, k_cache.astype(dtype)).astype(jnp.float32)
         scores = jnp.where(allowed_bts[:, None, :, None, :], scores * c.head_dim ** -0.5, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         attn_bktgh = jnp.einsum("bktgs,bksh->bktgh", probs, v_cache.astype(dtype))
-        attn_btm = attn_bktgh.transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
-        x_btd = x_btd + jnp.einsum("btm,md->btd", attn_btm, p["o_proj"].reshape(N * H, D))
+        attn_mn = attn_bktgh.transpose(1, 3, 4, 0, 2).reshape(N * H, B * T)  # query head n = k·G + g
+        x_dn = x_dn + p["o_proj"] @ attn_mn
     with jax.named_scope("mlp"):
-        h_btd = rms_norm(x_btd, p["mlp_norm"], c.rms_norm_eps)
-        gate_btf = jnp.einsum("btd,df->btf", h_btd, p["gate_proj"])
-        up_btf = jnp.einsum("btd,df->btf", h_btd, p["up_proj"])
-        x_btd = x_btd + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, p["down_proj"])
-    return x_btd, k_cache, v_cache
+        h_dn = _norm_features(x_dn, p["mlp_norm"], c.rms_norm_eps)
+        x_dn = x_dn + p["down_proj"] @ (jax.nn.silu(p["gate_proj"] @ h_dn) * (p["up_proj"] @ h_dn))
+    return x_dn, k_cache, v_cache
 
 
-def _forward(c, weights: dict, tokens_bt, mask_bt, cache: _Cache, kv_sharding, row_sharding):
-    """Qwen3 on T new tokens written at cache slots [index, index + T): (final hidden [B, D] of the last
-    token after the final norm, the advanced cache). Masking and positions follow `Qwen3.forward`."""
+def _forward(c, weights: dict, tokens_bt, mask_bt, cache: _Cache, shardings: _Shardings | None):
+    """Qwen3 on T new tokens written at cache slots [index, index + T): (the last token's final hidden state
+    after the final norm, feature-major [D, B]; the advanced cache). Masks and positions as `Qwen3.forward`."""
     B, T = tokens_bt.shape
     S = cache.key_mask.shape[1]
     positions_bt = cache.next_position[:, None] + jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
@@ -219,27 +242,29 @@ def _forward(c, weights: dict, tokens_bt, mask_bt, cache: _Cache, kv_sharding, r
     query_slot_t = cache.index + jnp.arange(T)
     allowed_bts = key_mask_bs[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slot_t[None, :, None])
     with jax.named_scope("embed"):
-        x_btd = jnp.take(weights["embed"], tokens_bt, axis=0).astype(canonical_dtype(c.dtype))
+        x_dn = jnp.take(weights["embed"], tokens_bt.reshape(B * T), axis=0).astype(canonical_dtype(c.dtype)).T
+    kv, columns = (None, None) if shardings is None else (shardings.kv, shardings.columns)
     ks, vs = [], []
     for p, k, v in zip(weights["layers"], cache.k, cache.v):
-        x_btd, k, v = _layer(c, p, _constrain(x_btd, row_sharding), positions_bt, allowed_bts, k, v, cache.index)
-        ks.append(_constrain(k, kv_sharding))
-        vs.append(_constrain(v, kv_sharding))
-    hidden_bd = rms_norm(x_btd[:, -1], weights["final_norm"], c.rms_norm_eps)
-    return hidden_bd, _Cache(k=tuple(ks), v=tuple(vs), key_mask=key_mask_bs, index=cache.index + T,
+        x_dn, k, v = _layer(c, p, _constrain(x_dn, columns), positions_bt, allowed_bts, k, v, cache.index)
+        ks.append(_constrain(k, kv))
+        vs.append(_constrain(v, kv))
+    last_db = x_dn.reshape(-1, B, T)[:, :, -1]
+    hidden_db = _norm_features(last_db, weights["final_norm"], c.rms_norm_eps)
+    return hidden_db, _Cache(k=tuple(ks), v=tuple(vs), key_mask=key_mask_bs, index=cache.index + T,
                              next_position=cache.next_position + mask_bt.sum(axis=1, dtype=jnp.int32))
 
 
-def _logits_vb(c, weights: dict, hidden_bd: jax.Array) -> jax.Array:
+def _logits_vb(c, weights: dict, hidden_db: jax.Array) -> jax.Array:
     """LM-head logits, vocab-major [V, B], in float32 (computed in the compute dtype, as `Qwen3.forward`).
 
-    Weight-first ("vd,bd->vb") because on XLA:CPU that order streams the 151936 × 1024 embedding at close to
-    memory bandwidth, about twice as fast as "bd,vd->bv"; the sampling step consumes [V, B] as it is.
+    Weight-first ("vd,db->vb") like the layers: on XLA:CPU that streams the 151936 × 1024 embedding about
+    twice as fast as "bd,vd->bv"; the sampling step consumes [V, B] as it is.
     """
     dtype = canonical_dtype(c.dtype)
     unembed_vd = weights["embed"] if weights["unembed_vd"] is None else weights["unembed_vd"]
     with jax.named_scope("unembed"):
-        return jnp.einsum("vd,bd->vb", unembed_vd.astype(dtype), hidden_bd).astype(jnp.float32)
+        return (unembed_vd.astype(dtype) @ hidden_db).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------- jitted programs
@@ -248,8 +273,7 @@ def _constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_samples, cache_dtype,
-             kv_sharding, row_sharding):
+def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_samples, cache_dtype, shardings):
     """Run the prompts into a fresh cache; repeat it `num_samples` times along the batch.
 
     Returns the cache (L × [B·n, K, S, H]) and the float32 logits [V, B·n] at each prompt's last token.
@@ -257,11 +281,12 @@ def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_s
     B = prompt_ids_bp.shape[0]
     shape = (B, config.num_kv_heads, cache_len, config.head_dim)
     dtype = canonical_dtype(cache_dtype)
+    kv_sharding, row_sharding = (None, None) if shardings is None else (shardings.kv, shardings.rows)
     zeros = tuple(_constrain(jnp.zeros(shape, dtype), kv_sharding) for _ in range(config.num_layers))
     cache = _Cache(k=zeros, v=zeros, key_mask=jnp.zeros((B, cache_len), bool), index=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((B,), jnp.int32))
-    hidden_bd, cache = _forward(config, weights, prompt_ids_bp, prompt_mask_bp, cache, kv_sharding, row_sharding)
-    logits_vb = _logits_vb(config, weights, hidden_bd)
+    hidden_db, cache = _forward(config, weights, prompt_ids_bp, prompt_mask_bp, cache, shardings)
+    logits_vb = _logits_vb(config, weights, hidden_db)
     if num_samples > 1:
         with jax.named_scope("repeat_samples"):
             rep = lambda x: _constrain(jnp.repeat(x, num_samples, axis=0), kv_sharding)  # noqa: E731
@@ -275,7 +300,7 @@ def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_s
 
 
 def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, temperature, top_p, top_k, stop_ids,
-            *, config, max_new_tokens, pad_id, kv_sharding, row_sharding):
+            *, config, max_new_tokens, pad_id, shardings):
     """Sample the first token from the prefill logits, then loop: forward one token, sample the next.
 
     The loop stops when every row has produced a stop token or `max_new_tokens` tokens; rows that are done
@@ -283,6 +308,7 @@ def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, tempe
     finished [B]) and the final cache, which aliases the donated input cache so the loop updates it in place.
     """
     B, M = logits_vb.shape[1], max_new_tokens
+    row_sharding = None if shardings is None else shardings.rows
     base_key = jax.random.key(seed)
     row_keys_b = jax.vmap(jax.random.fold_in, (None, 0))(base_key, sample_index_b)
 
@@ -310,9 +336,8 @@ def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, tempe
 
     def body(carry):
         step, cache, tok_b, out = carry
-        hidden_bd, cache = _forward(config, weights, tok_b[:, None], jnp.ones((B, 1), bool), cache, kv_sharding,
-                                    row_sharding)
-        tok_b, logprob_b = sample(_logits_vb(config, weights, hidden_bd), step)
+        hidden_db, cache = _forward(config, weights, tok_b[:, None], jnp.ones((B, 1), bool), cache, shardings)
+        tok_b, logprob_b = sample(_logits_vb(config, weights, hidden_db), step)
         return step + 1, cache, tok_b, record(out, step, tok_b, logprob_b)
 
     _, cache, _, (tokens, logprobs, lengths, finished, _) = jax.lax.while_loop(
@@ -320,7 +345,7 @@ def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, tempe
     return (tokens, logprobs, lengths, finished), cache
 
 
-_STATIC = ("config", "kv_sharding", "row_sharding")
+_STATIC = ("config", "shardings")
 _prefill_jit = jax.jit(_prefill, static_argnames=_STATIC + ("cache_len", "num_samples", "cache_dtype"))
 _decode_jit = jax.jit(_decode, static_argnames=_STATIC + ("max_new_tokens", "pad_id"), donate_argnames=("cache",))
 
@@ -347,13 +372,14 @@ class Sampler:
             self.config = nnx.merge(graphdef, params).config
         self.mesh, self.rules = mesh, rules
         self.cache_dtype = canonical_dtype(cache_dtype or self.config.dtype).name
-        self._kv_sharding = self._row_sharding = None
+        self._shardings = None
         if mesh is not None:
             c = self.config
             kv_spec = parallel.logical_to_spec(("batch", "kv_heads", None, "head_dim"), rules, mesh,
                                                (parallel.batch_size_multiple(mesh), c.num_kv_heads, 1, c.head_dim))
-            self._kv_sharding = NamedSharding(mesh, kv_spec)
-            self._row_sharding = parallel.batch_sharding(mesh, 1)
+            rows = parallel.batch_sharding(mesh, 1)
+            self._shardings = _Shardings(kv=NamedSharding(mesh, kv_spec), rows=rows,
+                                         columns=NamedSharding(mesh, P(None, *rows.spec)))
         self.set_params(params)
 
     def set_params(self, params: nnx.State) -> None:
@@ -390,7 +416,7 @@ class Sampler:
         stops = np.full(max(1, -(-len(stop_token_ids) // _STOP_SLOTS)) * _STOP_SLOTS, -1, np.int32)
         stops[:len(stop_token_ids)] = stop_token_ids
 
-        static = dict(config=self.config, kv_sharding=self._kv_sharding, row_sharding=self._row_sharding)
+        static = dict(config=self.config, shardings=self._shardings)
         with _mesh_context(self.mesh):
             cache, logits = _prefill_jit(self.weights, self._place(ids), self._place(mask),
                                          cache_len=bucket + max_new_tokens, num_samples=n,

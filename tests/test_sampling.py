@@ -306,7 +306,8 @@ def test_sharded_sampling_matches_one_device(hf_checkpoints, samplers, greedy, m
         np.testing.assert_allclose(ours, ref, atol=1e-5)
     kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.95, seed=7)
     assert sharded.generate(prompts, **kw).tokens == samplers["tied"].generate(prompts, **kw).tokens
-    expected = parallel.logical_to_spec(("embed", "mlp"), parallel.SAMPLE_RULES, mesh)  # whole, or split by tensor
+    # the decode layout keeps the model's sharding: gate_proj, stored [F, D] there, split by tensor or whole
+    expected = parallel.logical_to_spec(("mlp", "embed"), parallel.SAMPLE_RULES, mesh)
     gate = sharded.weights["layers"][0]["gate_proj"]
     assert gate.sharding.is_equivalent_to(NamedSharding(mesh, expected), gate.ndim)
 
