@@ -102,7 +102,7 @@ def _first_argmax_v(x_vb: jax.Array) -> jax.Array:
 
 
 def _sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k):
-    """`sample_logits` on vocab-major logits [V, B], the layout the LM head produces cheaply (see `_logits`):
+    """`sample_logits` on vocab-major logits [V, B], the layout the LM head produces cheaply (see `_logits_vb`):
     the greedy path then needs no transpose of the [V, B] array."""
     logits_vb = logits_vb.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
