@@ -1,5 +1,7 @@
 """Qwen3 parity with transformers' Qwen3ForCausalLM (torch, fp32) on small random checkpoints."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,8 +119,8 @@ def test_round_trip_through_transformers(hf_checkpoints, tmp_path, max_shard_byt
 
 def test_bf16_checkpoint_loads_and_computes(hf_checkpoints, tmp_path):
     path, torch_model = hf_checkpoints["tied"]
-    torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    torch_model.to(torch.float32)
+    # a copy: the session-scoped reference model must keep its fp32 weights for the other tests
+    copy.deepcopy(torch_model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = load_pretrained(tmp_path / "bf16", dtype="bfloat16")
     assert model.embed[...].dtype == jnp.bfloat16
     ids, mask = _batch(model.config.vocab_size, padded=False)
