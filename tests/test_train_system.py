@@ -115,3 +115,35 @@ def test_config_errors_name_the_field(tiny_checkpoint, change, message):
         node[leaf] = value
     with pytest.raises(ValueError, match=message):
         validate(c)
+
+
+def test_cli_end_to_end(tiny_checkpoint, tmp_path):
+    """`launch/train.py` with a config file and command-line overrides: runs, writes metrics, the plot,
+    checkpoints; a second invocation resumes instead of starting over."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "cli"
+    cmd = [sys.executable, os.path.join(root, "launch", "train.py"),
+           f"--config={os.path.join(root, 'configs', 'fst_tiny.py')}", f"--workdir={workdir}",
+           f"--config.model.checkpoint={tiny_checkpoint}", "--config.total_steps=2", "--config.cycle.rl_steps=2",
+           "--config.cycle.problems_per_step=2", "--config.cycle.rollouts_per_problem=4",
+           "--config.cycle.population_size=2", "--config.gepa.budget_rollouts=8",
+           "--config.gepa.proposals_per_iteration=2", "--config.sampling.max_new_tokens=4",
+           "--config.eval.k=1", "--config.eval.num_problems=2", "--config.eval.kl_prompts=2",
+           "--config.forgetting_tasks=copy", "--config.log.progress=false"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "done: 2 steps" in first.stdout
+    assert (workdir / "plot.png").stat().st_size > 1000
+    assert any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+    train_records = _records(workdir, "train")
+    assert [r["step"] for r in train_records] == [1, 2]
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _records(workdir, "train") == train_records  # resumed at the end: nothing re-run, nothing lost
+    bad = subprocess.run(cmd[:3] + ["--config.cycle.population_size=3"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "must divide rollouts_per_problem" in bad.stderr
