@@ -1,12 +1,16 @@
-"""The paper's recipe (RECIPE.md) on Qwen3-8B, math, 8 GPUs (FSDP over all of them).
+"""The paper's recipe (RECIPE.md) on Qwen3-8B: CodeIO, 8 GPUs, bf16, remat.
 
     python launch/train.py --config configs/fst_qwen3.py \\
-        --config.model.checkpoint=~/models/Qwen3-8B \\
-        --config.tasks.math.train_files=~/data/polaris/train.jsonl \\
-        --config.tasks.math.val_files=~/data/polaris/val.jsonl
+        --config.model.path=~/models/Qwen3-8B \\
+        --config.tasks.codeio.train_files=~/data/codeio/train.jsonl \\
+        --config.tasks.codeio.val_files=~/data/codeio/val.jsonl
+    python launch/train.py --config configs/fst_qwen3.py --config.method=rl         # RL-only baseline
+    python launch/train.py --config configs/fst_qwen3.py \\
+        --config.gepa.reflection.kind=openai --config.gepa.reflection.model=<name> \\
+        --config.gepa.reflection.base_url=https://<endpoint>/v1                      # a hosted reflector
 
-Every number of the recipe is a field of fst_jax/config.py's `default_config()`, whose defaults are the
-published values; this file sets only what is specific to this model and machine.
+The recipe's numbers are the defaults of fst_jax/config.py `default_config()` (each commented there with its
+source); this file sets only what belongs to this model, task and machine.
 """
 
 from fst_jax.config import default_config
@@ -14,15 +18,25 @@ from fst_jax.config import default_config
 
 def get_config():
     c = default_config()
-    c.model.checkpoint = "~/models/Qwen3-8B"
+    c.model.path = "~/models/Qwen3-8B"
     c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"       # fp32 master weights for AdamW at lr 1e-6; bf16 compute
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.tasks.math.train_files = "~/data/polaris/train.jsonl"
-    c.tasks.math.val_files = "~/data/polaris/val.jsonl"
-    c.tasks.math.fields = {"question": "problem", "answer": "answer"}
-    c.rl.micro_batch_size = 16
-    c.rl.logprob_chunk_size = 512
+    c.model.param_dtype = "float32"        # fp32 master weights: AdamW steps of lr 1e-6 vanish in bf16
+    c.model.remat = "dots_saveable"
+    # 8 GPUs: parameters FSDP-sharded for the update; the sampler replicates them over the batch axes
+    # (parallel.SAMPLE_RULES) and splits the batch. On a TPU slice or 2×8 GPUs, change only these sizes.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+
+    c.tasks = {"codeio": dict(task="codeio", train_files="~/data/codeio/train.jsonl",
+                              val_files="~/data/codeio/val.jsonl", val_fraction=0.0,
+                              fields={"question": "prompt", "answer": "output"}, options={})}
+    c.task = "codeio"
+
+    # Paper (RECIPE.md §Cycle, §Slow weights): T=6, B=32, G=8, K=4, CISPO τ=4, KL 1e-3, AdamW lr 1e-6,
+    # 10 warm-up steps, GEPA 960 rollouts per cycle — all kept at default_config()'s values.
+    c.rl.micro_batch_size = 32             # 256 rollouts per step in 8 micro-batches (memory, not maths)
+    c.rl.logprob_chunk_size = 512          # never build [B, T, 151936] fp32 logits
     c.sampling.max_new_tokens = 4096
+    c.eval.max_new_tokens = 4096
+    c.gepa.reflection.kind = "local"       # the frozen base; the paper used a hosted model ("openai")
     c.total_steps = 200
     return c

@@ -30,7 +30,7 @@ def _rule_task(rule: str, num_train: int = 512, num_val: int = 32) -> dict:
 def get_config():
     c = default_config()
     c.seed = 0
-    c.model.checkpoint = ASSETS
+    c.model.path = ASSETS
     c.model.dtype = c.model.param_dtype = "float32"
     c.model.remat = "none"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

@@ -23,7 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""                    # another run's workdir: start from its latest params (plasticity probe)
 
     c.model = ml_collections.ConfigDict()
-    c.model.checkpoint = ""             # local HF Qwen3 directory (config.json, safetensors, tokenizer)
+    c.model.path = ""                   # local HF Qwen3 directory (config.json, safetensors, tokenizer)
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.remat = "dots_saveable"
@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.forgetting_tasks = ""             # comma-separated other tasks evaluated for forgetting
 
     c.cycle = ml_collections.ConfigDict()
-    c.cycle.rl_steps = 6                # T: RL steps per cycle; GEPA's window is the next T batches
+    c.cycle.rl_steps = 6                # paper: T: RL steps per cycle; GEPA's window is the next T batches
     c.cycle.problems_per_step = 32      # B
     c.cycle.rollouts_per_problem = 8    # G
     c.cycle.population_size = 4         # K (must divide G)
@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 4096
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.loss = "cispo"
+    c.rl.loss = "cispo"                 # paper (RECIPE.md §Slow weights) from here to warmup_steps
     c.rl.tau = 4.0
     c.rl.eps_low = 0.2
     c.rl.eps_high = 0.28
@@ -70,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.gepa = ml_collections.ConfigDict()
     c.gepa.seed_prompt = SEED_PROMPT
-    c.gepa.budget_rollouts = 960        # metric calls per cycle (≈5 passes over the 192-problem window)
+    c.gepa.budget_rollouts = 960        # paper (≈): metric calls per cycle (≈5 passes over the 192-problem window)
     c.gepa.minibatch_size = 3
     c.gepa.proposals_per_iteration = 8
     c.gepa.selection = "pareto"         # pareto | current_best | epsilon_greedy
@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.at_start = True              # evaluate the base model before the first step
     c.eval.every = 12                   # RL steps (rounded to cycle ends); 0 = only at the end
-    c.eval.k = 4
+    c.eval.k = 4                        # paper: mean@4 at temperature 0.6, top-p 0.95
     c.eval.temperature = 0.6
     c.eval.top_p = 0.95
     c.eval.max_new_tokens = 4096
@@ -131,9 +131,9 @@ def validate(config) -> None:
     """Cross-field checks, each error naming the field and what to do."""
     if config.method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
-    if not config.model.checkpoint:
-        raise ValueError("config.model.checkpoint is empty: set it to a local HF Qwen3 directory "
-                         "(e.g. --config.model.checkpoint=~/models/Qwen3-8B)")
+    if not config.model.path:
+        raise ValueError("config.model.path is empty: set it to a local HF Qwen3 directory "
+                         "(e.g. --config.model.path=~/models/Qwen3-8B)")
     G, K, T = config.cycle.rollouts_per_problem, config.cycle.population_size, config.cycle.rl_steps
     if K < 1 or G % K:
         raise ValueError(f"config.cycle.population_size K={K} must divide rollouts_per_problem G={G} "

@@ -99,7 +99,7 @@ class FSTRunner:
         self.config, self.workdir = config, os.path.abspath(os.path.expanduser(workdir))
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = parallel.make_mesh(config.mesh.to_dict())
-        checkpoint = os.path.expanduser(config.model.checkpoint)
+        checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
                                 param_dtype=config.model.param_dtype, remat=config.model.remat)
         self.tokenizer = load_tokenizer(checkpoint)

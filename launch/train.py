@@ -47,12 +47,20 @@ def main(argv) -> None:
     config = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", f"{name}-{config.method}")
+    for noisy in ("absl", "jax", "orbax", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     level = logging.INFO if jax.process_index() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "etils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    runner = FSTRunner(config, workdir)
-    result = runner.run()
+    from fst_jax.checkpoint import CheckpointError
+
+    try:
+        runner = FSTRunner(config, workdir)
+        result = runner.run()
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad config, paths, data, mesh: one line
+        if os.environ.get("FST_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}  (set FST_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() == 0:
         print(f"done: {runner.counters.rl_steps} steps in {workdir}")
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=1))
@@ -62,5 +70,16 @@ def main(argv) -> None:
             plot.main([workdir, "--out", os.path.join(workdir, "plot.png")])
 
 
+def _parse_flags(argv):
+    """absl's parser, with a bad --config.x override reported in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        what = f"unknown config field {e}" if isinstance(e, (AttributeError, KeyError)) else str(e)
+        print(f"error: bad command line: {what}; the fields are those of fst_jax/config.py default_config() "
+              "and the config file", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_config(checkpoint, method="fst", total_steps=4):
     c = default_config()
     c.method, c.total_steps, c.seed = method, total_steps, 3
-    c.model.checkpoint = checkpoint
+    c.model.path = checkpoint
     c.model.dtype = c.model.param_dtype = "float32"
     c.model.remat = "none"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, -1, 1
@@ -103,7 +103,7 @@ def test_baselines_share_the_loop(tiny_checkpoint, tmp_path, method):
     (dict(method="sft"), "config.method"),
     (dict(cycle__population_size=3), "must divide rollouts_per_problem"),
     (dict(schedule="math:3,hover:1"), "no entry in config.tasks"),
-    (dict(model__checkpoint=""), "config.model.checkpoint is empty"),
+    (dict(model__path=""), "config.model.path is empty"),
 ])
 def test_config_errors_name_the_field(tiny_checkpoint, change, message):
     c = tiny_config(tiny_checkpoint)
@@ -127,7 +127,7 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path):
     workdir = tmp_path / "cli"
     cmd = [sys.executable, os.path.join(root, "launch", "train.py"),
            f"--config={os.path.join(root, 'configs', 'fst_tiny.py')}", f"--workdir={workdir}",
-           f"--config.model.checkpoint={tiny_checkpoint}", "--config.total_steps=2", "--config.cycle.rl_steps=2",
+           f"--config.model.path={tiny_checkpoint}", "--config.total_steps=2", "--config.cycle.rl_steps=2",
            "--config.cycle.problems_per_step=2", "--config.cycle.rollouts_per_problem=4",
            "--config.cycle.population_size=2", "--config.gepa.budget_rollouts=8",
            "--config.gepa.proposals_per_iteration=2", "--config.sampling.max_new_tokens=4",
