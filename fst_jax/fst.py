@@ -224,7 +224,9 @@ class FSTRunner:
             seed=_seed(c.seed, self.counters.cycles, 2),
             output_dir=os.path.join(self.workdir, "gepa", f"cycle_{self.counters.cycles:05d}")
             if jax.process_index() == 0 else None)
-        step = self.counters.rl_steps
+        # logged at the first RL step this population serves: a resume from the checkpoint at the cycle
+        # boundary (step rl_steps) then drops the records of a search the killed run had started
+        step = self.counters.rl_steps + 1
 
         def on_event(event):
             if event.get("type") in ("proposal", "merge"):
