@@ -48,7 +48,7 @@ SHORT_T, LONG_T = 80, 416          # token buckets: rule/skill examples, reflect
 # Rows per step in each bucket. Phase A (the first `--phase-a` of the time) teaches rule following and the
 # general skills on short examples only; phase B adds reflection, which is slow to learn and needs rules known.
 PHASE_A = {"short": 48, "long": 0}
-PHASE_B = {"short": 16, "long": 8}
+PHASE_B = {"short": 24, "long": 8}
 
 
 def model_config(vocab_size: int) -> Qwen3Config:
@@ -457,7 +457,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=0, help="exact number of steps (reproduces a run)")
     ap.add_argument("--cooldown-start", type=int, default=0, help="with --steps: step the cool-down starts")
     ap.add_argument("--phase-b-step", type=int, default=0, help="with --steps: step reflection data starts")
-    ap.add_argument("--phase-a", type=float, default=0.35, help="fraction of --minutes without reflection data")
+    ap.add_argument("--phase-a", type=float, default=0.45, help="fraction of --minutes without reflection data")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--out", default="assets/tiny-qwen3")
