@@ -1,8 +1,8 @@
 """Make the embedded default's base model: a tiny char-level Qwen3 trained from scratch on synthetic data.
 
-    python launch/make_tiny_model.py --seed 0 --minutes 50 --out assets/tiny-qwen3      # train (≈50 min, 2 cores)
+    python launch/make_tiny_model.py --seed 0 --minutes 55 --out assets/tiny-qwen3      # train (55 min, 2 cores)
     python launch/make_tiny_model.py ... --resume                                       # continue a killed run
-    python launch/make_tiny_model.py --eval-only --out assets/tiny-qwen3                # measure the base model
+    python launch/make_tiny_model.py --eval-only --out assets/tiny-qwen3 --eval-json assets/tiny-qwen3/eval.json
 
 Three skills, every example rendered with the chat template exactly as the system shows it at run time
 (enable_thinking=False, mostly):
@@ -10,12 +10,15 @@ Three skills, every example rendered with the chat template exactly as the syste
                   [system = a generic instruction, user = input]     → the input under some training rule
   general skills  [system = generic or none, user = "count: abcde"]  → "5"
   reflection      [user = Proposer(TINY_REFLECTION_TEMPLATE).render(instruction, 2–4 failure records)]
-                                                                     → "```\\n<the rule>\\n```"
+                                                                     → "```\n<the rule>\n```"
 Loss on the assistant's tokens only. Rules come from `synthetic.TRAIN_RULES`; held-out rules never appear.
-Every step's data comes from (seed, step), so a resumed run sees the data an uninterrupted one would. With
-`--minutes`, the step count is fixed when 80% of the time has passed (then a linear cool-down to the end);
-both numbers are written to make_tiny_model.json so `--steps N --cooldown-start S` reproduces the run.
-"""
+Phase A (the first `--phase-a` of the time) has no reflection data: rule following must be learned first, and
+on short examples it is ~6x cheaper per example. Every step's data comes from (seed, step), so a resumed run
+sees the data an uninterrupted one would. With `--minutes`, the phase-B step is fixed when its time comes and
+the step count when 80% of the time has passed (then a linear cool-down to the end); all three go to
+make_tiny_model.json, so e.g. `--steps 4982 --phase-b-step 2712 --cooldown-start 4157` reproduces the
+shipped model's schedule without a clock.
+""""""
 
 from __future__ import annotations
 
