@@ -18,7 +18,7 @@ sees the data an uninterrupted one would. With `--minutes`, the phase-B step is 
 the step count when 80% of the time has passed (then a linear cool-down to the end); all three go to
 make_tiny_model.json, so e.g. `--steps 4982 --phase-b-step 2712 --cooldown-start 4157` reproduces the
 shipped model's schedule without a clock.
-""""""
+"""
 
 from __future__ import annotations
 
