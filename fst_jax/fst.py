@@ -200,18 +200,19 @@ class FSTRunner:
         calls = [0]
 
         def evaluate(pairs, capture_traces):
+            users = [task.format_problem(item) for _, item in pairs]
             prompts = [render_chat(self.tokenizer, [{"role": "system", "content": cand[COMPONENT]},
-                                                    {"role": "user", "content": task.format_problem(item)}],
-                                   enable_thinking=c.model.enable_thinking) for cand, item in pairs]
+                                                    {"role": "user", "content": user}],
+                                   enable_thinking=c.model.enable_thinking) for (cand, _), user in zip(pairs, users)]
             calls[0] += 1
             out = self._generate(self.sampler, prompts, temperature=c.sampling.temperature,
                                  seed=_seed(c.seed, self.counters.cycles, calls[0], 1))
             results = []
-            for (cand, item), toks in zip(pairs, out.tokens):
+            for (_, item), user, toks in zip(pairs, users, out.tokens):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 s = task.score(item, text)
                 results.append(EvalResult(score=s.reward, output=text, feedback=s.feedback,
-                                          trace={"inputs": task.format_problem(item)}))
+                                          trace={"inputs": user}))
             return results
 
         gepa_config = GEPAConfig(

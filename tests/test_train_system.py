@@ -93,10 +93,14 @@ def test_baselines_share_the_loop(tiny_checkpoint, tmp_path, method):
     if method == "rl":
         assert runner.population == [runner.config.gepa.seed_prompt]
         assert runner.counters.gepa_rollouts == 0 and runner.counters.rl_rollouts == 16
-        assert int(runner.state.step) >= 0 and _records(tmp_path / method, "train")
+        train = _records(tmp_path / method, "train")
+        assert [r["step"] for r in train] == [1, 2]
+        assert all("reward_prompt_0" in r and "reward_prompt_1" not in r for r in train)  # population of one
     else:
         assert runner.counters.rl_rollouts == 0 and runner.counters.gepa_rollouts > 0
         assert not _records(tmp_path / method, "train")
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(runner.state.params),
+                     jax.device_get(runner.base_params))  # the weights stayed frozen
 
 
 @pytest.mark.parametrize("change, message", [
