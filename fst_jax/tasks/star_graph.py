@@ -13,8 +13,8 @@ JSON Lines with the same fields, checked on load: every path must be valid in it
 Reward: 1 iff the last `\\boxed{...}` of the completion (after any `</think>`) holds exactly the path without
 the source — node labels in order, separated by commas and/or whitespace (`\\boxed{7, 3, 12}`,
 `\\boxed{7 3 12}`); labels are ASCII digits (a "７" or "٧" is not a label). `reward="prefix"` instead gives
-the fraction of the path's nodes the answer gets right before its first mistake (a dense signal for models
-that score 0 on exact match), still 1 only for the exact path. Feedback, for GEPA's reflection, says where
+the nodes right before the first mistake over the longer of answer and path (a dense signal for models that
+score 0 on exact match), so still 1 only for the exact path. Feedback, for GEPA's reflection, says where
 the proposed path first leaves the graph (a missing edge, an unknown label) or the target's arm, or whether
 it stops short, runs on, or wrongly includes the source.
 """
@@ -152,7 +152,7 @@ class StarGraphTask:
         if proposed == answer:
             return Score(1.0, f"Correct: {extracted} is the path from {source} to {target}.", extracted)
         right = next((i for i, (a, b) in enumerate(zip(proposed, answer)) if a != b), min(len(proposed), len(answer)))
-        reward = right / len(answer) if self.reward == "prefix" else 0.0
+        reward = right / max(len(answer), len(proposed)) if self.reward == "prefix" else 0.0
         return Score(reward, f"Incorrect: {self._diagnose(problem, proposed)} {want}", extracted)
 
     def _diagnose(self, problem: Problem, proposed: list[int]) -> str:
