@@ -57,7 +57,7 @@ def _plain_number(text: str) -> tuple[bool, float | None]:
         return False, None
     power = m.group("pow") or m.group("pow_braced")
     if m.group("mantissa") is None and m.group("times"):
-        return False, None  # "\times 10^3" with no number before it
+        return True, None  # "\times 10^3" with no number before it: not an answer (not math-verify's either)
     rest = text[m.end():].strip()
     if rest and not _UNIT_START.match(rest):
         return False, None  # "3/4", "1,2", "2\pi": not a plain number
