@@ -202,19 +202,24 @@ class CorpusIndex:
             raise DataError(f"{where}: the corpus changed after its BM25 index was built ({e}); "
                             "restart to rebuild the index") from None
 
-    def _search_uncached(self, query: str, k: int) -> tuple[int, ...]:
+    def _search_uncached(self, query: str, k: int) -> tuple[tuple[int, float], ...]:
         ids = self.tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False)
         if not any(ids[0]):  # only unknown words or stop words: nothing matches
             return ()
         k = min(k, len(self))
         docs, scores = self.retriever.retrieve(ids, k=k, show_progress=False, n_threads=0)
-        return tuple(int(d) for d, s in zip(docs[0], scores[0]) if s > 0)
+        return tuple((int(d), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0)
 
-    def search(self, query: str, k: int) -> list[int]:
-        """Up to `k` document numbers (line order among the corpus's documents) for `query`, best first."""
+    def search_scored(self, query: str, k: int) -> list[tuple[int, float]]:
+        """Up to `k` (document number, BM25 score) pairs for `query`, best first. Documents are numbered in
+        corpus order from 0 (blank lines skipped)."""
         if not isinstance(query, str) or not query.strip() or k < 1:
             return []
         return list(self._search(query, int(k)))
+
+    def search(self, query: str, k: int) -> list[int]:
+        """Up to `k` document numbers for `query`, best first."""
+        return [i for i, _ in self.search_scored(query, k)]
 
     def titles(self, hits: list[int]) -> list[str]:
         return [self.document(i).title for i in hits]
