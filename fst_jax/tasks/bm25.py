@@ -70,6 +70,11 @@ class CorpusIndex:
 
     def __init__(self, corpus: str | os.PathLike, fields: Mapping[str, str] | None = None,
                  index_dir: str | os.PathLike | None = None):
+        try:
+            import bm25s  # noqa: F401
+        except ImportError as e:
+            raise ImportError("BM25 retrieval (the hover task) needs bm25s, which is not installed: "
+                              "pip install 'fst_jax[hover]' (or pip install bm25s)") from e
         self.corpus = Path(os.path.expanduser(os.fspath(corpus)))
         if not self.corpus.is_file():
             raise DataError(f"corpus file not found: {self.corpus}")
