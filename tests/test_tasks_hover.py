@@ -96,6 +96,12 @@ def test_index_is_cached_and_rebuilt_when_the_corpus_changes(corpus, tmp_path):
     assert changed.titles(changed.search("Zorbel", 3)) == ["Zorbel Quintz"]
     elsewhere = CorpusIndex(path, index_dir=tmp_path / "idx")                # the index_dir option
     assert elsewhere.rebuilt and (tmp_path / "idx" / "fingerprint.json").is_file()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="precious exists and is not a BM25 index this code wrote"):
+        CorpusIndex(path, index_dir=precious)                                 # never deletes what it did not write
+    assert (precious / "notes.txt").read_text() == "keep me" and len(list(tmp_path.glob("precious.tmp-*"))) == 0
 
 
 def test_corpus_errors_name_file_and_line(tmp_path):
@@ -208,3 +214,10 @@ def test_loader_errors(task, tmp_path):
     with pytest.raises(DataError, match="nohops.jsonl, line 1: the record has no 'num_hops'"):
         load_problems(no_hops, get_task("hover", corpus=task.corpus, min_hops=3))
     assert len(load_problems(no_hops, task)) == 1                           # JSON Lines work too
+    no_comma = tmp_path / "nocomma.json"
+    no_comma.write_text('[{"claim": "c", "supporting_facts": ["A"]}\n {"claim": "d", "supporting_facts": ["B"]}]')
+    with pytest.raises(DataError, match=r"nocomma.json, line 2: expected ',' or '\]' after element 1"):
+        load_problems(no_comma, task)
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    with pytest.raises(DataError, match="empty.json: contains no problems"):
+        load_problems(tmp_path / "empty.json", task)

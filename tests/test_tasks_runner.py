@@ -7,13 +7,9 @@ import os
 import shutil
 
 import pytest
-from flax import nnx
+from test_train_system import tiny_checkpoint  # noqa: F401  (the tiny random HF checkpoint fixture)
 
 from fst_jax.config import default_config, parse_schedule, validate
-from fst_jax.models.char_tokenizer import make_char_tokenizer
-from fst_jax.models.config import Qwen3Config
-from fst_jax.models.hf import save_pretrained
-from fst_jax.models.qwen3 import Qwen3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -54,15 +50,6 @@ def test_paper_configs_load_and_validate():
     tiny.task = "star"
     validate(tiny)
     assert tiny.tasks.star.options.degree == 3 and tiny.tasks.star.options.path_length == 3
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    config = Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                         num_kv_heads=1, head_dim=16, max_position_embeddings=2048)
-    save_pretrained(Qwen3(config, rngs=nnx.Rngs(0)), path, tokenizer=make_char_tokenizer())
-    return str(path)
 
 
 class RecordingReflectionLM:

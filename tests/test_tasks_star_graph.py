@@ -85,6 +85,7 @@ def test_exact_match_reward_correct(completion):
     ("\\boxed{7, 8}", "the path stops at 8 after 2 step(s), before reaching the target 9."),
     ("\\boxed{7, 8, 9, 7}", "the path reaches the target 9 at step 3 but goes on past it."),
     ("\\boxed{7; 8; 9}", "'7;' is not a node label"),
+    ("<think>so \\boxed{7, 8, 9}", "the response ended inside its <think> block"),
     ("\\boxed{-7, 8, 9}", "'-7' is not a node label"),
 ])
 def test_wrong_answers_score_zero_with_feedback(completion, feedback):

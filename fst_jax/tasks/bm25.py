@@ -183,10 +183,15 @@ class CorpusIndex:
             with open(tmp / "fingerprint.json", "w") as f:
                 json.dump(self.fingerprint(), f)
             if self.index_dir.exists():
+                if any(self.index_dir.iterdir()) and not (self.index_dir / "fingerprint.json").exists():
+                    raise DataError(f"{self.index_dir} exists and is not a BM25 index this code wrote; "
+                                    "refusing to replace it (choose another index_dir)")
                 shutil.rmtree(self.index_dir)
             os.replace(tmp, self.index_dir)
-        except OSError as e:
+        except (OSError, DataError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, DataError):
+                raise
             if self._load() is None:  # another process may have just built the same index
                 raise DataError(f"could not write the BM25 index to {self.index_dir}: {e} "
                                 "(set the task's index_dir option to a writable directory)") from None

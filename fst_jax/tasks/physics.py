@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fst_jax.tasks.base import Field, Problem, Score, register_task, shorten
-from fst_jax.tasks.math import _parse, equivalent, gold_answer, scan_boxed
+from fst_jax.tasks.math import _parse, equivalent, final_boxed, gold_answer
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final numeric answer within \\boxed{}."
 _UNIT_MACRO = re.compile(r"\\(?:text|mathrm|textrm|operatorname|mbox|rm)\s*\{[^{}]*\}")
@@ -103,10 +103,6 @@ def parse_number(text: str, timeout_s: int | None = None, max_chars: int = 1000)
     return value
 
 
-def _answer_region(completion: str) -> str:
-    return completion.rsplit("</think>", 1)[1] if "</think>" in completion else completion
-
-
 def _factor_hint(predicted: float, gold: float) -> str:
     if predicted and gold and (predicted > 0) == (gold > 0):
         k = math.log10(abs(predicted / gold))
@@ -163,12 +159,10 @@ class PhysicsTask:
         completion = completion if isinstance(completion, str) else str(completion)
         gold_text, gold = self.gold(problem)
         want = f"The expected answer is {shorten(gold_text)}."
-        scan = scan_boxed(_answer_region(completion))
-        if not scan.boxes:
-            why = ("the final \\boxed{ was never closed (the response looks truncated)" if scan.unclosed
-                   else "the response contains no \\boxed{...}")
+        predicted_text, why = final_boxed(completion)
+        if predicted_text is None:
             return Score(0.0, f"No final answer was read: {why}. {want}")
-        predicted_text = scan.boxes[-1].strip()
+        predicted_text = predicted_text.strip()
         if not predicted_text:
             return Score(0.0, f"The final \\boxed{{}} is empty. {want}", "")
         if gold is None:  # a symbolic gold answer: math-verify decides

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fst_jax.tasks.base import Field, Problem, Score, register_task, shorten
-from fst_jax.tasks.math import scan_boxed
+from fst_jax.tasks.math import final_boxed
 
 DEFAULT_INSTRUCTION = ("Find the path from the source node to the target node, following the directed edges. "
                        "Give the nodes of the path after the source, in order and separated by commas, as your "
@@ -70,10 +70,6 @@ def parse_path(text: str) -> tuple[list[int] | None, str]:
             return None, (f"{shorten(t, 40)!r} is not a node label (labels are whole numbers written with "
                           "the digits 0-9, separated by commas or spaces)")
     return [int(t) for t in tokens], ""
-
-
-def _answer_region(completion: str) -> str:
-    return completion.rsplit("</think>", 1)[1] if "</think>" in completion else completion
 
 
 def _show(nodes: Sequence[int]) -> str:
@@ -139,12 +135,9 @@ class StarGraphTask:
         source, target = int(problem["source"]), int(problem["target"])
         answer = [int(x) for x in problem["path"][1:]]
         want = f"The correct answer is \\boxed{{{_show(answer)}}}."
-        scan = scan_boxed(_answer_region(completion))
-        if not scan.boxes:
-            why = ("the final \\boxed{ was never closed (the response looks truncated)" if scan.unclosed
-                   else "the response contains no \\boxed{...}")
+        text, why = final_boxed(completion)
+        if text is None:
             return Score(0.0, f"No path was read: {why}. {want}")
-        text = scan.boxes[-1]
         proposed, why = parse_path(text)
         if proposed is None:
             return Score(0.0, f"The answer could not be read: {why}. {want}", text.strip())
