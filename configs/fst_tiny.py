@@ -42,6 +42,10 @@ def get_config():
         "stage3": _rule_task(CONTINUAL_RULES[2]),
         "copy": dict(task="skill", options={"skill": "copy"}, num_train=64, num_val=32, train_files=""),
         "count": dict(task="skill", options={"skill": "count"}, num_train=64, num_val=32, train_files=""),
+        # --config.task=star: a small star graph (3 arms, paths of 3 nodes, 36 labels), exact-match reward
+        "star": dict(task="star_graph", options={"degree": 3, "path_length": 3, "num_nodes": 36, "reward": "exact",
+                                                 "instruction": "Give the path after the source in \\boxed{}."},
+                     num_train=512, num_val=32, train_files=""),
     }
     c.task = "rule"
     c.forgetting_tasks = "copy,count"

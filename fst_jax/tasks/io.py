@@ -12,8 +12,12 @@ Every record is checked against the task's schema (`task.fields`, and `task.chec
 one); anything wrong — bad JSON, not an object, a missing mapped field, a value of the wrong type — is a
 `DataError` naming the file and the 1-based line (row, for Parquet). Files ending in `.parquet` need
 `pyarrow`, which fst_jax does not depend on; without it reading one raises an ImportError that says
-`pip install pyarrow`. Anything else is read as JSON Lines (UTF-8; blank lines are skipped but counted).
-A path may be a glob pattern; a list of paths is read in order.
+`pip install pyarrow`. A `.json` file holding one JSON array of objects (as HoVer releases its data) is read
+element by element, errors naming the element and its line. Anything else is read as JSON Lines (UTF-8;
+blank lines are skipped but counted). A path may be a glob pattern; a list of paths is read in order.
+
+A task may filter records with `keep(problem) -> bool` (e.g. HoVer-hard keeps claims of 3 or more hops);
+records it drops are checked like the rest, and a file left with no problems is an error that says so.
 """
 
 from __future__ import annotations
@@ -59,8 +63,50 @@ def read_records(path: PathLike) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         yield from _read_parquet(path)
+    elif path.suffix.lower() == ".json" and _starts_with(path, b"["):
+        yield from _read_json_array(path)
     else:
         yield from _read_jsonl(path)
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(prefix)
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    decoder, n, line, counted = json.JSONDecoder(), 0, 1, 0
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if i < len(text) and text[i] == "]" and n == 0:
+            return
+        line += text.count("\n", counted, i)
+        counted = i
+        n += 1
+        where = f"{path}, line {line} (element {n})"
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except ValueError as e:
+            raise DataError(f"{where}: invalid JSON: {e}") from None
+        except RecursionError:
+            raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+        yield where, record
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        if i < len(text) and text[i] == ",":
+            i += 1
+            continue
+        if i < len(text) and text[i] == "]":
+            return
+        raise DataError(f"{path}, line {line + text.count(chr(10), counted, i)}: expected ',' or ']' after "
+                        f"element {n} of the JSON array")
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -179,21 +225,28 @@ def load_problems(paths: PathLike | Sequence[PathLike], task: Task,
     """All problems of `paths` (in file order) mapped through `fields` and checked against `task`."""
     fields = check_mapping(fields, task.fields, f"task {task.name!r}")
     check = getattr(task, "check_problem", None)
+    keep = getattr(task, "keep", None)
     problems: list[dict[str, Any]] = []
     seen_ids: dict[str, str] = {}
     for path in expand_paths(paths):
-        before = len(problems)
+        before, dropped = len(problems), 0
         for where, record in read_records(path):
             problem = to_problem(record, where, task.fields, fields, f"{path.name}:{where.rsplit(' ', 1)[1]}")
             reason = check(problem) if check is not None else None
             if reason:
                 keys = ", ".join(f"{n!r} from key {fields.get(n, n)!r}" for n in task.fields)
                 raise DataError(f"{where}: {reason} (fields are read as: {keys})")
+            if keep is not None and not keep(problem):
+                dropped += 1
+                continue
             if "id" in fields:
                 if problem["id"] in seen_ids:
                     raise DataError(f"{where}: duplicate id {problem['id']!r} (first at {seen_ids[problem['id']]})")
                 seen_ids[problem["id"]] = where
             problems.append(problem)
         if len(problems) == before:
+            if dropped:
+                raise DataError(f"{path}: task {task.name!r}'s filter dropped all {dropped} problems "
+                                f"({getattr(task, 'filter_description', 'see its options')})")
             raise DataError(f"{path}: contains no problems")
     return problems

@@ -85,6 +85,24 @@ def last_boxed(text: str) -> str | None:
     return boxes[-1] if boxes else None
 
 
+def final_boxed(completion: str) -> tuple[str | None, str]:
+    """(the content of the completion's last complete top-level box, "") or (None, why there is none).
+
+    Only the text after the last `</think>` counts (a thinking block is reasoning, not the answer); a
+    `<think>` never closed means no answer was given.
+    """
+    if "</think>" in completion:
+        completion = completion.rsplit("</think>", 1)[1]
+    elif "<think>" in completion:
+        return None, "the response ended inside its <think> block"
+    scan = scan_boxed(completion)
+    if scan.boxes:
+        return scan.boxes[-1], ""
+    if scan.unclosed:
+        return None, "the final \\boxed{ was never closed (the response looks truncated)"
+    return None, "the response contains no \\boxed{...}"
+
+
 def _squash(s: str) -> str:
     return "".join(s.split())
 
