@@ -1,14 +1,16 @@
 """Batched sampling from a Qwen3 model: one jitted prefill, then one jitted `lax.while_loop` of decode steps.
 
 Prompts are left-padded to a power-of-two length bucket so that all rows share the cache's write index; the
-cache holds `bucket + max_new_tokens` slots. Temperature, top-p, top-k, the seed and the stop tokens are
-traced values: changing them never recompiles. A program is compiled once per (model, mesh, batch, bucket,
-max_new_tokens, num_samples) and reused from jax's jit cache.
+cache holds `bucket + max_new_tokens` slots; the rows are padded to a power of two per batch shard
+(`row_bucket`). Temperature, top-p, top-k, the seed, the stop tokens and the pad id are traced values:
+changing them never recompiles. A program is compiled once per (model, mesh, row bucket, prompt bucket,
+max_new_tokens, num_samples) and reused from jax's caches; `lower_sampler_programs` lowers the same programs
+ahead of time, without weights.
 
-The decode path has its own layout (see `sampling_weights` and `_layer`): one buffer per layer for weights
-and KV cache instead of the model's stacked arrays, the cache as [B, K, S, H], vocab-major logits. It
-computes what `Qwen3.forward` computes (the tests hold it to transformers' generate and to the model's
-forward) without the per-step copies that the training layout costs inside a decode loop.
+Both programs run the model's own `decoder_layer` (`fst_jax.models.qwen3`), in its feature-major layout (see
+`sampling_weights`): one buffer per layer for weights and KV cache instead of the model's stacked arrays,
+weights outputs-first, vocab-major logits. The tests hold it to transformers' generate and to the model's
+forward; the layout spares the decode loop the per-step copies the training layout costs there.
 
 Randomness is per sample: the key of sample `r` at step `t` is `fold_in(fold_in(key(seed), r), t)`, so a
 sample's tokens depend on the seed, its index in the request and the model, never on how the batch was
@@ -33,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fst_jax import parallel
 from fst_jax.models.config import canonical_dtype
-from fst_jax.models.qwen3 import Qwen3, apply_rope, rms_norm
+from fst_jax.models.qwen3 import FEATURE_MAJOR, KVCache, Qwen3, decoder_layer, rms_norm, step_masks
 
 __all__ = ["SampleOutput", "Sampler", "generate", "sample_logits", "sampling_weights", "abstract_sampling_weights",
            "lower_sampler_programs", "bucket_length", "row_bucket", "MIN_BUCKET"]
@@ -128,10 +130,11 @@ def _sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_
 
 # --------------------------------------------------------------------------------- the sampling weight layout
 
-# How each decode-layout weight derives from the model's (per-layer) parameter: its output dims, each a group of
-# the parameter's dims merged in order (q_proj [D, N, H] → [N·H, D]). One table serves the values and the shardings.
-_OUT_IN = {"q_proj": ((1, 2), (0,)), "k_proj": ((1, 2), (0,)), "v_proj": ((1, 2), (0,)), "o_proj": ((2,), (0, 1)),
-           "gate_proj": ((1,), (0,)), "up_proj": ((1,), (0,)), "down_proj": ((1,), (0,))}
+# How each decode-layout weight (`FEATURE_MAJOR`: outputs first) derives from the model's per-layer parameter:
+# its dims, each a group of the parameter's dims (q_proj [D, N, H] → [N, H, D]). One table serves the values and
+# the shardings.
+_OUT_IN = {"q_proj": ((1,), (2,), (0,)), "k_proj": ((1,), (2,), (0,)), "v_proj": ((1,), (2,), (0,)),
+           "o_proj": ((2,), (0,), (1,)), "gate_proj": ((1,), (0,)), "up_proj": ((1,), (0,)), "down_proj": ((1,), (0,))}
 _TRANSPOSE = ((1,), (0,))
 
 
@@ -182,9 +185,9 @@ def sampling_weights(params: nnx.State, config, mesh: Mesh | None = None,
     Two layout differences from the model, both measured on XLA:CPU inside the decode loop:
     - `layers` is a tuple of per-layer dicts, not arrays stacked along a leading axis: scanning over stacked
       weights makes XLA copy each layer's slice out of the stack every step (3x the weight traffic).
-    - every projection is a 2-D [out, in] matrix (q_proj [N·H, D], o_proj [D, N·H], gate_proj [F, D], ...)
-      applied weight-first to feature-major activations [features, tokens]: for the few-token matmuls of a
-      decode step that streams the weights about 1.6x faster than [tokens, in] @ [in, out].
+    - every projection is stored outputs first (q_proj [N, H, D], o_proj [D, N, H], gate_proj [F, D], ...),
+      the `FEATURE_MAJOR` layout of `decoder_layer`: applied weight-first to feature-major activations, the
+      few-token matmuls of a decode step stream the weights about 1.6x faster than [tokens, in] @ [in, out].
     `unembed_vd` is the LM head as [V, D] (None when tied: the embedding serves). With a mesh, every array
     gets the sharding `rules` give the model's parameter (whole on each batch shard, split by `tensor`);
     parameters already on the mesh's devices go in as they are (e.g. FSDP-sharded training weights), so no
@@ -233,12 +236,13 @@ def _relayout_program(config, mesh: Mesh | None, rules: parallel.Rules):
 
 
 class _Shardings(NamedTuple):
-    """Where the jitted programs keep their arrays on a mesh: kv [B, K, S, H] caches, rows [B, ...] and
-    columns [features, tokens] (tokens batch-major, so splitting them splits the batch)."""
+    """Where the jitted programs keep their arrays on a mesh: kv [B, K, S, H] caches, rows [B], columns
+    [V, B] logits, features [D, B, T] activations, scalars."""
 
     kv: NamedSharding
     rows: NamedSharding
     columns: NamedSharding
+    features: NamedSharding
     scalar: NamedSharding
 
 
@@ -249,94 +253,27 @@ def _program_shardings(config, mesh: Mesh | None, rules: parallel.Rules) -> _Sha
                                        (parallel.batch_size_multiple(mesh), config.num_kv_heads, 1, config.head_dim))
     rows = parallel.batch_sharding(mesh, 1)
     return _Shardings(kv=NamedSharding(mesh, kv_spec), rows=rows, columns=NamedSharding(mesh, P(None, *rows.spec)),
-                      scalar=NamedSharding(mesh, P()))
+                      features=NamedSharding(mesh, P(None, *rows.spec, None)), scalar=NamedSharding(mesh, P()))
 
 
-class _Cache(NamedTuple):
-    """KV cache with one buffer per layer, each updated in place by the decode loop.
-
-    k, v: L × [B, K, S, H] (kv heads before slots, so attention reads each head's keys contiguously and no
-    step transposes the cache); key_mask [B, S]: slots holding real tokens; index: the next slot (shared by
-    all rows); next_position [B]: each row's next RoPE position.
-    """
-
-    k: tuple
-    v: tuple
-    key_mask: jax.Array
-    index: jax.Array
-    next_position: jax.Array
-
-
-# Finite, as in the model, so fully masked (padding) rows stay NaN-free.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
-def _norm_features(x_dn: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
-    """`rms_norm` over the feature axis (0) of feature-major activations."""
-    return rms_norm(x_dn.T, weight_d, eps).T
-
-
-def _layer(c, p: dict, x_dn, positions_bt, allowed_bts, k_cache, v_cache, index):
-    """One Qwen3 decoder layer on B·T new tokens (feature-major x [D, B·T]); their keys and values are written
-    into the [B, K, S, H] cache at slot `index`.
-
-    The computation of `fst_jax.models.qwen3.Qwen3`'s layer (same dtypes; float32 norms, RoPE and softmax),
-    held by the tests to transformers' generate and to the model's forward, in the decode layout of
-    `sampling_weights`.
-    """
-    dtype = canonical_dtype(c.dtype)
-    p = {name: w.astype(dtype) for name, w in p.items()}
-    B, T = positions_bt.shape
-    N, K, G, H = c.num_heads, c.num_kv_heads, c.queries_per_kv, c.head_dim
-
-    h_dn = _norm_features(x_dn, p["attn_norm"], c.rms_norm_eps)
-    with jax.named_scope("qkv"):
-        q_btnh = (p["q_proj"] @ h_dn).reshape(N, H, B, T).transpose(2, 3, 0, 1)
-        k_btkh = (p["k_proj"] @ h_dn).reshape(K, H, B, T).transpose(2, 3, 0, 1)
-        v_bkth = (p["v_proj"] @ h_dn).reshape(K, H, B, T).transpose(2, 0, 3, 1)
-        q_btnh = rms_norm(q_btnh, p["q_norm"], c.rms_norm_eps)
-        k_btkh = rms_norm(k_btkh, p["k_norm"], c.rms_norm_eps)
-    with jax.named_scope("rope"):
-        q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
-        k_bkth = apply_rope(k_btkh, positions_bt, c.rope_theta).transpose(0, 2, 1, 3)
-    with jax.named_scope("cache_update"):
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_bkth.astype(k_cache.dtype), (0, 0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_bkth.astype(v_cache.dtype), (0, 0, index, 0))
-    with jax.named_scope("attention"):
-        q_bktgh = q_btnh.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
-        scores = jnp.einsum("bktgh,bksh->bktgs", q_bktgh, k_cache.astype(dtype)).astype(jnp.float32)
-        scores = jnp.where(allowed_bts[:, None, :, None, :], scores * c.head_dim ** -0.5, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attn_bktgh = jnp.einsum("bktgs,bksh->bktgh", probs, v_cache.astype(dtype))
-        attn_mn = attn_bktgh.transpose(1, 3, 4, 0, 2).reshape(N * H, B * T)  # query head n = k·G + g
-        x_dn = x_dn + p["o_proj"] @ attn_mn
-    with jax.named_scope("mlp"):
-        h_dn = _norm_features(x_dn, p["mlp_norm"], c.rms_norm_eps)
-        x_dn = x_dn + p["down_proj"] @ (jax.nn.silu(p["gate_proj"] @ h_dn) * (p["up_proj"] @ h_dn))
-    return x_dn, k_cache, v_cache
-
-
-def _forward(c, weights: dict, tokens_bt, mask_bt, cache: _Cache, shardings: _Shardings | None):
+def _forward(c, weights: dict, tokens_bt, mask_bt, cache: KVCache, shardings: _Shardings | None):
     """Qwen3 on T new tokens written at cache slots [index, index + T): (the last token's final hidden state
-    after the final norm, feature-major [D, B]; the advanced cache). Masks and positions as `Qwen3.forward`."""
+    after the final norm, feature-major [D, B]; the advanced cache). The model's `decoder_layer` in the
+    `FEATURE_MAJOR` layout, one unrolled call per layer (each updates its own cache buffer in place)."""
     B, T = tokens_bt.shape
-    S = cache.key_mask.shape[1]
-    positions_bt = cache.next_position[:, None] + jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
-    key_mask_bs = jax.lax.dynamic_update_slice(cache.key_mask, mask_bt, (0, cache.index))
-    query_slot_t = cache.index + jnp.arange(T)
-    allowed_bts = key_mask_bs[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slot_t[None, :, None])
+    positions_bt, key_mask_bs, allowed_bts = step_masks(mask_bt, cache)
     with jax.named_scope("embed"):
-        x_dn = jnp.take(weights["embed"], tokens_bt.reshape(B * T), axis=0).astype(canonical_dtype(c.dtype)).T
-    kv, columns = (None, None) if shardings is None else (shardings.kv, shardings.columns)
+        x_dbt = jnp.take(weights["embed"], tokens_bt.reshape(B * T), axis=0).astype(canonical_dtype(c.dtype))
+        x_dbt = x_dbt.T.reshape(-1, B, T)
+    kv_sharding, features = (None, None) if shardings is None else (shardings.kv, shardings.features)
     ks, vs = [], []
     for p, k, v in zip(weights["layers"], cache.k, cache.v):
-        x_dn, k, v = _layer(c, p, _constrain(x_dn, columns), positions_bt, allowed_bts, k, v, cache.index)
-        ks.append(_constrain(k, kv))
-        vs.append(_constrain(v, kv))
-    last_db = x_dn.reshape(-1, B, T)[:, :, -1]
-    hidden_db = _norm_features(last_db, weights["final_norm"], c.rms_norm_eps)
-    return hidden_db, _Cache(k=tuple(ks), v=tuple(vs), key_mask=key_mask_bs, index=cache.index + T,
-                             next_position=cache.next_position + mask_bt.sum(axis=1, dtype=jnp.int32))
+        x_dbt, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, _constrain(x_dbt, features), positions_bt, allowed_bts,
+                                      (k, v), cache.index)
+        ks.append(_constrain(k, kv_sharding))
+        vs.append(_constrain(v, kv_sharding))
+    hidden_db = rms_norm(x_dbt[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
+    return hidden_db, cache.advanced(tuple(ks), tuple(vs), key_mask_bs, mask_bt)
 
 
 def _logits_vb(c, weights: dict, hidden_db: jax.Array) -> jax.Array:
@@ -368,16 +305,16 @@ def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_s
     dtype = canonical_dtype(cache_dtype)
     kv_sharding, row_sharding = (None, None) if shardings is None else (shardings.kv, shardings.rows)
     zeros = tuple(_constrain(jnp.zeros(shape, dtype), kv_sharding) for _ in range(config.num_layers))
-    cache = _Cache(k=zeros, v=zeros, key_mask=jnp.zeros((B, cache_len), bool), index=jnp.zeros((), jnp.int32),
-                   next_position=jnp.zeros((B,), jnp.int32))
+    cache = KVCache(k=zeros, v=zeros, key_mask=jnp.zeros((B, cache_len), bool), index=jnp.zeros((), jnp.int32),
+                    next_position=jnp.zeros((B,), jnp.int32))
     hidden_db, cache = _forward(config, weights, prompt_ids_bp, prompt_mask_bp, cache, shardings)
     logits_vb = _logits_vb(config, weights, hidden_db)
     if num_samples > 1:
         with jax.named_scope("repeat_samples"):
             rep = lambda x: _constrain(jnp.repeat(x, num_samples, axis=0), kv_sharding)  # noqa: E731
-            cache = _Cache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
-                           key_mask=jnp.repeat(cache.key_mask, num_samples, axis=0), index=cache.index,
-                           next_position=jnp.repeat(cache.next_position, num_samples, axis=0))
+            cache = KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
+                            key_mask=jnp.repeat(cache.key_mask, num_samples, axis=0), index=cache.index,
+                            next_position=jnp.repeat(cache.next_position, num_samples, axis=0))
             logits_vb = jnp.repeat(logits_vb, num_samples, axis=1)
     cache = cache._replace(key_mask=_constrain(cache.key_mask, row_sharding),
                            next_position=_constrain(cache.next_position, row_sharding))
@@ -389,7 +326,7 @@ def _prefill_out_shardings(config, shardings: _Shardings | None):
     if shardings is None:
         return None
     kv = (shardings.kv,) * config.num_layers
-    return (_Cache(k=kv, v=kv, key_mask=shardings.rows, index=shardings.scalar, next_position=shardings.rows),
+    return (KVCache(k=kv, v=kv, key_mask=shardings.rows, index=shardings.scalar, next_position=shardings.rows),
             shardings.columns)
 
 
