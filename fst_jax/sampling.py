@@ -35,7 +35,8 @@ from fst_jax import parallel
 from fst_jax.models.config import canonical_dtype
 from fst_jax.models.qwen3 import Qwen3, apply_rope, rms_norm
 
-__all__ = ["SampleOutput", "Sampler", "generate", "sample_logits", "sampling_weights", "bucket_length", "MIN_BUCKET"]
+__all__ = ["SampleOutput", "Sampler", "generate", "sample_logits", "sampling_weights", "abstract_sampling_weights",
+           "lower_sampler_programs", "bucket_length", "row_bucket", "MIN_BUCKET"]
 
 MIN_BUCKET = 16
 _STOP_SLOTS = 8  # stop-token ids are padded to a multiple of this, so their number rarely changes the shape
@@ -127,36 +128,108 @@ def _sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_
 
 # --------------------------------------------------------------------------------- the sampling weight layout
 
+# How each decode-layout weight derives from the model's (per-layer) parameter: its output dims, each a group of
+# the parameter's dims merged in order (q_proj [D, N, H] → [N·H, D]). One table serves the values and the shardings.
+_OUT_IN = {"q_proj": ((1, 2), (0,)), "k_proj": ((1, 2), (0,)), "v_proj": ((1, 2), (0,)), "o_proj": ((2,), (0, 1)),
+           "gate_proj": ((1,), (0,)), "up_proj": ((1,), (0,)), "down_proj": ((1,), (0,))}
+_TRANSPOSE = ((1,), (0,))
+
+
+def _regroup(x: jax.Array, groups) -> jax.Array:
+    order = [d for group in groups for d in group]
+    shape = [math.prod(x.shape[d] for d in group) for group in groups]
+    return x.transpose(order).reshape(shape)
+
+
+def _regroup_spec(spec: P, groups) -> P:
+    """The spec of `_regroup`'s result: a merged dim is split over its parts' mesh axes, major first."""
+    entries = tuple(spec) + (None,) * (1 + max(max(g) for g in groups) - len(spec))
+    out = []
+    for group in groups:
+        axes = tuple(a for d in group if entries[d] is not None
+                     for a in ((entries[d],) if isinstance(entries[d], str) else entries[d]))
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _layout(tree: dict, config, one, layer_of) -> dict:
+    """Map the model's pure-dict parameters (or a tree of that structure) to the decode layout: `one(leaf,
+    groups)` for each array, applied to `layer_of(leaf, i)` for layer i of a stacked one."""
+    layers = tuple({name: one(layer_of(w, i), _OUT_IN.get(name)) for name, w in tree["layers"].items()}
+                   for i in range(config.num_layers))
+    return {"embed": one(tree["embed"], None), "final_norm": one(tree["final_norm"], None),
+            "unembed_vd": None if config.tie_word_embeddings else one(tree["lm_head"], _TRANSPOSE),
+            "layers": layers}
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_shardings(config, mesh: Mesh, rules: parallel.Rules) -> dict:
+    """NamedShardings of the decode layout: each weight split as `rules` split the model parameter it comes
+    from (whole on each batch shard with SAMPLE_RULES, split by `tensor`)."""
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))), nnx.Param)
+    shardings = nnx.to_pure_dict(parallel.param_shardings(abstract, mesh, rules))
+    return _layout(shardings, config,
+                   lambda s, groups: s if groups is None else NamedSharding(mesh, _regroup_spec(s.spec, groups)),
+                   lambda s, i: NamedSharding(mesh, P(*tuple(s.spec)[1:])))  # a layer: the stack's without `layers`
+
+
 def sampling_weights(params: nnx.State, config, mesh: Mesh | None = None,
                      rules: parallel.Rules = parallel.SAMPLE_RULES) -> dict:
     """The model's parameters laid out for decoding: {"embed", "final_norm", "unembed_vd", "layers"}.
 
-    Two differences from the model's layout, both measured on XLA:CPU inside the decode loop:
+    Every weight is held in the compute dtype (`config.dtype`), never in `param_dtype`: sampling computes in
+    that dtype anyway, and a float32 copy of the master weights would double the sampler's memory.
+    Two layout differences from the model, both measured on XLA:CPU inside the decode loop:
     - `layers` is a tuple of per-layer dicts, not arrays stacked along a leading axis: scanning over stacked
       weights makes XLA copy each layer's slice out of the stack every step (3x the weight traffic).
     - every projection is a 2-D [out, in] matrix (q_proj [N·H, D], o_proj [D, N·H], gate_proj [F, D], ...)
       applied weight-first to feature-major activations [features, tokens]: for the few-token matmuls of a
       decode step that streams the weights about 1.6x faster than [tokens, in] @ [in, out].
     `unembed_vd` is the LM head as [V, D] (None when tied: the embedding serves). With a mesh, every array
-    gets the sharding `rules` give the model's parameter (whole on each batch shard, split by `tensor`).
+    gets the sharding `rules` give the model's parameter (whole on each batch shard, split by `tensor`);
+    parameters already on the mesh's devices go in as they are (e.g. FSDP-sharded training weights), so no
+    full-precision replicated copy is ever made. `abstract_sampling_weights` gives this layout's shapes.
     """
-    if mesh is not None:
-        params = jax.device_put(params, parallel.param_shardings(params, mesh, rules))
-    return _relayout(nnx.to_pure_dict(params), config=config)
+    rules = _hashable_rules(rules)
+    if mesh is not None:  # arrays elsewhere (host, one device) are first placed on the mesh
+        devices = set(mesh.devices.flat)
+        target = parallel.param_shardings(params, mesh, rules)
+        params = jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) and x.sharding.device_set == devices
+                              else jax.device_put(x, s), params, target)
+    return _relayout_program(config, mesh, rules)(nnx.to_pure_dict(params))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+def abstract_sampling_weights(config, abstract_params: nnx.State, mesh: Mesh | None = None,
+                              rules: parallel.Rules = parallel.SAMPLE_RULES) -> dict:
+    """`sampling_weights` without the arrays: jax.ShapeDtypeStructs (with their NamedSharding on a mesh) of
+    exactly the layout `Sampler.set_params` makes. `abstract_params`: the model's nnx.State of
+    ShapeDtypeStructs (`nnx.split(nnx.eval_shape(...), nnx.Param)`), in any dtype and sharding."""
+    rules = _hashable_rules(rules)
+    flat = nnx.to_pure_dict(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params))
+    shapes = jax.eval_shape(_relayout_program(config, None, rules), flat)
+    if mesh is None:
+        return shapes
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        _layout_shardings(config, mesh, rules))
+
+
+def _hashable_rules(rules: parallel.Rules) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
 def _relayout(flat: dict, *, config) -> dict:
-    # One program rather than many eager ops: a new Sampler of a known shape compiles nothing.
-    D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    stacked = flat["layers"]
-    out_in = {"q_proj": lambda w: w.reshape(D, N * H).T, "k_proj": lambda w: w.reshape(D, K * H).T,
-              "v_proj": lambda w: w.reshape(D, K * H).T, "o_proj": lambda w: w.reshape(N * H, D).T,
-              "gate_proj": lambda w: w.T, "up_proj": lambda w: w.T, "down_proj": lambda w: w.T}
-    layers = tuple({name: out_in.get(name, lambda w: w)(w[i]) for name, w in stacked.items()}
-                   for i in range(config.num_layers))
-    return {"embed": flat["embed"], "final_norm": flat["final_norm"],
-            "unembed_vd": None if config.tie_word_embeddings else flat["lm_head"].T, "layers": layers}
+    dtype = canonical_dtype(config.dtype)
+    return _layout(flat, config, lambda w, groups: (w if groups is None else _regroup(w, groups)).astype(dtype),
+                   lambda w, i: w[i])
+
+
+@functools.lru_cache(maxsize=64)
+def _relayout_program(config, mesh: Mesh | None, rules: parallel.Rules):
+    """The relayout as one jitted program (a new Sampler of a known shape compiles nothing); the cast and the
+    regathering happen inside it, so a float32 or FSDP-sharded input is never copied whole. Its explicit
+    out_shardings are the exact shardings `abstract_sampling_weights` states."""
+    out = None if mesh is None else _layout_shardings(config, mesh, rules)
+    return jax.jit(functools.partial(_relayout, config=config), out_shardings=out)
 
 
 class _Shardings(NamedTuple):
@@ -166,6 +239,17 @@ class _Shardings(NamedTuple):
     kv: NamedSharding
     rows: NamedSharding
     columns: NamedSharding
+    scalar: NamedSharding
+
+
+def _program_shardings(config, mesh: Mesh | None, rules: parallel.Rules) -> _Shardings | None:
+    if mesh is None:
+        return None
+    kv_spec = parallel.logical_to_spec(("batch", "kv_heads", None, "head_dim"), rules, mesh,
+                                       (parallel.batch_size_multiple(mesh), config.num_kv_heads, 1, config.head_dim))
+    rows = parallel.batch_sharding(mesh, 1)
+    return _Shardings(kv=NamedSharding(mesh, kv_spec), rows=rows, columns=NamedSharding(mesh, P(None, *rows.spec)),
+                      scalar=NamedSharding(mesh, P()))
 
 
 class _Cache(NamedTuple):
@@ -276,7 +360,8 @@ def _constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
 def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_samples, cache_dtype, shardings):
     """Run the prompts into a fresh cache; repeat it `num_samples` times along the batch.
 
-    Returns the cache (L × [B·n, K, S, H]) and the float32 logits [V, B·n] at each prompt's last token.
+    Returns the cache (L × [B·n, K, S, H]) and the float32 logits [V, B·n] at each prompt's last token, every
+    output with the sharding `_prefill_out_shardings` states.
     """
     B = prompt_ids_bp.shape[0]
     shape = (B, config.num_kv_heads, cache_len, config.head_dim)
@@ -299,8 +384,17 @@ def _prefill(weights, prompt_ids_bp, prompt_mask_bp, *, config, cache_len, num_s
     return cache, logits_vb
 
 
+def _prefill_out_shardings(config, shardings: _Shardings | None):
+    """The shardings of `_prefill`'s outputs (the jit's out_shardings, so arrays carry exactly these)."""
+    if shardings is None:
+        return None
+    kv = (shardings.kv,) * config.num_layers
+    return (_Cache(k=kv, v=kv, key_mask=shardings.rows, index=shardings.scalar, next_position=shardings.rows),
+            shardings.columns)
+
+
 def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, temperature, top_p, top_k, stop_ids,
-            *, config, max_new_tokens, pad_id, shardings):
+            pad_id, *, config, max_new_tokens, shardings):
     """Sample the first token from the prefill logits, then loop: forward one token, sample the next.
 
     The loop stops when every row has produced a stop token or `max_new_tokens` tokens; rows that are done
@@ -345,9 +439,77 @@ def _decode(weights, cache, logits_vb, row_active_b, sample_index_b, seed, tempe
     return (tokens, logprobs, lengths, finished), cache
 
 
-_STATIC = ("config", "shardings")
-_prefill_jit = jax.jit(_prefill, static_argnames=_STATIC + ("cache_len", "num_samples", "cache_dtype"))
-_decode_jit = jax.jit(_decode, static_argnames=_STATIC + ("max_new_tokens", "pad_id"), donate_argnames=("cache",))
+@functools.lru_cache(maxsize=64)
+def _programs(config, shardings: _Shardings | None):
+    """The jitted (prefill, decode) of one model config and mesh layout, shared by every Sampler of it.
+
+    Prefill states its out_shardings: an output's sharding is then exactly that object, so the decode program
+    lowered ahead of time for it (`lower_sampler_programs`) is the one a call finds in jax's caches (jax
+    otherwise reports e.g. P('fsdp') for P('fsdp', None, None, None), a different cache key).
+    """
+    prefill = jax.jit(functools.partial(_prefill, config=config, shardings=shardings),
+                      static_argnames=("cache_len", "num_samples", "cache_dtype"),
+                      out_shardings=_prefill_out_shardings(config, shardings))
+    decode = jax.jit(functools.partial(_decode, config=config, shardings=shardings),
+                     static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+    return prefill, decode
+
+
+def _statics(cache_dtype: str, bucket: int, max_new_tokens: int, num_samples: int):
+    """The static arguments of (prefill, decode) for a request: with the shapes, all that selects a program."""
+    return (dict(cache_len=bucket + max_new_tokens, num_samples=num_samples, cache_dtype=cache_dtype),
+            dict(max_new_tokens=max_new_tokens))
+
+
+def row_bucket(n_rows: int, mesh: Mesh | None = None) -> int:
+    """The number of prompt rows a `generate` call of `n_rows` prompts runs: the rows per batch shard rounded
+    up to a power of two, times the mesh's batch multiple (data × fsdp). A run thus compiles a few programs
+    (one per power of two), all known in advance; the extra rows are inactive and change no real row."""
+    if not (isinstance(n_rows, (int, np.integer)) and n_rows >= 1):
+        raise ValueError(f"the number of rows must be a positive integer, got {n_rows!r}")
+    multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
+    per_shard = -(-int(n_rows) // multiple)
+    return (1 << (per_shard - 1).bit_length()) * multiple
+
+
+def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | None = None,
+                           rules: parallel.Rules = parallel.SAMPLE_RULES, rows: int, prompt_len: int,
+                           max_new_tokens: int, num_samples: int = 1, cache_dtype=None) -> dict:
+    """Lower, without any array, the two programs `Sampler(model, mesh=mesh, rules=rules,
+    cache_dtype=cache_dtype).generate` runs for `rows` prompts whose longest has `prompt_len` tokens:
+    {"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}.
+
+    Same row and prompt buckets, static arguments, dtypes, shardings and donation as `generate` (with up to
+    8 stop tokens), so compiling them fills jax's compilation cache and that `generate` then compiles
+    nothing. `abstract_params`: as for `abstract_sampling_weights`. `.compile().memory_analysis()` of each
+    gives its per-device memory.
+    """
+    n = num_samples
+    shardings = _program_shardings(config, mesh, _hashable_rules(rules))
+    weights = abstract_sampling_weights(config, abstract_params, mesh, rules)
+    Bp, bucket = row_bucket(rows, mesh), bucket_length(prompt_len)
+    cache_dtype = canonical_dtype(cache_dtype or config.dtype).name
+    prefill_static, decode_static = _statics(cache_dtype, bucket, max_new_tokens, n)
+    prefill_jit, decode_jit = _programs(config, shardings)
+
+    def batched(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=None if mesh is None else
+                                    parallel.batch_sharding(mesh, len(shape)))
+
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731  (host scalars in `generate`)
+    with _mesh_context(mesh):
+        prompt = (batched((Bp, bucket), jnp.int32), batched((Bp, bucket), jnp.bool_))
+        prefill = prefill_jit.lower(weights, *prompt, **prefill_static)
+        cache, logits = jax.eval_shape(functools.partial(prefill_jit, **prefill_static), weights, *prompt)
+        if shardings is not None:
+            cache, logits = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         (cache, logits), _prefill_out_shardings(config, shardings))
+        decode = decode_jit.lower(weights, cache, logits, batched((Bp * n,), jnp.bool_),
+                                   batched((Bp * n,), jnp.int32), scalar(jnp.uint32), scalar(jnp.float32),
+                                   scalar(jnp.float32), scalar(jnp.int32),
+                                   jax.ShapeDtypeStruct((_STOP_SLOTS,), jnp.int32), scalar(jnp.int32),
+                                   **decode_static)
+    return {"prefill": prefill, "decode": decode}
 
 
 # ------------------------------------------------------------------------------------------------ the sampler
@@ -370,16 +532,9 @@ class Sampler:
         else:
             graphdef, params = model
             self.config = nnx.merge(graphdef, params).config
-        self.mesh, self.rules = mesh, rules
+        self.mesh, self.rules = mesh, _hashable_rules(rules)
         self.cache_dtype = canonical_dtype(cache_dtype or self.config.dtype).name
-        self._shardings = None
-        if mesh is not None:
-            c = self.config
-            kv_spec = parallel.logical_to_spec(("batch", "kv_heads", None, "head_dim"), rules, mesh,
-                                               (parallel.batch_size_multiple(mesh), c.num_kv_heads, 1, c.head_dim))
-            rows = parallel.batch_sharding(mesh, 1)
-            self._shardings = _Shardings(kv=NamedSharding(mesh, kv_spec), rows=rows,
-                                         columns=NamedSharding(mesh, P(None, *rows.spec)))
+        self._shardings = _program_shardings(self.config, mesh, self.rules)
         self.set_params(params)
 
     def set_params(self, params: nnx.State) -> None:
@@ -392,15 +547,15 @@ class Sampler:
                  num_samples: int = 1, pad_id: int = 0) -> SampleOutput:
         """Sample `num_samples` completions of each prompt (token ids). See `SampleOutput` for the result.
 
-        temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. None of these, nor the seed or
-        the stop tokens, is compiled in: only the batch size, the prompt bucket, max_new_tokens and
-        num_samples select a program.
+        temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. None of these, nor the seed,
+        the stop tokens or pad_id, is compiled in: only the row bucket (`row_bucket`), the prompt bucket
+        (`bucket_length`), max_new_tokens and num_samples select a program (`lower_sampler_programs` lowers
+        the same programs ahead of time).
         """
         _check_request(prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
         n = num_samples
-        multiple = 1 if self.mesh is None else parallel.batch_size_multiple(self.mesh)
         B = len(prompts)
-        Bp = -(-B // multiple) * multiple
+        Bp = row_bucket(B, self.mesh)
         bucket = bucket_length(max(len(p) for p in prompts))
         ids = np.full((Bp, bucket), pad_id, np.int32)
         mask = np.zeros((Bp, bucket), bool)
@@ -416,15 +571,14 @@ class Sampler:
         stops = np.full(max(1, -(-len(stop_token_ids) // _STOP_SLOTS)) * _STOP_SLOTS, -1, np.int32)
         stops[:len(stop_token_ids)] = stop_token_ids
 
-        static = dict(config=self.config, shardings=self._shardings)
+        prefill_static, decode_static = _statics(self.cache_dtype, bucket, max_new_tokens, n)
+        prefill_jit, decode_jit = _programs(self.config, self._shardings)
         with _mesh_context(self.mesh):
-            cache, logits = _prefill_jit(self.weights, self._place(ids), self._place(mask),
-                                         cache_len=bucket + max_new_tokens, num_samples=n,
-                                         cache_dtype=self.cache_dtype, **static)
-            result, _ = _decode_jit(self.weights, cache, logits, self._place(row_active),
+            cache, logits = prefill_jit(self.weights, self._place(ids), self._place(mask), **prefill_static)
+            result, _ = decode_jit(self.weights, cache, logits, self._place(row_active),
                                     self._place(np.arange(Bp * n, dtype=np.int32)), np.uint32(seed % 2**32),
                                     np.float32(temperature), np.float32(top_p), np.int32(top_k), stops,
-                                    max_new_tokens=max_new_tokens, pad_id=pad_id, **static)
+                                    np.int32(pad_id), **decode_static)
         tokens, logprobs, lengths, finished = (_to_host(x) for x in result)
         return SampleOutput(tokens=[tokens[r, :lengths[r]].tolist() for r in range(B * n)],
                             logprobs=[logprobs[r, :lengths[r]].copy() for r in range(B * n)],
