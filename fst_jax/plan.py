@@ -113,7 +113,7 @@ def sampler_calls(config) -> dict[str, SamplerCall]:
     """Every kind of sampler call the run makes, at the shapes it makes them (the run pads each call's rows to
     its kind's `prompts`, splitting bigger requests; `fst.FSTRunner` uses this table too).
 
-    rollout: B·K prompts × G/K samples (RL-only: B × G). gepa_minibatch: a GEPA iteration's parents or
+    rollout: B·K prompts × G/K samples (RL-only: B × G), in calls of at most `sampler_rows` rows. gepa_minibatch: a GEPA iteration's parents or
     children on their minibatches (proposals × minibatch size). gepa: GEPA's window scoring, in calls of at
     most `sampler_rows` rows. reflection: the local reflection LM on the base weights. eval: mean@k, k samples
     of up to `sampler_rows` // k prompts. kl_sample: the KL evaluation's responses.
@@ -125,7 +125,8 @@ def sampler_calls(config) -> dict[str, SamplerCall]:
     proposals = int(c.gepa.proposals_per_iteration)
     calls = {}
     if c.method != "gepa":
-        calls["rollout"] = SamplerCall(B * K, G // K, prompt, new, release_after=True)
+        calls["rollout"] = SamplerCall(min(B * K, max(1, max_rows // (G // K))), G // K, prompt, new,
+                                       release_after=True)
     if c.method != "rl":
         window = B * int(c.cycle.rl_steps)
         calls["gepa_minibatch"] = SamplerCall(min(proposals * int(c.gepa.minibatch_size), max_rows), 1, prompt, new)
@@ -183,6 +184,7 @@ class ProgramMemory:
     compile_s: float
     cpu_temp: int = 0
     cpu_upcast: int = 0
+    compiled: bool = True
 
     def peak(self, resident_bytes: dict[str, int]) -> int:
         """Resident buffers alive (its arguments among them) + temporaries + outputs not written in place."""
@@ -222,6 +224,7 @@ class Plan:
                 "programs": {n: {"temp_gb": gb(p.temp), "argument_gb": gb(p.argument), "output_gb": gb(p.output),
                                  "alias_gb": gb(p.alias), "peak_gb": gb(p.peak(self.resident)),
                                  "cpu_temp_gb": gb(p.cpu_temp), "cpu_upcast_gb": gb(p.cpu_upcast),
+                                 "compiled": p.compiled,
                                  "resident": list(p.resident), "compile_s": round(p.compile_s, 1)}
                              for n, p in self.programs.items()}}
 
@@ -231,10 +234,13 @@ class Plan:
                  f"(fits below {(1 - HEADROOM) * self.device_memory_gb:.1f} GB)", "",
                  f"{'resident buffer':<28}{'GB/device':>10}"]
         lines += [f"{name:<28}{b / GB:>10.2f}" for name, b in self.resident.items()]
-        lines += ["", f"{'program':<22}{'temp':>8}{'args':>8}{'out':>8}{'peak':>8}  resident alive"]
+        lines += ["", f"{'program':<22}{'temp':>8}{'cpu temp':>9}{'args':>8}{'out':>8}{'peak':>8}  resident alive"]
         for name, p in self.programs.items():
-            lines.append(f"{name:<22}{p.temp / GB:>8.2f}{p.argument / GB:>8.2f}{p.output / GB:>8.2f}"
-                         f"{p.peak(self.resident) / GB:>8.2f}  {', '.join(p.resident)}")
+            numbers = (f"{p.temp / GB:>8.2f}{p.cpu_temp / GB:>9.2f}{p.argument / GB:>8.2f}{p.output / GB:>8.2f}"
+                       if p.compiled else f"{'not compiled':>33}")
+            lines.append(f"{name:<22}{numbers}{p.peak(self.resident) / GB:>8.2f}  {', '.join(p.resident)}")
+        lines += ["", "temp: the compiled temporaries less XLA:CPU's float32 copies of bf16 arguments (see "
+                      "cpu_upcast_bytes); peak: resident alive + temp + outputs not written in place"]
         lines += ["", f"peak {self.peak_bytes / GB:.2f} GB/device in {self.peak_program}: "
                       f"{'fits' if self.fits else 'DOES NOT FIT'} ({self.seconds:.0f} s to plan)"]
         return "\n".join(lines)
@@ -248,8 +254,7 @@ class Plan:
         items = {name: self.resident[name] for name in program.resident}
         items[f"{self.peak_program} temporaries"] = program.temp
         biggest = sorted(items, key=items.get, reverse=True)[:3]
-        described = "; ".join(f"{n} {items[n] / GB:.1f} GB ({_LEVERS.get(n.split(' ')[0].split('_kv')[0], 'mesh')})"
-                              for n in biggest)
+        described = "; ".join(f"{n} {items[n] / GB:.1f} GB ({_lever(n)})" for n in biggest)
         return (f"does not fit: peak {self.peak_bytes / GB:.1f} GB/device in {self.peak_program} > {limit:.1f} GB "
                 f"(90% of config.mesh.device_memory_gb={self.device_memory_gb:g}); biggest: {described}")
 
@@ -270,6 +275,12 @@ _LEVERS = {
 }
 
 
+def _lever(item: str) -> str:
+    """The config fields that shrink a resident buffer or a program's temporaries."""
+    key = item.removesuffix(" temporaries").removesuffix("_kv_cache").removesuffix("_prefill").removesuffix("_decode")
+    return _LEVERS.get(key, "config.mesh")
+
+
 def _bytes(tree) -> int:
     """Per-device bytes of a pytree of ShapeDtypeStructs with shardings (the largest shard, every leaf)."""
     total = 0
@@ -279,7 +290,7 @@ def _bytes(tree) -> int:
     return total
 
 
-def _compile(lowered, resident: tuple[str, ...]) -> tuple[ProgramMemory, Any]:
+def _compile(lowered, resident: tuple[str, ...]) -> ProgramMemory:
     t0 = time.perf_counter()
     compiled = lowered.compile()
     m = compiled.memory_analysis()
@@ -287,7 +298,7 @@ def _compile(lowered, resident: tuple[str, ...]) -> tuple[ProgramMemory, Any]:
     return ProgramMemory(temp=max(0, int(m.temp_size_in_bytes) - upcast), argument=int(m.argument_size_in_bytes),
                          output=int(m.output_size_in_bytes), alias=int(m.alias_size_in_bytes), resident=resident,
                          compile_s=time.perf_counter() - t0, cpu_temp=int(m.temp_size_in_bytes),
-                         cpu_upcast=upcast), compiled
+                         cpu_upcast=upcast)
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> (.*) \{$")
@@ -362,13 +373,17 @@ def device_memory_gb(config) -> float:
 def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
     """Lower and compile every jitted program of the run `config` describes, from abstract shapes; measure.
 
-    `only`: plan just these programs (names of `sampler_calls`, "kl", "update"), e.g. to iterate on one."""
+    Everything is lowered first (seconds); when the resident buffers alone (state, sampler weights, the largest
+    KV cache) already exceed the budget, nothing is compiled and the plan reports that. `only`: plan just these
+    programs (names of `sampler_calls`, "kl", "update"), e.g. to iterate on one.
+    """
     t_start = time.perf_counter()
     validate(config, require_checkpoint=False)
     c = config
     model_cfg = model_config(c)
     mesh = parallel.make_mesh(mesh_config(c))
     rows_sharding = lambda ndim: parallel.batch_sharding(mesh, ndim)  # noqa: E731
+    wanted = lambda name: only is None or name in only  # noqa: E731
 
     graphdef, params = abstract_params(model_cfg, mesh)
     _, base = abstract_params(model_cfg, mesh, dtype=model_cfg.dtype)
@@ -376,61 +391,71 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
     state = rl_step.abstract_state(graphdef, params, rl_config)
     resident = {"train_params": _bytes(state.params), "optimizer_state": _bytes(state.opt_state),
                 "base_params": _bytes(base)}
-    programs: dict[str, ProgramMemory] = {}
-    also_compiled: list[str] = []
     state_items = ("train_params", "optimizer_state", "base_params")
+    lowered: dict[str, tuple[Any, tuple[str, ...]]] = {}  # program -> (Lowered, resident items alive)
+    smaller: list[tuple[str, Any]] = []                    # smaller prompt buckets: compiled, not accounted
 
     with jax.set_mesh(mesh):
-        weights = sampling.abstract_sampling_weights(model_cfg, params, mesh=mesh)
-        resident["sampler_weights"] = _bytes(weights)
-        B, G = int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem)
+        resident["sampler_weights"] = _bytes(sampling.abstract_sampling_weights(model_cfg, params, mesh=mesh))
         for name, call in sampler_calls(c).items():
-            if only is not None and name not in only:
+            if not wanted(name):
                 continue
-            lowered = sampling.lower_sampler_programs(model_cfg, params, mesh=mesh, rows=call.prompts,
-                                                      prompt_len=call.prompt_tokens,
-                                                      max_new_tokens=call.max_new_tokens,
-                                                      num_samples=call.num_samples)
-            for bucket in prompt_buckets(c, call.prompt_tokens)[:-1]:  # smaller buckets: compiled, not accounted
-                t0 = time.perf_counter()
-                smaller = sampling.lower_sampler_programs(model_cfg, params, mesh=mesh, rows=call.prompts,
-                                                          prompt_len=bucket, max_new_tokens=call.max_new_tokens,
-                                                          num_samples=call.num_samples)
-                smaller["prefill"].compile(), smaller["decode"].compile()
-                log(f"plan: {name}: prompt bucket {bucket} compiled ({time.perf_counter() - t0:.0f} s)")
-                also_compiled.append(f"{name}@{bucket}")
-            kv = f"{name}_kv_cache"
-            log(f"plan: {name}: {sampling.row_bucket(call.prompts, mesh)} prompt rows × {call.num_samples} "
-                f"samples, prompt bucket {sampling.bucket_length(call.prompt_tokens)}, {call.max_new_tokens} new")
-            programs[f"{name}_prefill"], prefill = _compile(lowered["prefill"], state_items + ("sampler_weights",))
-            cache_shapes = lowered["prefill"].out_info[0]
-            resident[kv] = _bytes(jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), cache_shapes,
-                                               prefill.output_shardings[0]))
-            programs[f"{name}_decode"], _ = _compile(lowered["decode"], state_items + ("sampler_weights", kv))
+            for bucket in prompt_buckets(c, call.prompt_tokens):
+                programs = sampling.lower_sampler_programs(model_cfg, params, mesh=mesh, rows=call.prompts,
+                                                           prompt_len=bucket, max_new_tokens=call.max_new_tokens,
+                                                           num_samples=call.num_samples)
+                if bucket < sampling.bucket_length(call.prompt_tokens):
+                    smaller.append((f"{name}@{bucket}", programs))
+                    continue
+                kv = f"{name}_kv_cache"
+                resident[kv] = _bytes(programs["prefill"].out_info[0])
+                log(f"plan: {name}: {sampling.row_bucket(call.prompts, mesh)} prompt rows × {call.num_samples} "
+                    f"samples, prompt bucket {bucket}, {call.max_new_tokens} new tokens, KV cache "
+                    f"{resident[kv] / GB:.2f} GB/device")
+                lowered[f"{name}_prefill"] = (programs["prefill"], state_items + ("sampler_weights",))
+                lowered[f"{name}_decode"] = (programs["decode"], state_items + ("sampler_weights", kv))
 
-        if c.eval.kl_prompts and (only is None or "kl" in only):
+        if c.eval.kl_prompts and wanted("kl"):
             kl_rows = sampling.row_bucket(sampler_calls(c)["kl_sample"].prompts, mesh)
-            length = kl_length(c)
-            ids = _sds((kl_rows, length), jnp.int32, rows_sharding(2))
-            lowered = evals.lower_kl_program(graphdef, state.params, base, ids, ids,
-                                             chunk_size=c.rl.logprob_chunk_size)
-            log(f"plan: kl: {kl_rows} rows × {length} tokens")
-            programs["kl"], _ = _compile(lowered, state_items + ("sampler_weights",))
+            new = int(c.eval.kl_max_new_tokens)
+            for bucket in prompt_buckets(c, c.sampling.max_prompt_tokens):  # as for the sampler: largest accounted
+                ids = _sds((kl_rows, evals.kl_sequence_length(bucket, new)), jnp.int32, rows_sharding(2))
+                program = evals.lower_kl_program(graphdef, state.params, base, ids, ids,
+                                                 chunk_size=c.rl.logprob_chunk_size)
+                if bucket < sampling.bucket_length(int(c.sampling.max_prompt_tokens)):
+                    smaller.append((f"kl@{bucket}", {"kl": program}))
+                    continue
+                log(f"plan: kl: {kl_rows} rows × {kl_length(c)} tokens")
+                lowered["kl"] = (program, state_items + ("sampler_weights",))
 
-        if c.method != "gepa" and (only is None or "update" in only):
-            rows = B * G
+        if c.method != "gepa" and wanted("update"):
             multiple = rl_config.micro_batch_size or parallel.batch_size_multiple(mesh)
-            rows = -(-rows // multiple) * multiple
+            rows = -(-int(c.cycle.problems_per_step) * int(c.cycle.rollouts_per_problem) // multiple) * multiple
             T = update_length(c)
             f32 = lambda: _sds((rows, T), jnp.float32, rows_sharding(2))  # noqa: E731
             i32 = lambda: _sds((rows, T), jnp.int32, rows_sharding(2))  # noqa: E731
             rollouts = Rollouts(input_ids=i32(), attention_mask=i32(), loss_mask=f32(), old_logprobs=f32(),
                                 advantages=_sds((rows,), jnp.float32, rows_sharding(1)))
             log(f"plan: update: {rows} rows × {T} tokens, micro-batch {rl_config.micro_batch_size}")
-            lowered = rl_step.lower_update(state, base, rollouts, rl_config)
-            programs["update"], _ = _compile(lowered, state_items)  # the sampler's copy is released (rollout)
-    plan = Plan(devices=mesh.size, device_memory_gb=device_memory_gb(c), resident=resident, programs=programs,
-                model=_describe(model_cfg, c), also_compiled=also_compiled)
+            # the sampler's copy is released after the rollouts (run_sampler), so it is not alive here
+            lowered["update"] = (rl_step.lower_update(state, base, rollouts, rl_config), state_items)
+
+    plan = Plan(devices=mesh.size, device_memory_gb=device_memory_gb(c), resident=resident, programs={},
+                model=_describe(model_cfg, c))
+    # A lower bound first: the programs' resident buffers alone, no temporaries.
+    plan.programs = {n: ProgramMemory(0, 0, 0, 0, items, 0.0, compiled=False) for n, (_, items) in lowered.items()}
+    if plan.fits:
+        for name, (program, items) in lowered.items():
+            plan.programs[name] = _compile(program, items)
+            log(f"plan: compiled {name} in {plan.programs[name].compile_s:.0f} s")
+        for name, programs in smaller:
+            t0 = time.perf_counter()
+            for program in programs.values():
+                program.compile()
+            plan.also_compiled.append(name)
+            log(f"plan: compiled {name} (prompt bucket, not accounted) in {time.perf_counter() - t0:.0f} s")
+    else:
+        log("plan: the resident buffers alone exceed the budget; nothing compiled")
     plan.seconds = time.perf_counter() - t_start
     return plan
 

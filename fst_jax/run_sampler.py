@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from fst_jax.sampling import SampleOutput, Sampler, row_bucket
 
 __all__ = ["SharedSampler", "SamplerView"]
@@ -76,9 +78,11 @@ class SamplerView:
         if not sizes:  # not a planned call (e.g. a test's own request): as asked
             return sampler.generate(prompts, max_new_tokens=max_new_tokens, num_samples=num_samples, **kwargs)
         outputs = []
-        for start in range(0, len(prompts), sizes[-1]):
+        for chunk, start in enumerate(range(0, len(prompts), sizes[-1])):
             piece = list(prompts[start:start + sizes[-1]])
             rows = _padded_count(len(piece), next(s for s in sizes if s >= len(piece)), sampler.mesh)
+            if chunk:  # a sample's noise follows its index in the call: later calls need their own seed
+                kwargs["seed"] = int(np.random.SeedSequence([kwargs.get("seed", 0), chunk]).generate_state(1)[0])
             out = sampler.generate(piece + [piece[-1]] * (rows - len(piece)), max_new_tokens=max_new_tokens,
                                    num_samples=num_samples, **kwargs)
             keep = len(piece) * num_samples
