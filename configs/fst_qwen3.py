@@ -19,12 +19,17 @@ from fst_jax.config import default_config
 def get_config():
     c = default_config()
     c.model.path = "~/models/Qwen3-8B"
+    c.model.preset = "8B"                  # the shapes --dry_run plans when model.path holds no config.json
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"        # fp32 master weights: AdamW steps of lr 1e-6 vanish in bf16
-    c.model.remat = "dots_saveable"
+    # The plan (launch/train.py --dry_run, README "Planning a run"): with dots_saveable every layer keeps its
+    # [T, T] attention scores for the backward pass (816 GB/device at 32 rows × 5120 tokens); recomputing
+    # each layer from its input and 8-row micro-batches (one row per device) bring the update to ≈ 42 GB.
+    c.model.remat = "nothing_saveable"
     # 8 GPUs: parameters FSDP-sharded for the update; the sampler replicates them over the batch axes
     # (parallel.SAMPLE_RULES) and splits the batch. On a TPU slice or 2×8 GPUs, change only these sizes.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+    c.mesh.device_memory_gb = 80.0         # H100 80 GB
 
     c.tasks = {"codeio": dict(task="codeio", train_files="~/data/codeio/train.jsonl",
                               val_files="~/data/codeio/val.jsonl", val_fraction=0.0,
@@ -33,9 +38,14 @@ def get_config():
 
     # Paper (RECIPE.md §Cycle, §Slow weights): T=6, B=32, G=8, K=4, CISPO τ=4, KL 1e-3, AdamW lr 1e-6,
     # 10 warm-up steps, GEPA 960 rollouts per cycle — all kept at default_config()'s values.
-    c.rl.micro_batch_size = 32             # 256 rollouts per step in 8 micro-batches (memory, not maths)
+    c.rl.micro_batch_size = 8              # 256 rollouts per step in 32 micro-batches (memory, not maths)
     c.rl.logprob_chunk_size = 512          # never build [B, T, 151936] fp32 logits
     c.sampling.max_new_tokens = 4096
+    c.sampling.max_prompt_tokens = 1024    # CodeIO prompts (system + program + input); longer ones are errors
+    # GEPA's window scoring and mean@k in calls of ≤ 128 rows: 256-row prefills at 1024 prompt tokens need
+    # ≈ 31 GB/device of attention temporaries on top of the 24 GB cache (the rollout's 256 rows prefill only
+    # its 128 distinct prompts, then copy the cache for the G/K = 2 samples each).
+    c.sampling.max_rows = 128
     c.eval.max_new_tokens = 4096
     c.gepa.reflection.kind = "local"       # the frozen base; the paper used a hosted model ("openai")
     c.total_steps = 200

@@ -58,6 +58,11 @@ def get_config():
 
     c.sampling.temperature = 1.0
     c.sampling.max_new_tokens = 16
+    # Rendered prompts run 35-125 tokens (system prompts ≤ gepa.max_prompt_chars) and reflection prompts
+    # 316-450: the plan compiles the 64 and 128 buckets (and 512 for reflection), the run needs no other.
+    c.sampling.max_prompt_tokens = 128
+    c.sampling.min_prompt_tokens = 33
+    c.sampling.max_rows = 256              # GEPA's window scoring in one call (32 items × up to 8 children)
 
     c.rl.learning_rate = 3e-4
     c.rl.warmup_steps = 2
@@ -72,6 +77,7 @@ def get_config():
     c.gepa.reflection.kind = "local"
     c.gepa.reflection.temperature = 1.0
     c.gepa.reflection.max_new_tokens = 40
+    c.gepa.reflection.max_prompt_tokens = 512
 
     c.eval.every = 4
     c.eval.k = 4

@@ -24,12 +24,15 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""                   # local HF Qwen3 directory (config.json, safetensors, tokenizer)
+    c.model.preset = ""                 # "0.6B" … "32B": model shapes for --dry_run when model.path has no config.json
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.remat = "dots_saveable"
     c.model.enable_thinking = False     # Qwen3 chat template switch
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # Per-device memory the plan (--dry_run) checks against; None = what the devices report, else 80.
+    c.mesh.device_memory_gb = ml_collections.config_dict.placeholder(float)
 
     # One entry per task; `schedule` picks which task trains when. Files are local JSONL/Parquet.
     c.tasks = ml_collections.ConfigDict()
@@ -50,6 +53,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
     c.sampling.max_new_tokens = 4096
+    c.sampling.max_prompt_tokens = 1024  # longest rendered prompt (system + problem); a longer one is an error
+    # Shortest prompt expected: --dry_run also compiles every smaller prompt bucket down to this one (None: the
+    # plan compiles the largest bucket only, and the run compiles smaller ones when it first meets them).
+    c.sampling.min_prompt_tokens = ml_collections.config_dict.placeholder(int)
+    # Rows (prompts × samples) per sampler call; bigger requests are split. None = B·G, the rollout batch.
+    c.sampling.max_rows = ml_collections.config_dict.placeholder(int)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.loss = "cispo"                 # paper (RECIPE.md §Slow weights) from here to warmup_steps
@@ -84,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.gepa.reflection.kind = "local"    # local (the frozen base model) | openai (any compatible endpoint)
     c.gepa.reflection.temperature = 0.7
     c.gepa.reflection.max_new_tokens = 1024
+    c.gepa.reflection.max_prompt_tokens = 8192  # local reflection: longest prompt (template + records)
     c.gepa.reflection.base_url = "http://127.0.0.1:8000/v1"
     c.gepa.reflection.model = ""
     c.gepa.reflection.api_key_env = "OPENAI_API_KEY"   # the NAME of the variable; the key never enters a log
@@ -127,11 +137,18 @@ def parse_schedule(config) -> list[tuple[str, int]]:
     return out
 
 
-def validate(config) -> None:
-    """Cross-field checks, each error naming the field and what to do."""
+def validate(config, *, require_checkpoint: bool = True) -> None:
+    """Cross-field checks, each error naming the field and what to do. A dry run (`require_checkpoint=False`)
+    needs no checkpoint directory: `model.preset` may stand in for it."""
     if config.method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
-    if not config.model.path:
+    for field, value in (("sampling.max_prompt_tokens", config.sampling.max_prompt_tokens),
+                         ("gepa.reflection.max_prompt_tokens", config.gepa.reflection.max_prompt_tokens)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"config.{field} must be a positive integer, got {value!r}")
+    if config.sampling.max_rows is not None and config.sampling.max_rows < 1:
+        raise ValueError(f"config.sampling.max_rows must be ≥ 1 (or None = B·G), got {config.sampling.max_rows}")
+    if require_checkpoint and not config.model.path:
         raise ValueError("config.model.path is empty: set it to a local HF Qwen3 directory "
                          "(e.g. --config.model.path=~/models/Qwen3-8B)")
     G, K, T = config.cycle.rollouts_per_problem, config.cycle.population_size, config.cycle.rl_steps

@@ -18,13 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fst_jax import parallel
 from fst_jax.models.hf import render_chat
 from fst_jax.rl import losses
-from fst_jax.rl.rollouts import build_rollouts
-from fst_jax.sampling import Sampler
+from fst_jax.rl.rollouts import build_rollouts, length_bucket
+from fst_jax.sampling import Sampler, bucket_length
 from fst_jax.tasks.base import Task
 
-__all__ = ["render_prompts", "mean_at_k", "kl_to_base", "sequence_logprobs"]
+__all__ = ["render_prompts", "mean_at_k", "kl_to_base", "sequence_logprobs", "kl_sequence_length",
+           "lower_kl_program"]
 
 
 def render_prompts(tokenizer, task: Task, problems: Sequence[Mapping[str, Any]], system_prompt: str | None,
@@ -58,16 +60,43 @@ def mean_at_k(sampler: Sampler, tokenizer, task: Task, problems: Sequence[Mappin
 def sequence_logprobs(graphdef: nnx.GraphDef, params: nnx.State, input_ids_bt, attention_mask_bt, *,
                       chunk_size: int | None = None) -> jax.Array:
     """log π(x_{t+1} | x_≤t) at every position t (the last position gets 0) — [B, T]."""
+    return _sequence_logprobs(graphdef, params, input_ids_bt, attention_mask_bt, chunk_size)
+
+
+def _sequence_logprobs(graphdef, params, input_ids_bt, attention_mask_bt, chunk_size):
     model = nnx.merge(graphdef, params)
     hidden = model.forward(input_ids_bt, attention_mask=attention_mask_bt, compute_logits=False).last_hidden
     targets = jnp.concatenate([input_ids_bt[:, 1:], jnp.zeros_like(input_ids_bt[:, :1])], axis=1)
     return losses.token_logprobs(hidden, model.unembed_matrix(), targets, chunk_size=chunk_size)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _log_ratio(graphdef, params, base_params, input_ids_bt, attention_mask_bt, *, chunk_size):
+    """log π_θ − log π_base at every position [B, T]: one program, the two forward passes back to back."""
+    logp = _sequence_logprobs(graphdef, params, input_ids_bt, attention_mask_bt, chunk_size)
+    return logp - _sequence_logprobs(graphdef, base_params, input_ids_bt, attention_mask_bt, chunk_size)
+
+
+def kl_sequence_length(prompt_bucket: int, max_new_tokens: int) -> int:
+    """Tokens per row of the KL program: a prompt bucket plus the responses, rounded like the update's rows,
+    so that every evaluation (and the dry run) uses one shape."""
+    return length_bucket(prompt_bucket + max_new_tokens)
+
+
+def lower_kl_program(graphdef: nnx.GraphDef, params, base_params, input_ids_bt, attention_mask_bt, *,
+                     chunk_size: int | None = None):
+    """Lower (abstract arguments allowed) the program `kl_to_base` runs after sampling."""
+    return _log_ratio.lower(graphdef, params, base_params, input_ids_bt, attention_mask_bt, chunk_size=chunk_size)
+
+
 def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base_params: nnx.State,
                tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256, seed: int = 0,
                chunk_size: int | None = None) -> float:
-    """Token-level KL(π_θ ‖ π_base) on responses sampled from π_θ (temperature 1) to `prompt_ids`."""
+    """Token-level KL(π_θ ‖ π_base) on responses sampled from π_θ (temperature 1) to `prompt_ids`.
+
+    `base_params` may be held in another dtype (the run keeps the frozen base in the compute dtype): the
+    model casts every weight to its compute dtype either way.
+    """
     if not prompt_ids:
         raise ValueError("kl_to_base: no held-out prompts")
     sampler.set_params(params)
@@ -75,13 +104,31 @@ def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base
                            stop_token_ids=_stops(tokenizer), pad_id=_pad(tokenizer))
     batch = build_rollouts(prompt_ids, out.tokens, out.logprobs, np.zeros(len(prompt_ids)),
                            pad_id=_pad(tokenizer))
-    ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
-    logp = sequence_logprobs(graphdef, params, ids, mask, chunk_size=chunk_size)
-    base_logp = sequence_logprobs(graphdef, base_params, ids, mask, chunk_size=chunk_size)
+    length = kl_sequence_length(bucket_length(max(len(p) for p in prompt_ids)), max_new_tokens)
+    pad = [(0, 0), (0, length - batch.input_ids.shape[1])]
+    ids, mask = np.pad(batch.input_ids, pad), np.pad(batch.attention_mask, pad)
+    mesh = _mesh_of(params)
+    if mesh is None:
+        diff = _log_ratio(graphdef, params, base_params, ids, mask, chunk_size=chunk_size)
+    else:
+        rows = -(-len(ids) // parallel.batch_size_multiple(mesh)) * parallel.batch_size_multiple(mesh)
+        ids, mask = (np.pad(x, [(0, rows - len(x)), (0, 0)]) for x in (ids, mask))
+        with jax.set_mesh(mesh):
+            ids, mask = parallel.shard_batch((ids, mask), mesh)
+            diff = _log_ratio(graphdef, params, base_params, ids, mask, chunk_size=chunk_size)
     # position t predicts token t+1, so the loss mask shifts left by one
-    response = np.concatenate([batch.loss_mask[:, 1:], np.zeros_like(batch.loss_mask[:, :1])], axis=1)
-    diff = np.asarray(logp - base_logp, np.float64)
+    loss_mask = np.pad(batch.loss_mask, pad)
+    response = np.concatenate([loss_mask[:, 1:], np.zeros_like(loss_mask[:, :1])], axis=1)
+    diff = np.asarray(diff, np.float64)[:len(response)]
     return float((diff * response).sum() / max(response.sum(), 1.0))
+
+
+def _mesh_of(params):
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    return None
 
 
 def _stops(tokenizer) -> list[int]:

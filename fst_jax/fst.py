@@ -22,14 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fst_jax import evals, parallel
+from fst_jax import evals, parallel, plan
 from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
 from fst_jax.data import ProblemStream, load_splits
 from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, LocalReflectionLM, make_reflection_lm
 from fst_jax.metrics import MetricsWriter, progress
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
-from fst_jax.rl.step import RLConfig, TrainState, fst_step
+from fst_jax.rl.step import TrainState, fst_step, rl_config_from_run
+from fst_jax.run_sampler import SharedSampler
 from fst_jax.sampling import Sampler
 from fst_jax.tasks import get_task
 
@@ -58,6 +59,12 @@ def _seed(*parts: int) -> int:
     for p in parts:
         key = jax.random.fold_in(key, int(p) % (2**31))
     return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def _in_dtype(params, dtype):
+    """A copy of `params` in `dtype` with the same shardings (the same arrays when already in it)."""
+    target = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x if x.dtype == target else x.astype(target), params)
 
 
 def _plain(x) -> dict:
@@ -98,25 +105,26 @@ class FSTRunner:
         validate(config)
         self.config, self.workdir = config, os.path.abspath(os.path.expanduser(workdir))
         os.makedirs(self.workdir, exist_ok=True)
-        self.mesh = parallel.make_mesh(config.mesh.to_dict())
+        self.mesh = parallel.make_mesh(plan.mesh_config(config))
         checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
                                 param_dtype=config.model.param_dtype, remat=config.model.remat)
         self.tokenizer = load_tokenizer(checkpoint)
         self.graphdef, params = nnx.split(model, nnx.Param)
-        self.base_params = params  # frozen: TrainState.create copies, and nothing donates these buffers
+        del model
         c = config
-        self.rl_config = RLConfig(
-            learning_rate=c.rl.learning_rate, b1=c.rl.b1, b2=c.rl.b2, weight_decay=c.rl.weight_decay,
-            warmup_steps=c.rl.warmup_steps, max_grad_norm=c.rl.max_grad_norm, loss=c.rl.loss, tau=c.rl.tau,
-            eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, kl_coef=c.rl.kl_coef, kl_estimator=c.rl.kl_estimator,
-            aggregation=c.rl.aggregation, micro_batch_size=c.rl.micro_batch_size,
-            logprob_chunk_size=c.rl.logprob_chunk_size, temperature=c.sampling.temperature,
-            rollouts_per_problem=c.cycle.rollouts_per_problem, max_new_tokens=c.sampling.max_new_tokens,
-            enable_thinking=c.model.enable_thinking)
+        self.rl_config = rl_config_from_run(c, sequence_length=plan.update_length(c))
         self.state = TrainState.create((self.graphdef, params), self.rl_config, seed=c.seed)
-        self.sampler = Sampler((self.graphdef, self.state.params), mesh=self.mesh)
-        self.base_sampler = Sampler((self.graphdef, self.base_params), mesh=self.mesh)
+        # The frozen base, held once: in the compute dtype (the model casts every weight to it anyway),
+        # FSDP-sharded like the params. It serves the KL term and, swapped into the one sampler, local reflection.
+        self.base_params = _in_dtype(params, config.model.dtype)
+        del params
+        shared = SharedSampler(Sampler((self.graphdef, self.state.params), mesh=self.mesh), plan.sampler_calls(c),
+                               {"policy": (c.sampling.max_prompt_tokens, "config.sampling.max_prompt_tokens"),
+                                "base": (c.gepa.reflection.max_prompt_tokens,
+                                         "config.gepa.reflection.max_prompt_tokens")}, loaded=self.state.params)
+        self.sampler = shared.view("policy", self.state.params)
+        self.base_sampler = shared.view("base", self.base_params)
 
         self.schedule = parse_schedule(c)
         self.tasks, self.val, self.streams = {}, {}, {}

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>-<method>)")
 _PLOT = flags.DEFINE_bool("plot", True, "draw WORKDIR/plot.png from the metrics at the end")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "plan the run without weights: compile every program from abstract "
+                             "shapes, print per-device memory, write WORKDIR/plan.json; exit 3 if it does not fit")
 flags.mark_flags_as_required(["config"])
 
 
@@ -37,8 +39,31 @@ def _maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _dry_run(config, workdir: str) -> None:
+    """--dry_run: exit 0 (fits), 3 (does not fit, one line why) or 1 (the plan failed, one line)."""
+    mesh = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor")]
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "") and min(mesh) > 0:
+        # fake CPU devices stand in for the mesh (jax reads the flag when its backends start, i.e. later)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={mesh[0] * mesh[1] * mesh[2]}").strip()
+    from fst_jax.plan import run_dry
+
+    try:
+        sys.exit(run_dry(config, workdir))
+    except Exception as e:  # noqa: BLE001 - a plan never ends in a traceback (FST_JAX_TRACEBACK=1 shows it)
+        if os.environ.get("FST_JAX_TRACEBACK"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: dry run failed: {first}  (set FST_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv) -> None:
     del argv
+    if _DRY_RUN.value:
+        config = _CONFIG.value
+        name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+        _dry_run(config, _WORKDIR.value or os.path.join("runs", f"{name}-{config.method}"))
     _maybe_initialize_distributed()
     import jax
 

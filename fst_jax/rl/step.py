@@ -37,7 +37,7 @@ from fst_jax.rl.rollouts import (Rollouts, build_rollouts, pad_rows, question_fi
                                  score_completions)
 
 __all__ = ["RLConfig", "TrainState", "make_optimizer", "learning_rate_schedule", "compute_gradients", "update",
-           "fst_step", "sampler_generate"]
+           "fst_step", "sampler_generate", "abstract_state", "lower_update", "rl_config_from_run"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,7 +56,8 @@ class RLConfig:
     multiple of the mesh's data × fsdp size), `logprob_chunk_size` tokens per logits block (None = full
     [B, T, V] logits). Sampling (fst_step): `rollouts_per_problem` (G) responses per problem at `temperature`
     (also the temperature of the update's log-probs, so ratios are 1 on-policy), up to `max_new_tokens` each;
-    `enable_thinking` is passed to the chat template (None: the template's default).
+    `enable_thinking` is passed to the chat template (None: the template's default). `sequence_length`: every
+    batch is padded to this many tokens, so a run compiles one update program (None: each batch's own bucket).
     """
 
     learning_rate: float = 1e-6
@@ -78,6 +79,7 @@ class RLConfig:
     rollouts_per_problem: int = 8
     max_new_tokens: int = 1024
     enable_thinking: bool | None = None
+    sequence_length: int | None = None
 
     def __post_init__(self):
         def bad(field, why):
@@ -100,7 +102,7 @@ class RLConfig:
                 bad(field, "must be in [0, 1)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad("max_grad_norm", "must be positive or None (off)")
-        for field in ("micro_batch_size", "logprob_chunk_size"):
+        for field in ("micro_batch_size", "logprob_chunk_size", "sequence_length"):
             value = getattr(self, field)
             if value is not None and not (isinstance(value, int) and value > 0):
                 bad(field, "must be a positive integer or None")
@@ -203,7 +205,7 @@ def _program_config(config: RLConfig) -> RLConfig:
     """`config` with the sampling-only fields at their defaults: they do not change the update's program, so
     they must not split the jit cache."""
     defaults = RLConfig()
-    sampling_only = ("rollouts_per_problem", "max_new_tokens", "enable_thinking")
+    sampling_only = ("rollouts_per_problem", "max_new_tokens", "enable_thinking", "sequence_length")
     return dataclasses.replace(config, **{name: getattr(defaults, name) for name in sampling_only})
 
 
@@ -349,6 +351,68 @@ def _update(state: TrainState, base_params, rollouts: Rollouts, config: RLConfig
 _update_jit = jax.jit(_update, static_argnames=("config",), donate_argnames=("state",))
 
 
+@functools.lru_cache(maxsize=16)
+def _update_program(treedef, leaf_shardings: tuple):
+    """The jitted update for a state laid out by `leaf_shardings`, with `out_shardings` stating that the new
+    state keeps exactly that layout and the metrics are replicated: left to propagation, XLA may hand back a
+    replicated (per-device full-size) copy of the params or moments."""
+    state_shardings = jax.tree.unflatten(treedef, leaf_shardings)
+    mesh = next(s.mesh for s in leaf_shardings if isinstance(s, NamedSharding))
+    return jax.jit(_update, static_argnames=("config",), donate_argnames=("state",),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())))
+
+
+def _program_for(state: TrainState):
+    leaves, treedef = jax.tree.flatten(state)
+    return _update_program(treedef, tuple(leaf.sharding for leaf in leaves))
+
+
+def _pad_length(rollouts: Rollouts, length: int | None) -> Rollouts:
+    """Right-pad every [B, T] array to `length` tokens (no attention, no loss): one update shape per run."""
+    T = rollouts.input_ids.shape[1]
+    if length is None or T == length:
+        return rollouts
+    if T > length:
+        raise ValueError(f"rollouts of {T} tokens exceed the update's sequence_length {length}; raise "
+                         "config.sampling.max_prompt_tokens or config.sampling.max_new_tokens")
+    xp = np if isinstance(rollouts.input_ids, np.ndarray) else jnp
+    pad = lambda x: x if x.ndim == 1 else xp.pad(x, [(0, 0), (0, length - T)])  # noqa: E731
+    return jax.tree.map(pad, rollouts)
+
+
+def abstract_state(graphdef: nnx.GraphDef, abstract_params: nnx.State, config: RLConfig) -> TrainState:
+    """The TrainState `TrainState.create` makes for params of these shapes and shardings, as ShapeDtypeStructs
+    (nothing allocated): what the dry run lowers the update with."""
+    leaves, treedef = jax.tree.flatten(abstract_params)
+    initialize = _state_initializer(_program_config(config), treedef, tuple(leaves))
+    params, opt_state, step, rng, num_rollouts = jax.eval_shape(initialize, abstract_params, np.uint32(0))
+    return TrainState(params=params, opt_state=opt_state, step=step, rng=rng, num_rollouts=num_rollouts,
+                      graphdef=graphdef)
+
+
+def lower_update(state: TrainState, base_params, rollouts: Rollouts, config: RLConfig):
+    """Lower (without arrays) the program `update` runs for this state, base and padded rollout shape: the
+    same jitted function, static config and shardings, so compiling it fills the cache `update` hits."""
+    config = _program_config(RLConfig.from_config(config))
+    mesh = _mesh_of(state.params)
+    with jax.set_mesh(mesh):
+        return _program_for(state).lower(state, base_params, rollouts, config)
+
+
+def rl_config_from_run(config, **overrides) -> RLConfig:
+    """The RLConfig of a run's config (`config.rl`, `config.sampling`, `config.cycle`, `config.model`)."""
+    c = config
+    fields = dict(
+        learning_rate=c.rl.learning_rate, b1=c.rl.b1, b2=c.rl.b2, weight_decay=c.rl.weight_decay,
+        warmup_steps=c.rl.warmup_steps, max_grad_norm=c.rl.max_grad_norm, loss=c.rl.loss, tau=c.rl.tau,
+        eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, kl_coef=c.rl.kl_coef, kl_estimator=c.rl.kl_estimator,
+        aggregation=c.rl.aggregation, micro_batch_size=c.rl.micro_batch_size,
+        logprob_chunk_size=c.rl.logprob_chunk_size, temperature=c.sampling.temperature,
+        rollouts_per_problem=c.cycle.rollouts_per_problem, max_new_tokens=c.sampling.max_new_tokens,
+        enable_thinking=c.model.enable_thinking)
+    return RLConfig(**{**fields, **overrides})
+
+
 def update(state: TrainState, base_params, rollouts: Rollouts,
            config: RLConfig | Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `rollouts`; returns (new state, metrics as device scalars).
@@ -381,12 +445,13 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
                          f"axes (data × fsdp = {multiple})")
     multiple = config.micro_batch_size or multiple
     rollouts = pad_rows(rollouts, -(-rollouts.input_ids.shape[0] // multiple) * multiple)
+    rollouts = _pad_length(rollouts, config.sequence_length)
     config = _program_config(config)
     if mesh is None:
         return _update_jit(state, base_params, rollouts, config)
     with jax.set_mesh(mesh):
         rollouts = parallel.shard_batch(rollouts, mesh) if isinstance(rollouts.input_ids, np.ndarray) else rollouts
-        return _update_jit(state, base_params, rollouts, config)
+        return _program_for(state)(state, base_params, rollouts, config)
 
 
 def _shares_buffers(a, b) -> bool:

@@ -1,0 +1,29 @@
+"""`python launch/bench.py gpu --allow-cpu`: the one-shot accelerator check runs end to end on tiny shapes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_on_cpu_at_tiny_shapes():
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "gpu", "--allow-cpu"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    for line in ("sampler batch 8: prefill", "sampler batch 16: prefill", "of the HBM roofline", "update: 2-layer",
+                 "s/update", "FST cycle (tiny model; T=2, B=4, G=4, K=2", "GEPA"):
+        assert line in out, out
+    assert "failed" not in out
+
+
+def test_bench_gpu_without_accelerator_says_so():
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "gpu"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "no accelerator found" in result.stdout

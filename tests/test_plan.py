@@ -1,0 +1,122 @@
+"""The dry run (`launch/train.py --dry_run`, fst_jax/plan.py): the flagship plan fits, an impossible config exits 3
+with one line, and a real run after its own plan compiles no sampler, KL or update program the plan did not."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fst_jax import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = ("jit(_prefill)", "jit(_decode)", "jit(_update)", "jit(_log_ratio)")
+
+
+def _train(*args, timeout=1500):
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_qwen3_8b_plan_fits_on_8x80gb(tmp_path):
+    """Every program of configs/fst_qwen3.py compiled at Qwen3-8B size on 8 fake devices; peak ≤ 72 GB."""
+    result = _train("--config", "configs/fst_qwen3.py", "--dry_run", "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.load(open(tmp_path / "plan.json"))
+    assert report["devices"] == 8 and report["device_memory_gb"] == 80.0 and report["fits"] is True
+    assert 40 < report["peak_gb"] <= 72.0
+    expected = {f"{call}_{part}" for call in ("rollout", "gepa_minibatch", "gepa", "reflection", "eval", "kl_sample")
+                for part in ("prefill", "decode")} | {"kl", "update"}
+    assert set(report["programs"]) == expected
+    assert all(p["compiled"] for p in report["programs"].values())
+    # shapes × shardings, exact: fp32 params and two Adam moments over 8 devices, a bf16 base and sampler copy
+    assert report["resident"]["train_params"] == pytest.approx(8.19 * 4 / 8, abs=0.01)
+    assert report["resident"]["optimizer_state"] == pytest.approx(2 * 8.19 * 4 / 8, abs=0.02)
+    assert report["resident"]["base_params"] == pytest.approx(8.19 * 2 / 8, abs=0.01)
+    assert report["resident"]["sampler_weights"] == pytest.approx(8.19 * 2, abs=0.02)
+    # 256 rollouts × (1024 + 4096) slots × 36 layers × 8 kv heads × 128 × (k, v) × bf16, split 8 ways
+    assert report["resident"]["rollout_kv_cache"] == pytest.approx(256 * 5120 * 36 * 8 * 128 * 2 * 2 / 8 / 1e9, rel=1e-3)
+    assert "fits: peak" in result.stdout
+
+
+@pytest.mark.slow
+def test_plan_that_cannot_fit_exits_3_with_one_line(tmp_path):
+    result = _train("--config", "configs/fst_qwen3.py", "--dry_run", "--workdir", str(tmp_path),
+                    "--config.sampling.max_new_tokens=65536")
+    assert result.returncode == plan.EXIT_DOES_NOT_FIT, result.stderr[-3000:]
+    verdict = [line for line in result.stdout.splitlines() if line.startswith("does not fit")]
+    assert len(verdict) == 1 and "Traceback" not in result.stderr
+    assert "rollout_kv_cache" in verdict[0] and "config.sampling.max_new_tokens" in verdict[0]
+    assert json.load(open(tmp_path / "plan.json"))["fits"] is False
+
+
+def test_dry_run_errors_are_one_line(tmp_path):
+    result = _train("--config", "configs/fst_qwen3.py", "--dry_run", "--workdir", str(tmp_path),
+                    "--config.model.path=/nonexistent", "--config.model.preset=")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config.model.preset" in result.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_upcast_of_bf16_arguments_is_not_counted():
+    """XLA:CPU converts a bf16 weight to float32 before a matmul (a 64 MiB temporary for a [4096, 4096] weight);
+    a GPU does not, so the plan subtracts exactly that copy."""
+    w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((4096, 8), jnp.bfloat16)
+    compiled = jax.jit(lambda w, x: w @ x).lower(w, x).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes >= 4096 * 4096 * 4
+    assert plan.cpu_upcast_bytes(compiled.as_text()) == 4096 * 4096 * 4
+    f32 = jax.jit(lambda w, x: w @ x).lower(w.update(dtype=jnp.float32), x.update(dtype=jnp.float32)).compile()
+    assert plan.cpu_upcast_bytes(f32.as_text()) == 0
+
+
+def test_prompt_longer_than_planned_is_an_error():
+    from fst_jax.run_sampler import SharedSampler
+
+    shared = SharedSampler(None, {}, {"policy": (128, "config.sampling.max_prompt_tokens")})
+    with pytest.raises(ValueError, match=r"prompt of 129 tokens exceeds config.sampling.max_prompt_tokens=128"):
+        shared.view("policy").generate([[1] * 129], max_new_tokens=4)
+
+
+class _Compiles:
+    """Counts XLA compilations of the run's sampler, KL and update programs while active."""
+
+    def __enter__(self):
+        self.names = []
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") in PROGRAMS:
+            self.names.append(kwargs["fun_name"])
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.mark.slow
+def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
+    """The shapes the plan compiles are the shapes the run calls: after `make_plan`, a short FST run of
+    configs/fst_tiny.py (GEPA with local reflection, RL steps, mean@k and KL evaluations) compiles no sampler,
+    KL or update program."""
+    sys.path.insert(0, ROOT)
+    from configs.fst_tiny import get_config
+    from fst_jax.fst import FSTRunner
+
+    config = get_config()
+    config.total_steps = 4
+    config.gepa.budget_rollouts = 64
+    config.eval.every = 4
+    config.log.tensorboard = config.log.progress = False
+    with _Compiles() as planned:
+        report = plan.make_plan(config, log=lambda *_: None)
+    assert report.fits and set(planned.names) == set(PROGRAMS)
+    with _Compiles() as run:
+        runner = FSTRunner(config, str(tmp_path))
+        runner.run()
+    assert runner.counters.rl_steps == 4 and runner.counters.reflection_calls > 0
+    assert run.names == []
