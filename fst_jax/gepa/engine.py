@@ -100,6 +100,26 @@ class GEPAConfig:
         make_selector(self.selection, self.epsilon)
         make_acceptance(self.acceptance)
 
+    @classmethod
+    def from_config(cls, config: Any, *, window_size: int, seed: int, output_dir: str | None) -> GEPAConfig:
+        """One FST cycle's search from the run config (`config.gepa`, an ml_collections ConfigDict).
+
+        The budget is a hard cap (`strict_budget`), the carried-over population shares
+        `gepa.seed_scoring_passes` passes over the window of `window_size` problems, and every policy
+        (selection, acceptance, merge, component selection) is the config's.
+        """
+        g = config.gepa
+        return cls(
+            max_metric_calls=g.budget_rollouts, max_iterations_without_improvement=g.max_iterations_without_improvement,
+            proposals_per_iteration=g.proposals_per_iteration, minibatch_size=g.minibatch_size,
+            selection=g.selection, epsilon=g.epsilon, acceptance=g.acceptance,
+            component_selection=g.component_selection, use_merge=g.use_merge,
+            max_merge_invocations=g.max_merge_invocations, merge_items=g.merge_items,
+            max_text_chars=g.max_prompt_chars, reflection_template=g.reflection_template or None,
+            seed=seed, output_dir=output_dir, strict_budget=True,
+            seed_budget=max(1, round(g.seed_scoring_passes * window_size)),
+            max_consecutive_reflection_failures=g.reflection.max_consecutive_failures)
+
 
 @dataclass
 class GEPAResult:
