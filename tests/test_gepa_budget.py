@@ -32,7 +32,7 @@ def run_cycles(K, cycles=4, strict=True, seed_budget=WINDOW, fill_with_dominated
             rollouts=sum(len(pairs) for pairs, _ in evaluate.calls), calls=dict(result.state.calls),
             proposals=len(proposals), skipped=sum(e["status"] == "skipped" for e in proposals),
             accepted=sum(e["status"] == "accepted" for e in proposals), front=set(result.pareto_front),
-            population_ids=[result.state.candidates.index(c) for c in result.rollout_population(K)]))
+            population_ids=result.rollout_population_ids(K)))
         population = result.rollout_population(K, fill_with_dominated)
         assert len(population) == K
     return records

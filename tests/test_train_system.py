@@ -64,7 +64,14 @@ def _run(config, workdir):
 def test_fst_runs_logs_and_resumes_exactly(tiny_checkpoint, tmp_path):
     full = _run(tiny_config(tiny_checkpoint, total_steps=4), tmp_path / "full")
     assert full.counters.rl_steps == 4 and full.counters.cycles == 2
-    assert full.counters.gepa_rollouts >= 2 * 14 and full.counters.rl_rollouts == 4 * 2 * 4
+    assert full.counters.rl_rollouts == 4 * 2 * 4
+    cycles = _records(tmp_path / "full", "gepa_cycle")
+    assert sum(r["metric_calls"] for r in cycles) == full.counters.gepa_rollouts
+    for r in cycles:  # the budget is a hard cap, split by what it bought
+        assert 0 < r["metric_calls"] <= 14 and r["proposals"] >= 1 and all(r["population_in_front"])
+        assert r["metric_calls"] == r["seed_scoring_calls"] + r["minibatch_calls"] + r["full_eval_calls"]
+        assert r["seed_scoring_calls"] <= 4 and r["full_eval_calls"] == 4 * r["accepted"]  # window: 2 × 2
+        assert sum(r["population_shares"].values()) == 1 and len(r["population"]) == 2
     train = _records(tmp_path / "full", "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert {"reward_mean", "kl", "grad_norm", "reward_prompt_0", "reward_prompt_1"} <= set(train[0])
@@ -73,6 +80,7 @@ def test_fst_runs_logs_and_resumes_exactly(tiny_checkpoint, tmp_path):
     assert "math/best/mean_at_k" in evals[0] and "math/seed/mean_at_k" in evals[0]
     assert evals[0]["val/reward"] == evals[0]["math/best/mean_at_k"]
     assert abs(evals[0]["kl_to_base"]) < 1e-5  # the policy starts as the base
+    assert "kl_to_base_best" in evals[-1] and evals[-1]["kl_to_base"] > 0
     assert train[0]["train/reward"] == train[0]["reward_mean"]
     assert len(_records(tmp_path / "full", "gepa_cycle")) == 2
 
