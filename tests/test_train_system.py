@@ -161,9 +161,11 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path):
     assert bad.returncode != 0 and "must divide rollouts_per_problem" in bad.stderr
 
 
-def test_killed_process_resumes_exactly(tiny_checkpoint, tmp_path):
-    """SIGKILL a CLI run right after its first cycle's checkpoint; the restarted command ends with the same
-    metrics (hence params), population and counters as an uninterrupted run."""
+def test_killed_process_resumes_exactly(tmp_path):
+    """SIGKILL a CLI run of the real tiny model (configs/fst_tiny.py, reduced sizes) right after its first
+    cycle's checkpoint; the restarted command ends with a metrics.jsonl equal record for record to an
+    uninterrupted run's: train, eval, every GEPA proposal (reflections sampled by the local reflection LM after
+    the resume included) and every cycle summary."""
     import signal
     import subprocess
     import sys
@@ -174,13 +176,12 @@ def test_killed_process_resumes_exactly(tiny_checkpoint, tmp_path):
     def command(workdir):
         return [sys.executable, os.path.join(root, "launch", "train.py"),
                 f"--config={os.path.join(root, 'configs', 'fst_tiny.py')}", f"--workdir={workdir}",
-                f"--config.model.path={tiny_checkpoint}", "--config.total_steps=4", "--config.cycle.rl_steps=2",
-                "--config.cycle.problems_per_step=2", "--config.cycle.rollouts_per_problem=4",
-                "--config.cycle.population_size=2", "--config.gepa.budget_rollouts=8",
-                "--config.gepa.proposals_per_iteration=2", "--config.sampling.max_new_tokens=4",
-                "--config.eval.k=1", "--config.eval.num_problems=2", "--config.eval.kl_prompts=2",
-                "--config.eval.every=2", "--config.forgetting_tasks=copy", "--config.log.progress=false",
-                "--noplot"]
+                "--config.total_steps=4", "--config.cycle.rl_steps=2", "--config.cycle.problems_per_step=4",
+                "--config.cycle.rollouts_per_problem=4", "--config.cycle.population_size=2",
+                "--config.gepa.budget_rollouts=40", "--config.gepa.proposals_per_iteration=4",
+                "--config.gepa.minibatch_size=2", "--config.eval.k=1", "--config.eval.num_problems=4",
+                "--config.eval.kl_prompts=2", "--config.eval.every=2", "--config.forgetting_tasks=copy",
+                "--config.log.progress=false", "--noplot"]
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     straight = subprocess.run(command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
@@ -191,7 +192,7 @@ def test_killed_process_resumes_exactly(tiny_checkpoint, tmp_path):
     deadline = time.time() + 600
     while not (killed_dir / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not any(r["step"] == 4 for r in _records(killed_dir, "train")), "killed too late to test a resume"
@@ -201,6 +202,8 @@ def test_killed_process_resumes_exactly(tiny_checkpoint, tmp_path):
     def comparable(workdir, kind):
         return [{k: v for k, v in r.items() if not k.startswith("time")} for r in _records(workdir, kind)]
 
-    for kind in ("train", "eval", "gepa_cycle"):
+    after_resume = [r for r in _records(tmp_path / "straight", "gepa") if r["cycle"] == 1]
+    assert any(r["new_texts"] for r in after_resume), "no reflection after the resume point: nothing tested"
+    for kind in ("train", "eval", "gepa", "gepa_cycle"):
         assert comparable(killed_dir, kind) == comparable(tmp_path / "straight", kind), kind
     assert [r["step"] for r in _records(killed_dir, "train")] == [1, 2, 3, 4]
