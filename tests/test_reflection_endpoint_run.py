@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from test_gepa_reflection_openai import ChatServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +33,16 @@ def command(workdir, url, *extra):
             "--config.log.progress=false", "--noplot", *extra]
 
 
-def run(cmd, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", FST_LOOPBACK_KEY=KEY)
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs: the same programs compile once."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def run(cmd, cache, timeout=600):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", FST_LOOPBACK_KEY=KEY,
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -41,11 +51,11 @@ def records(workdir, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def test_training_reflects_through_a_loopback_endpoint(tmp_path):
+def test_training_reflects_through_a_loopback_endpoint(tmp_path, cache):
     server = ChatServer()
     server.script = [("ok", f"A better instruction:\n```\n{RULE}\n```")] * 1000
     try:
-        done = run(command(tmp_path / "run", server.url))
+        done = run(command(tmp_path / "run", server.url), cache)
     finally:
         server.close()
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,11 +72,11 @@ def test_training_reflects_through_a_loopback_endpoint(tmp_path):
     assert KEY not in done.stdout + done.stderr
 
 
-def test_unreachable_endpoint_fails_at_start_in_one_line(tmp_path):
+def test_unreachable_endpoint_fails_at_start_in_one_line(tmp_path, cache):
     dead = ChatServer()
     dead.close()  # a port nobody listens on: connection refused
     start = time.monotonic()
-    out = run(command(tmp_path / "dead", dead.url), timeout=120)
+    out = run(command(tmp_path / "dead", dead.url), cache, timeout=120)
     assert out.returncode == 1 and time.monotonic() - start < 60
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: reflection request to") and "cannot connect" in lines[-1]
@@ -76,18 +86,18 @@ def test_unreachable_endpoint_fails_at_start_in_one_line(tmp_path):
     server = ChatServer()
     server.script = [("status", 401)]
     try:
-        out = run(command(tmp_path / "denied", server.url), timeout=120)
+        out = run(command(tmp_path / "denied", server.url), cache, timeout=120)
     finally:
         server.close()
     assert out.returncode == 1 and "HTTP 401" in out.stderr.splitlines()[-1] and KEY not in out.stderr
 
 
-def test_endpoint_failing_during_the_run_stops_it_saved_in_one_line(tmp_path):
+def test_endpoint_failing_during_the_run_stops_it_saved_in_one_line(tmp_path, cache):
     server = ChatServer()
     server.script = [("ok", "OK")] + [("status", 503)] * 1000  # the preflight passes, then the endpoint is down
     try:
         out = run(command(tmp_path / "outage", server.url, "--config.gepa.reflection.max_retries=0",
-                          "--config.gepa.reflection.max_consecutive_failures=2"))
+                          "--config.gepa.reflection.max_consecutive_failures=2"), cache)
     finally:
         server.close()
     assert out.returncode == 1, out.stderr[-3000:]

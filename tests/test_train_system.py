@@ -183,7 +183,10 @@ def test_killed_process_resumes_exactly(tmp_path):
                 "--config.eval.kl_prompts=2", "--config.eval.every=2", "--config.forgetting_tasks=copy",
                 "--config.log.progress=false", "--noplot"]
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    # one persistent compilation cache for the three processes: only the first compiles (same programs)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     straight = subprocess.run(command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
