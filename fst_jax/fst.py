@@ -252,12 +252,7 @@ class FSTRunner:
         result = engine.run(gepa_state)
         K = int(c.cycle.population_size)
         ids = result.rollout_population_ids(K, fill_with_dominated=c.gepa.population_fill == "dominated")
-        self.population = [result.candidates[i][COMPONENT] for i in ids]
-        self.counters.gepa_rollouts += result.state.metric_calls
-        self.counters.reflection_calls += engine.reflection_calls
-        self.counters.reflection_failures += engine.reflection_failures
-        self.counters.consecutive_reflection_failures = engine.consecutive_reflection_failures
-        self.counters.time_gepa += time.perf_counter() - t0
+        population = [result.candidates[i][COMPONENT] for i in ids]
         best, front, spent = result.state.best_id(), set(result.pareto_front), result.state.calls
         made = [e for e in proposals if e.get("type") == "proposal"]
         self.metrics.write(
@@ -267,15 +262,23 @@ class FSTRunner:
             accepted=sum(e["status"] == "accepted" for e in proposals),
             seed_scoring_calls=spent["seed"], minibatch_calls=spent["minibatch"],
             full_eval_calls=spent["full_eval"] + spent["merge"], metric_calls=result.state.metric_calls,
-            population=self.population, population_in_front=[i in front for i in ids],
-            population_shares={p: n / K for p, n in collections.Counter(self.population).items()},
-            gepa_rollouts=self.counters.gepa_rollouts, reflection_calls=self.counters.reflection_calls,
+            population=population, population_in_front=[i in front for i in ids],
+            population_shares={p: n / K for p, n in collections.Counter(population).items()},
+            gepa_rollouts=self.counters.gepa_rollouts + result.state.metric_calls,
+            reflection_calls=self.counters.reflection_calls + engine.reflection_calls,
             reflection_failures=engine.reflection_failures)
         if result.stop_reason == "reflection_failures":
+            # The state stays the cycle boundary's, so a rerun (endpoint fixed) repeats this search afresh.
             self._stop_for_reflection_outage(engine)
+        self.population = population
+        self.counters.gepa_rollouts += result.state.metric_calls
+        self.counters.reflection_calls += engine.reflection_calls
+        self.counters.reflection_failures += engine.reflection_failures
+        self.counters.consecutive_reflection_failures = engine.consecutive_reflection_failures
+        self.counters.time_gepa += time.perf_counter() - t0
 
     def _stop_for_reflection_outage(self, engine: GEPAEngine) -> None:
-        """Save (unless this cycle boundary is already saved) and stop with one line saying why."""
+        """Save the cycle boundary (unless it is saved already) and stop with one line saying why."""
         step = self.counters.rl_steps
         if step not in self.checkpointer.all_steps():
             self._save()
