@@ -117,7 +117,7 @@ class GEPAConfig:
             max_merge_invocations=g.max_merge_invocations, merge_items=g.merge_items,
             max_text_chars=g.max_prompt_chars, reflection_template=g.reflection_template or None,
             seed=seed, output_dir=output_dir, strict_budget=True,
-            seed_budget=max(1, round(g.seed_scoring_passes * window_size)),
+            seed_budget=max(1, min(round(g.seed_scoring_passes * window_size), g.budget_rollouts)),
             max_consecutive_reflection_failures=g.reflection.max_consecutive_failures)
 
 
