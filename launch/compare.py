@@ -3,6 +3,7 @@ comparison table of RECIPE.md §Tasks and evaluation. A benchmark that prints nu
 
     python launch/compare.py                                   # configs/fst_tiny.py, runs under runs/compare
     python launch/compare.py --config configs/fst_tiny.py --out runs/compare --skip-continual
+    python launch/compare.py --out /tmp/smoke --steps 4 --stage-steps 2 -- --config.cycle.rl_steps=2   # smoke
 
 Each run is `launch/train.py` in its own workdir (re-running resumes finished runs instantly). The table:
 sample efficiency (RL steps and total rollouts, GEPA's included, that FST needs to reach RL's peak validation
@@ -106,6 +107,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "fst_tiny.py"))
     ap.add_argument("--out", default=os.path.join("runs", "compare"))
+    ap.add_argument("--steps", type=int, help="RL steps of the FST/RL/GEPA runs (default: the config's total_steps)")
     ap.add_argument("--stage-steps", type=int, default=16, help="RL steps per stage of the continual schedule")
     ap.add_argument("--skip-continual", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run")
@@ -113,7 +115,8 @@ def main() -> int:
 
     dirs = {m: os.path.join(args.out, m) for m in ("fst", "rl", "gepa")}
     for method, workdir in dirs.items():
-        train(args.config, workdir, [f"--config.method={method}", *args.overrides])
+        steps = [f"--config.total_steps={args.steps}"] if args.steps else []
+        train(args.config, workdir, [f"--config.method={method}", *steps, *args.overrides])
     if not args.skip_continual:
         n = args.stage_steps
         for name, method, extra in CONTINUAL_RUNS:
