@@ -263,7 +263,8 @@ class FSTRunner:
             seed_scoring_calls=spent["seed"], minibatch_calls=spent["minibatch"],
             full_eval_calls=spent["full_eval"] + spent["merge"], metric_calls=result.state.metric_calls,
             population=population, population_in_front=[i in front for i in ids],
-            population_shares={p: n / K for p, n in collections.Counter(population).items()},
+            # [prompt, share of each problem's rollouts] pairs (a list: prompts are no metric names)
+            population_shares=[[p, n / K] for p, n in collections.Counter(population).items()],
             gepa_rollouts=self.counters.gepa_rollouts + result.state.metric_calls,
             reflection_calls=self.counters.reflection_calls + engine.reflection_calls,
             reflection_failures=engine.reflection_failures)

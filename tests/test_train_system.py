@@ -80,7 +80,7 @@ def test_fst_runs_logs_and_resumes_exactly(tiny_checkpoint, tmp_path):
     assert "math/best/mean_at_k" in evals[0] and "math/seed/mean_at_k" in evals[0]
     assert evals[0]["val/reward"] == evals[0]["math/best/mean_at_k"]
     assert abs(evals[0]["kl_to_base"]) < 1e-5  # the policy starts as the base
-    assert "kl_to_base_best" in evals[-1] and evals[-1]["kl_to_base"] > 0
+    assert all(isinstance(r["kl_to_base_best"], float) for r in evals)  # and kl_to_base: the seed prompt's
     assert train[0]["train/reward"] == train[0]["reward_mean"]
     assert len(_records(tmp_path / "full", "gepa_cycle")) == 2
 
