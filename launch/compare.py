@@ -74,7 +74,35 @@ def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def decomposition(config_path: str, workdir: str) -> dict[str, float]:
+def _apply_overrides(config, overrides: list[str]) -> None:
+    """`--config.a.b=value` flags onto a ConfigDict, each value parsed as the field's current type."""
+    for flag in overrides:
+        path, _, text = flag.removeprefix("--config.").partition("=")
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        old = node[leaf]
+        if isinstance(old, bool):
+            value = text.lower() in ("1", "true", "yes")
+        elif isinstance(old, (int, float)) and not isinstance(old, bool):
+            value = type(old)(text)
+        elif old is None:  # an unset placeholder: a number if it reads as one
+            value = next((t(text) for t in (int, float) if _parses(t, text)), text)
+        else:
+            value = text
+        node[leaf] = value
+
+
+def _parses(kind, text: str) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
+
+
+def decomposition(config_path: str, workdir: str, overrides: list[str]) -> dict[str, float]:
     """mean@k of {base, trained} weights × {seed, learned} prompt, from the run's final checkpoint."""
     import importlib.util
 
@@ -85,6 +113,7 @@ def decomposition(config_path: str, workdir: str) -> dict[str, float]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    _apply_overrides(config, overrides)  # the run's own settings, or its data streams cannot resume
     runner = FSTRunner(config, workdir)  # restores the finished run
     task_name = runner.current_task
     problems = runner.val[task_name][: config.eval.num_problems or None]
@@ -114,8 +143,8 @@ def main() -> int:
     args = ap.parse_args()
 
     dirs = {m: os.path.join(args.out, m) for m in ("fst", "rl", "gepa")}
+    steps = [f"--config.total_steps={args.steps}"] if args.steps else []
     for method, workdir in dirs.items():
-        steps = [f"--config.total_steps={args.steps}"] if args.steps else []
         train(args.config, workdir, [f"--config.method={method}", *steps, *args.overrides])
     if not args.skip_continual:
         n = args.stage_steps
@@ -168,7 +197,7 @@ def main() -> int:
                 cells.append(_fmt(ev[-1]["val/reward"] if ev else None))
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
 
-    d = decomposition(args.config, dirs["fst"])
+    d = decomposition(args.config, dirs["fst"], ["--config.method=fst", *steps, *args.overrides])
     lines += ["", "| weights \\ prompt | seed | learned |", "|---|---|---|",
               f"| base | {d['base/seed']:.3f} | {d['base/learned']:.3f} |",
               f"| trained (FST) | {d['trained/seed']:.3f} | {d['trained/learned']:.3f} |",
