@@ -82,10 +82,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.gepa.budget_rollouts = 960        # paper (≈): metric calls per cycle (≈5 passes over the 192-problem window)
     c.gepa.minibatch_size = 3
     c.gepa.proposals_per_iteration = 8
-    c.gepa.selection = "pareto"         # pareto | current_best | epsilon_greedy
+    c.gepa.selection = "pareto"         # pareto | current_best | epsilon_greedy (gepa/selection.py)
     c.gepa.epsilon = 0.1
+    c.gepa.acceptance = "strict_improvement"   # | improvement_or_equal (gepa/acceptance.py)
+    c.gepa.component_selection = "round_robin"  # | all: which prompt components one reflection rewrites
     c.gepa.use_merge = False
     c.gepa.max_merge_invocations = 5
+    c.gepa.merge_items = 5
+    c.gepa.seed_scoring_passes = 1.0    # the carried-over population shares this many passes over the window
+    c.gepa.population_fill = "repeat"   # front < K: repeat front members by rank | "dominated": top up (ablation)
+    c.gepa.reset_on_task_switch = False  # True: a new task restarts from the seed prompt (ablation)
     c.gepa.max_iterations_without_improvement = ml_collections.config_dict.placeholder(int)
     c.gepa.max_prompt_chars = 4000
     c.gepa.reflection_template = ""     # "" = the built-in template (asks for small incremental edits)
@@ -100,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.gepa.reflection.timeout_s = 120.0
     c.gepa.reflection.max_retries = 5
     c.gepa.reflection.max_concurrency = 8
+    c.gepa.reflection.max_consecutive_failures = 3  # failed reflection calls in a row before the run stops
+    c.gepa.reflection.options = {}      # keyword arguments of a kind added with gepa.register_reflection_lm
 
     c.eval = ml_collections.ConfigDict()
     c.eval.at_start = True              # evaluate the base model before the first step
@@ -157,6 +165,13 @@ def validate(config, *, require_checkpoint: bool = True) -> None:
                          "(each prompt gets G/K rollouts of every problem)")
     if T < 1 or config.cycle.problems_per_step < 1:
         raise ValueError("config.cycle.rl_steps and problems_per_step must be ≥ 1")
+    if config.gepa.population_fill not in ("repeat", "dominated"):
+        raise ValueError(f"config.gepa.population_fill must be 'repeat' or 'dominated', got "
+                         f"{config.gepa.population_fill!r}")
+    if not config.gepa.seed_scoring_passes > 0:
+        raise ValueError(f"config.gepa.seed_scoring_passes must be > 0, got {config.gepa.seed_scoring_passes}")
+    if config.gepa.reflection.max_consecutive_failures < 1:
+        raise ValueError("config.gepa.reflection.max_consecutive_failures must be ≥ 1")
     schedule = parse_schedule(config)
     for name, _ in schedule:
         if name not in config.tasks:

@@ -10,6 +10,7 @@ written at cycle ends, so a killed run resumes at its last cycle boundary and co
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -26,7 +27,7 @@ from fst_jax import evals, parallel, plan
 from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
 from fst_jax.data import ProblemStream, load_splits
-from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, LocalReflectionLM, make_reflection_lm
+from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, ReflectionLMError, reflection_lm_from_config
 from fst_jax.metrics import MetricsWriter, progress
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
 from fst_jax.rl.step import TrainState, fst_step, rl_config_from_run
@@ -46,6 +47,8 @@ class Counters:
     rl_rollouts: int = 0
     gepa_rollouts: int = 0
     reflection_calls: int = 0
+    reflection_failures: int = 0
+    consecutive_reflection_failures: int = 0  # carried across cycles: an endpoint down for good stops the run
     cycles: int = 0
     time_gepa: float = 0.0
     time_sampling: float = 0.0
@@ -105,6 +108,10 @@ class FSTRunner:
         validate(config)
         self.config, self.workdir = config, os.path.abspath(os.path.expanduser(workdir))
         os.makedirs(self.workdir, exist_ok=True)
+        # Before the weights load: a hosted reflector that cannot be reached fails now, in one line.
+        self.reflection_lm = self._make_reflection_lm()
+        if hasattr(self.reflection_lm, "preflight"):
+            self.reflection_lm.preflight()
         self.mesh = parallel.make_mesh(plan.mesh_config(config))
         checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
@@ -138,7 +145,6 @@ class FSTRunner:
         self.population = [c.gepa.seed_prompt]
         self.current_task = self.schedule[0][0]
         self.counters = Counters()
-        self.reflection_lm = self._make_reflection_lm()
 
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=c.checkpoint.max_to_keep,
                                          async_save=c.checkpoint.async_save)
@@ -165,8 +171,12 @@ class FSTRunner:
                 last_eval = self._evaluate(self._stage(0)[0])
             while self.counters.rl_steps < total:
                 task_name, steps_left_in_stage = self._stage(self.counters.rl_steps)
-                if task_name != self.current_task:  # continual learning: a new task, a task-agnostic seed
-                    self.current_task, self.population = task_name, [c.gepa.seed_prompt]
+                if task_name != self.current_task:
+                    # Continual learning: the population carries over, so GEPA finds out by itself that the
+                    # task changed; `reset_on_task_switch` restarts from the task-agnostic seed (ablation).
+                    self.current_task = task_name
+                    if c.gepa.reset_on_task_switch:
+                        self.population = [c.gepa.seed_prompt]
                 steps = min(int(c.cycle.rl_steps), steps_left_in_stage, total - self.counters.rl_steps)
                 stream = self.streams[task_name]
                 window = stream.window(steps)
@@ -201,11 +211,22 @@ class FSTRunner:
     # ---- fast weights -----------------------------------------------------------------------------------
 
     def _fast_phase(self, task_name: str, window: list[list[Mapping[str, Any]]]) -> None:
+        """GEPA on the window, seeded with the population; the new population is the search's Pareto front.
+
+        Budget (`gepa.budget_rollouts` metric calls, a hard cap per cycle): the carried-over population shares
+        `gepa.seed_scoring_passes` passes over the window (each seed scored on the same subset of problems when
+        K passes would cost more), so the rest buys proposals — minibatch rollouts of parents and children —
+        and full window evaluations of the accepted children. At the recipe's numbers (window 192, budget
+        960) the seeds cost 192 rollouts for K = 4 and K = 8 alike, leaving 768 for proposals.
+        """
         c, t0 = self.config, time.perf_counter()
         items = [problem for batch in window for problem in batch]  # ids = window positions (repeats allowed)
         task = self.tasks[task_name]
         self.sampler.set_params(self.state.params)
         calls = [0]
+        # Sampling seeds derive from (cycle, call number within this cycle's search): a resumed run, which
+        # restarts the cycle's search from its checkpoint at the cycle boundary, draws the same ones.
+        self._reflection_calls_in_cycle = 0
 
         def evaluate(pairs, capture_traces):
             users = [task.format_problem(item) for _, item in pairs]
@@ -223,63 +244,79 @@ class FSTRunner:
                                           trace={"inputs": user}))
             return results
 
-        gepa_config = GEPAConfig(
-            max_metric_calls=c.gepa.budget_rollouts,
-            max_iterations_without_improvement=c.gepa.max_iterations_without_improvement,
-            proposals_per_iteration=c.gepa.proposals_per_iteration, minibatch_size=c.gepa.minibatch_size,
-            selection=c.gepa.selection, epsilon=c.gepa.epsilon, use_merge=c.gepa.use_merge,
-            max_merge_invocations=c.gepa.max_merge_invocations, max_text_chars=c.gepa.max_prompt_chars,
-            reflection_template=c.gepa.reflection_template or None,
-            seed=_seed(c.seed, self.counters.cycles, 2),
+        gepa_config = GEPAConfig.from_config(
+            c, window_size=len(items), seed=_seed(c.seed, self.counters.cycles, 2),
             output_dir=os.path.join(self.workdir, "gepa", f"cycle_{self.counters.cycles:05d}")
             if jax.process_index() == 0 else None)
         # logged at the first RL step this population serves: a resume from the checkpoint at the cycle
         # boundary (step rl_steps) then drops the records of a search the killed run had started
         step = self.counters.rl_steps + 1
+        proposals = []
 
         def on_event(event):
             if event.get("type") in ("proposal", "merge"):
+                proposals.append(event)
                 self.metrics.write(step, "gepa", {k: v for k, v in event.items() if k != "type"},
                                    event=event.get("type"), cycle=self.counters.cycles)
 
         engine = GEPAEngine(evaluate, self.reflection_lm, items, items, gepa_config, on_event=on_event,
                             describe_item=task.format_problem)
+        engine.consecutive_reflection_failures = self.counters.consecutive_reflection_failures
         seeds = [{COMPONENT: p} for p in dict.fromkeys(self.population)]
         gepa_state = engine.init_state(seeds)
         result = engine.run(gepa_state)
         K = int(c.cycle.population_size)
-        chosen = [cand[COMPONENT] for cand in result.population(K, fill=True)]
-        self.population = [chosen[i % len(chosen)] for i in range(K)]
+        ids = result.rollout_population_ids(K, fill_with_dominated=c.gepa.population_fill == "dominated")
+        population = [result.candidates[i][COMPONENT] for i in ids]
+        best, front, spent = result.state.best_id(), set(result.pareto_front), result.state.calls
+        made = [e for e in proposals if e.get("type") == "proposal"]
+        self.metrics.write(
+            step, "gepa_cycle", cycle=self.counters.cycles, stop_reason=result.stop_reason,
+            candidates=len(result.candidates), front=len(front), best_window_score=result.state.aggregate(best),
+            proposals=len(made), skipped_perfect=sum(e["status"] == "skipped" for e in made),
+            accepted=sum(e["status"] == "accepted" for e in proposals),
+            seed_scoring_calls=spent["seed"], minibatch_calls=spent["minibatch"],
+            full_eval_calls=spent["full_eval"] + spent["merge"], metric_calls=result.state.metric_calls,
+            population=population, population_in_front=[i in front for i in ids],
+            # [prompt, share of each problem's rollouts] pairs (a list: prompts are no metric names)
+            population_shares=[[p, n / K] for p, n in collections.Counter(population).items()],
+            gepa_rollouts=self.counters.gepa_rollouts + result.state.metric_calls,
+            reflection_calls=self.counters.reflection_calls + engine.reflection_calls,
+            reflection_failures=engine.reflection_failures)
+        if result.stop_reason == "reflection_failures":
+            # The state stays the cycle boundary's, so a rerun (endpoint fixed) repeats this search afresh.
+            self._stop_for_reflection_outage(engine)
+        self.population = population
         self.counters.gepa_rollouts += result.state.metric_calls
         self.counters.reflection_calls += engine.reflection_calls
+        self.counters.reflection_failures += engine.reflection_failures
+        self.counters.consecutive_reflection_failures = engine.consecutive_reflection_failures
         self.counters.time_gepa += time.perf_counter() - t0
-        best = result.state.best_id()
-        self.metrics.write(step, "gepa_cycle", cycle=self.counters.cycles, stop_reason=result.stop_reason,
-                           candidates=len(result.candidates), front=len(result.pareto_front),
-                           best_window_score=result.state.aggregate(best), metric_calls=result.state.metric_calls,
-                           population=self.population, gepa_rollouts=self.counters.gepa_rollouts,
-                           reflection_calls=self.counters.reflection_calls)
+
+    def _stop_for_reflection_outage(self, engine: GEPAEngine) -> None:
+        """Save the cycle boundary (unless it is saved already) and stop with one line saying why."""
+        step = self.counters.rl_steps
+        if step not in self.checkpointer.all_steps():
+            self._save()
+        self.checkpointer.wait()
+        raise ReflectionLMError(
+            f"stopped at RL step {step}: {engine.consecutive_reflection_failures} reflection calls failed in a row "
+            f"(config.gepa.reflection.max_consecutive_failures={self.config.gepa.reflection.max_consecutive_failures}); "
+            f"last error: {engine.last_reflection_error}. The run is saved; fix the endpoint and rerun the same "
+            "command to resume")
 
     def _make_reflection_lm(self):
-        r = self.config.gepa.reflection
-        if r.kind == "openai":
-            return make_reflection_lm("openai", base_url=r.base_url, model=r.model, api_key_env=r.api_key_env,
-                                      timeout=r.timeout_s, max_retries=r.max_retries,
-                                      max_concurrency=r.max_concurrency, temperature=r.temperature,
-                                      max_tokens=r.max_new_tokens)
-        if r.kind != "local":
-            raise ValueError(f"config.gepa.reflection.kind must be 'local' or 'openai', got {r.kind!r}")
-        calls = [0]
+        """`config.gepa.reflection` as a reflection LM; `local` reflects with the frozen base model."""
 
         def generate_text(prompts, *, temperature, max_new_tokens):
             ids = [render_chat(self.tokenizer, [{"role": "user", "content": p}],
                                enable_thinking=self.config.model.enable_thinking) for p in prompts]
-            calls[0] += 1
+            self._reflection_calls_in_cycle += 1
             out = self._generate(self.base_sampler, ids, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 seed=_seed(self.config.seed, self.counters.cycles, calls[0], 3))
+                                 seed=_seed(self.config.seed, self.counters.cycles, self._reflection_calls_in_cycle, 3))
             return [(self.tokenizer.decode(t, skip_special_tokens=True), f) for t, f in zip(out.tokens, out.finished)]
 
-        return LocalReflectionLM(generate_text, temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+        return reflection_lm_from_config(self.config.gepa.reflection, generate_text=generate_text)
 
     # ---- slow weights -------------------------------------------------------------------------------
 
@@ -339,14 +376,19 @@ class FSTRunner:
                 elif label == "seed":
                     record[f"forgetting/{name}"] = r["mean_at_k"]
         if c.eval.kl_prompts and self.val[task_name]:
+            # kl_to_base under the seed prompt, the same conditioning for every method (what compare.py and
+            # plot.py set against reward); kl_to_base_best under the population's best prompt.
             held_out = self.val[task_name][: c.eval.kl_prompts]
-            ids = evals.render_prompts(self.tokenizer, self.tasks[task_name], held_out, self.population[0],
-                                       c.model.enable_thinking)
-            record["kl_to_base"] = evals.kl_to_base(self.sampler, self.graphdef, self.state.params,
-                                                    self.base_params, self.tokenizer, ids,
-                                                    max_new_tokens=c.eval.kl_max_new_tokens,
-                                                    seed=_seed(c.seed, self.counters.rl_steps, 5),
-                                                    chunk_size=c.rl.logprob_chunk_size)
+            for key, prompt in (("kl_to_base", c.gepa.seed_prompt), ("kl_to_base_best", self.population[0])):
+                if key == "kl_to_base_best" and prompt == c.gepa.seed_prompt:
+                    record[key] = record["kl_to_base"]
+                    continue
+                ids = evals.render_prompts(self.tokenizer, self.tasks[task_name], held_out, prompt,
+                                           c.model.enable_thinking)
+                record[key] = evals.kl_to_base(self.sampler, self.graphdef, self.state.params, self.base_params,
+                                               self.tokenizer, ids, max_new_tokens=c.eval.kl_max_new_tokens,
+                                               seed=_seed(c.seed, self.counters.rl_steps, 5),
+                                               chunk_size=c.rl.logprob_chunk_size)
         self.counters.time_eval += time.perf_counter() - t0
         record.update(dataclasses.asdict(self.counters),
                       total_rollouts=self.counters.rl_rollouts + self.counters.gepa_rollouts)

@@ -3,12 +3,16 @@ comparison table of RECIPE.md §Tasks and evaluation. A benchmark that prints nu
 
     python launch/compare.py                                   # configs/fst_tiny.py, runs under runs/compare
     python launch/compare.py --config configs/fst_tiny.py --out runs/compare --skip-continual
+    python launch/compare.py --out /tmp/smoke --steps 4 --stage-steps 2 -- --config.cycle.rl_steps=2   # smoke
 
 Each run is `launch/train.py` in its own workdir (re-running resumes finished runs instantly). The table:
 sample efficiency (RL steps and total rollouts, GEPA's included, that FST needs to reach RL's peak validation
-reward), final validation reward per method, KL(π_θ ‖ π_base) at matched reward, forgetting (other tasks'
-accuracy before and after), per-stage reward of the continual schedule, and the 2×2 decomposition
-{base, trained weights} × {seed, learned prompt}. Written to OUT/table.md as well.
+reward), final validation reward per method, KL(π_θ ‖ π_base) at matched reward and at the end — measured
+under the seed prompt for every method, so all three are compared on the same conditioning (the KL under
+FST's best prompt is listed too) — GEPA's spending per cycle (proposals, accepted, rollouts), forgetting
+(other tasks' accuracy before and after), per-stage reward of the continual schedule with the population
+carried across task switches and with it reset to the seed prompt (`gepa.reset_on_task_switch`), and the
+2×2 decomposition {base, trained weights} × {seed, learned prompt}. Written to OUT/table.md as well.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ sys.path.insert(0, HERE)
 import plot  # noqa: E402  (launch/plot.py)
 
 CONTINUAL = "stage1:{n},stage2:{n},stage3:{n}"
+# (workdir name, method, extra flags): FST with the population carried across task switches (the default),
+# FST with it reset to the seed prompt at each switch, and RL.
+CONTINUAL_RUNS = (("continual_fst", "fst", []),
+                  ("continual_fst_reset", "fst", ["--config.gepa.reset_on_task_switch=true"]),
+                  ("continual_rl", "rl", []))
 
 
 def train(config: str, workdir: str, overrides: list[str]) -> None:
@@ -44,18 +53,56 @@ def _final(run: plot.Run, key: str) -> float | None:
 
 
 def _kl_at(run: plot.Run, reward: float) -> float | None:
-    """KL to base at the first evaluation whose validation reward reaches `reward`."""
+    """KL to base (under the seed prompt) at the first evaluation whose validation reward reaches `reward`."""
     for r in _evals(run):
         if plot._number(r.get("val/reward")) is not None and r["val/reward"] >= reward - 1e-12:
             return r.get("kl_to_base")
     return None
 
 
+def _gepa_spending(run: plot.Run) -> str:
+    """Mean per cycle: proposals / accepted / metric calls (of which seed scoring), from gepa_cycle records."""
+    cycles = [r for r in run.records if r.get("kind") == "gepa_cycle" and "proposals" in r]
+    if not cycles:
+        return "n/a"
+    mean = lambda key: sum(r[key] for r in cycles) / len(cycles)  # noqa: E731
+    return (f"{mean('proposals'):.1f} / {mean('accepted'):.1f} / {mean('metric_calls'):.0f} "
+            f"({mean('seed_scoring_calls'):.0f})")
+
+
 def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def decomposition(config_path: str, workdir: str) -> dict[str, float]:
+def _apply_overrides(config, overrides: list[str]) -> None:
+    """`--config.a.b=value` flags onto a ConfigDict, each value parsed as the field's current type."""
+    for flag in overrides:
+        path, _, text = flag.removeprefix("--config.").partition("=")
+        *parents, leaf = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        old = node[leaf]
+        if isinstance(old, bool):
+            value = text.lower() in ("1", "true", "yes")
+        elif isinstance(old, (int, float)) and not isinstance(old, bool):
+            value = type(old)(text)
+        elif old is None:  # an unset placeholder: a number if it reads as one
+            value = next((t(text) for t in (int, float) if _parses(t, text)), text)
+        else:
+            value = text
+        node[leaf] = value
+
+
+def _parses(kind, text: str) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
+
+
+def decomposition(config_path: str, workdir: str, overrides: list[str]) -> dict[str, float]:
     """mean@k of {base, trained} weights × {seed, learned} prompt, from the run's final checkpoint."""
     import importlib.util
 
@@ -66,6 +113,7 @@ def decomposition(config_path: str, workdir: str) -> dict[str, float]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    _apply_overrides(config, overrides)  # the run's own settings, or its data streams cannot resume
     runner = FSTRunner(config, workdir)  # restores the finished run
     task_name = runner.current_task
     problems = runner.val[task_name][: config.eval.num_problems or None]
@@ -88,20 +136,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "fst_tiny.py"))
     ap.add_argument("--out", default=os.path.join("runs", "compare"))
+    ap.add_argument("--steps", type=int, help="RL steps of the FST/RL/GEPA runs (default: the config's total_steps)")
     ap.add_argument("--stage-steps", type=int, default=16, help="RL steps per stage of the continual schedule")
     ap.add_argument("--skip-continual", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run")
     args = ap.parse_args()
 
     dirs = {m: os.path.join(args.out, m) for m in ("fst", "rl", "gepa")}
+    steps = [f"--config.total_steps={args.steps}"] if args.steps else []
     for method, workdir in dirs.items():
-        train(args.config, workdir, [f"--config.method={method}", *args.overrides])
+        train(args.config, workdir, [f"--config.method={method}", *steps, *args.overrides])
     if not args.skip_continual:
         n = args.stage_steps
-        for method in ("fst", "rl"):
-            train(args.config, os.path.join(args.out, f"continual_{method}"),
+        for name, method, extra in CONTINUAL_RUNS:
+            train(args.config, os.path.join(args.out, name),
                   [f"--config.method={method}", f"--config.schedule={CONTINUAL.format(n=n)}",
-                   f"--config.total_steps={3 * n}", *args.overrides])
+                   f"--config.total_steps={3 * n}", *extra, *args.overrides])
 
     runs = {m: plot.load_run(d, m) for m, d in dirs.items()}
     lines = ["| | FST | RL | GEPA-only |", "|---|---|---|---|"]
@@ -121,10 +171,14 @@ def main() -> int:
     lines.append("| RL steps to reach RL's peak | " + " | ".join(_fmt(s, ".0f") for s, _ in efficiency) + " |")
     lines.append("| total rollouts to reach RL's peak | " + " | ".join(_fmt(r, ".0f") for _, r in efficiency) + " |")
     matched = min(v for v in (_final(runs["fst"], "val/reward"), _final(runs["rl"], "val/reward")) if v is not None)
-    lines.append(f"| KL to base at matched reward ({matched:.3f}) | {_fmt(_kl_at(runs['fst'], matched), '.4f')} | "
-                 f"{_fmt(_kl_at(runs['rl'], matched), '.4f')} | 0 (weights frozen) |")
-    lines.append("| final KL to base | " + " | ".join(_fmt(_final(runs[m], "kl_to_base"), ".4f")
-                                              for m in ("fst", "rl", "gepa")) + " |")
+    lines.append(f"| KL to base at matched reward ({matched:.3f}), seed prompt | " +
+                 " | ".join(_fmt(_kl_at(runs[m], matched), ".4f") for m in ("fst", "rl", "gepa")) + " |")
+    lines.append("| final KL to base, seed prompt | " + " | ".join(_fmt(_final(runs[m], "kl_to_base"), ".4f")
+                                                            for m in ("fst", "rl", "gepa")) + " |")
+    lines.append("| final KL to base, best prompt | " + " | ".join(_fmt(_final(runs[m], "kl_to_base_best"), ".4f")
+                                                            for m in ("fst", "rl", "gepa")) + " |")
+    lines.append("| GEPA per cycle: proposals / accepted / rollouts (seed scoring) | " +
+                 " | ".join(_gepa_spending(runs[m]) for m in ("fst", "rl", "gepa")) + " |")
     for key in sorted({k for r in _evals(runs["fst"]) for k in r if k.startswith("forgetting/")}):
         cells = []
         for m in ("fst", "rl", "gepa"):
@@ -133,16 +187,17 @@ def main() -> int:
         lines.append(f"| {key} (before → after) | " + " | ".join(cells) + " |")
 
     if not args.skip_continual:
-        cont = {m: plot.load_run(os.path.join(args.out, f"continual_{m}"), m) for m in ("fst", "rl")}
-        lines += ["", "| continual stage | FST final reward | RL final reward |", "|---|---|---|"]
+        cont = {name: plot.load_run(os.path.join(args.out, name), method) for name, method, _ in CONTINUAL_RUNS}
+        lines += ["", "| continual stage | FST final reward (population kept) | FST (reset at switch) | "
+                      "RL final reward |", "|---|---|---|---|"]
         for stage in ("stage1", "stage2", "stage3"):
             cells = []
-            for m in ("fst", "rl"):
+            for m in cont:
                 ev = [r for r in _evals(cont[m]) if r.get("task") == stage and plot._number(r.get("val/reward")) is not None]
                 cells.append(_fmt(ev[-1]["val/reward"] if ev else None))
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
 
-    d = decomposition(args.config, dirs["fst"])
+    d = decomposition(args.config, dirs["fst"], ["--config.method=fst", *steps, *args.overrides])
     lines += ["", "| weights \\ prompt | seed | learned |", "|---|---|---|",
               f"| base | {d['base/seed']:.3f} | {d['base/learned']:.3f} |",
               f"| trained (FST) | {d['trained/seed']:.3f} | {d['trained/learned']:.3f} |",

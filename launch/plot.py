@@ -4,7 +4,9 @@
     python launch/plot.py runs/fst runs/rl --metrics val/reward,kl_to_base --labels FST,RL --out cmp.png
 
 `--out` gets one row per metric: the metric against RL steps and against total rollouts (RL + GEPA, when the
-records count them), and a last row with KL to base against reward. A continual run (its records' `task`
+records count them), and a last row with KL to base against reward (`kl_to_base` is measured under the seed
+prompt for every method, so FST, RL and GEPA-only share the conditioning; `--kl kl_to_base_best` draws the KL
+under each run's best prompt instead). A continual run (its records' `task`
 changes) also gets `<out stem>_stages.png`: the reward per stage, against steps since the stage began.
 
 Printed, per run (RECIPE.md §Tasks and evaluation): final and peak reward; the steps and rollouts it needs to
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", help="comma-separated run labels (default: the workdir names)")
     parser.add_argument("--reward", help="reward metric for the summary and KL plot (default: val/reward, "
                                          "else the first plotted metric with 'reward' in its name)")
-    parser.add_argument("--kl", default="kl_to_base", help="KL metric (default: kl_to_base)")
+    parser.add_argument("--kl", default="kl_to_base", help="KL metric (default: kl_to_base, under the seed prompt)")
     parser.add_argument("--reference", help="label of the run whose peak the others must reach "
                                             "(default: the run with method 'rl')")
     args = parser.parse_args(argv)

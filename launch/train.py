@@ -77,11 +77,12 @@ def main(argv) -> None:
     level = logging.INFO if jax.process_index() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fst_jax.checkpoint import CheckpointError
+    from fst_jax.gepa import ReflectionLMError
 
     try:
         runner = FSTRunner(config, workdir)
         result = runner.run()
-    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad config, paths, data, mesh: one line
+    except (ValueError, FileNotFoundError, CheckpointError, ReflectionLMError) as e:  # one line, exit 1
         if os.environ.get("FST_JAX_TRACEBACK"):
             raise
         print(f"error: {e}  (set FST_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)

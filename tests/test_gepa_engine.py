@@ -25,7 +25,7 @@ from fst_jax.gepa.reflection import ReflectionLMError
 from fst_jax.gepa.state import EvalResult, GEPAState, StateInvariantError
 from gepa_helpers import ScriptedEvaluate, ScriptedReflection, one_result, reflect_reply
 
-gepa = pytest.importorskip("gepa")
+import gepa  # noqa: E402  (the oracle: a missing gepa must fail these tests, never skip them)
 from gepa.core.adapter import EvaluationBatch  # noqa: E402
 from gepa.core.data_loader import ListDataLoader  # noqa: E402
 from gepa.gepa_utils import select_program_candidate_from_pareto_front  # noqa: E402

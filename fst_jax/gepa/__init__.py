@@ -19,6 +19,7 @@ from fst_jax.gepa.reflection import (
     ReflectionLM,
     ReflectionLMError,
     make_reflection_lm,
+    reflection_lm_from_config,
     register_reflection_lm,
 )
 from fst_jax.gepa.selection import CurrentBestSelector, EpsilonGreedySelector, ParetoSelector, make_selector
@@ -36,6 +37,6 @@ __all__ = [
     "EpsilonGreedySelector", "EvalResult", "EvaluateFn", "GEPAConfig", "GEPAEngine", "GEPAResult", "GEPAState",
     "ImprovementOrEqual", "LocalReflectionLM", "OpenAIReflectionLM", "ParetoSelector", "Proposer", "ReflectionLM",
     "ReflectionLMError", "StateInvariantError", "StrictImprovement", "extract_fenced", "front_candidates",
-    "is_perfect", "make_acceptance", "make_reflection_lm", "make_selector", "pareto_multiplicities",
+    "is_perfect", "make_acceptance", "make_reflection_lm", "make_selector", "reflection_lm_from_config", "pareto_multiplicities",
     "register_reflection_lm", "remove_dominated", "save_lineage", "write_json_atomic",
 ]

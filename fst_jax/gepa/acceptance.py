@@ -35,16 +35,15 @@ class ImprovementOrEqual:
         return sum(child_scores) >= sum(parent_scores)
 
 
-ACCEPTANCE = ("strict_improvement", "improvement_or_equal")
+# name -> criterion class; one entry per criterion, resolved by `make_acceptance` (config.gepa.acceptance)
+ACCEPTANCE: dict[str, type] = {"strict_improvement": StrictImprovement, "improvement_or_equal": ImprovementOrEqual}
 
 
 def make_acceptance(name: str) -> AcceptanceCriterion:
-    """The criterion called `name` (one of `ACCEPTANCE`)."""
-    if name == "strict_improvement":
-        return StrictImprovement()
-    if name == "improvement_or_equal":
-        return ImprovementOrEqual()
-    raise ValueError(f"unknown acceptance criterion {name!r}; choose one of {', '.join(ACCEPTANCE)}")
+    """The criterion called `name` (a key of `ACCEPTANCE`)."""
+    if name not in ACCEPTANCE:
+        raise ValueError(f"unknown acceptance criterion {name!r}; choose one of {', '.join(ACCEPTANCE)}")
+    return ACCEPTANCE[name]()
 
 
 def is_perfect(scores: Sequence[float], perfect_score: float | None) -> bool:

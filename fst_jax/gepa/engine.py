@@ -9,9 +9,21 @@ so a jitted sampler sees a few large batches per iteration instead of many small
 makes the reference `gepa` package's decisions for the same seed and evaluation results (parents, minibatches,
 acceptance, lineage, budget); tests/test_gepa_engine.py checks this against gepa's own engine.
 
-The budget is counted in metric calls (rollouts: one per (candidate, item) pair evaluated) and checked before
-each iteration, so no iteration starts once it is spent (the last one may overshoot it by up to one
-iteration's rollouts). Other stops: iteration count, iterations without a better best aggregate, wall time.
+The budget is counted in metric calls (rollouts: one per (candidate, item) pair evaluated), split by what they
+bought: scoring the seeds, minibatch rollouts of parents and children, full evaluations of accepted candidates
+(and merges). By default (the reference's rule) it is checked before each iteration, so no iteration starts
+once it is spent and the last one may overshoot it. With `strict_budget=True` (what an FST cycle uses) the
+budget is a hard cap: an iteration runs only as many proposals as leave room for one full evaluation, an
+accepted child is fully evaluated only while the rollouts remain, and the search stops when not even one
+proposal plus its full evaluation fits, so `metric_calls` never exceeds `max_metric_calls`.
+
+Seeds: the reference scores its one seed on every validation item. A search seeded with K carried-over
+candidates (an FST population) would pay K passes over the validation set before its first proposal; with
+`seed_budget` set, the seeds share that many rollouts instead: when K · |valset| exceeds it, every seed is
+scored on the same random subset of ⌊seed_budget / K⌋ validation items (the scores are sparse; aggregates are
+means over the items scored). A single seed within the allowance is scored exactly as the reference does.
+Other stops: iteration count, iterations without a better best aggregate, wall time, and
+`max_consecutive_reflection_failures` failed reflection calls in a row (a reflection endpoint that is down).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fst_jax.gepa import merge as merging
+from fst_jax.gepa.config import GEPAConfig
 from fst_jax.gepa.acceptance import is_perfect, make_acceptance
 from fst_jax.gepa.minibatch import EpochShuffledSampler
 from fst_jax.gepa.proposer import DEFAULT_TEMPLATE, Proposal, Proposer
@@ -35,51 +48,6 @@ from fst_jax.gepa.state import EvalResult, EvaluateFn, GEPAState, save_lineage, 
 
 logger = logging.getLogger("fst_jax.gepa")
 Event = dict[str, Any]
-
-
-@dataclass
-class GEPAConfig:
-    """Search settings; at least one stop condition is required. Defaults are the reference's.
-
-    `max_seconds` counts the wall time of one `run()` call (not across resumes); all other stops read the
-    saved state, so a resumed search stops where the uninterrupted one would. On multiple hosts, set
-    `output_dir` and `progress_bar` on process 0 only.
-    """
-
-    max_metric_calls: int | None = None
-    max_iterations: int | None = None
-    max_iterations_without_improvement: int | None = None
-    max_seconds: float | None = None
-    proposals_per_iteration: int = 1
-    minibatch_size: int = 3
-    selection: str = "pareto"  # pareto | current_best | epsilon_greedy
-    epsilon: float = 0.1
-    acceptance: str = "strict_improvement"  # | improvement_or_equal
-    component_selection: str = "round_robin"  # | all
-    perfect_score: float | None = 1.0
-    skip_perfect: bool = True
-    use_merge: bool = False
-    max_merge_invocations: int = 5
-    merge_items: int = 5
-    reflection_template: str | None = None
-    max_text_chars: int = 20_000
-    seed: int = 0
-    progress_bar: bool = False
-    output_dir: str | None = None  # candidates.json (lineage) and state.json, rewritten each iteration
-
-    def __post_init__(self) -> None:
-        stops = (self.max_metric_calls, self.max_iterations, self.max_iterations_without_improvement, self.max_seconds)
-        if all(s is None for s in stops):
-            raise ValueError(
-                "GEPAConfig needs a stop condition: set max_metric_calls (the rollout budget), max_iterations, "
-                "max_iterations_without_improvement or max_seconds"
-            )
-        if self.proposals_per_iteration < 1 or self.minibatch_size < 1 or self.merge_items < 1:
-            raise ValueError("proposals_per_iteration, minibatch_size and merge_items must be >= 1")
-        if self.component_selection not in ("round_robin", "all"):
-            raise ValueError(f"component_selection must be 'round_robin' or 'all', got {self.component_selection!r}")
-        make_selector(self.selection, self.epsilon)
-        make_acceptance(self.acceptance)
 
 
 @dataclass
@@ -104,6 +72,18 @@ class GEPAResult:
     def population(self, k: int, fill: bool = False) -> list[dict[str, str]]:
         """Top-k Pareto-front candidates by aggregate score (ties by front coverage), see `population_ids`."""
         return [self.state.candidates[c] for c in self.state.population_ids(k, fill)]
+
+    def rollout_population_ids(self, k: int, fill_with_dominated: bool = False) -> list[int]:
+        """Exactly k candidate ids for the rollouts: the top-k of the Pareto front; when the front holds fewer,
+        its members repeated in rank order (best first), so each still gets a whole share of every problem's
+        rollouts. `fill_with_dominated=True` tops the front up with the best dominated candidates instead
+        (an ablation: those are prompts some other candidate beats on every item)."""
+        chosen = self.state.population_ids(k, fill=fill_with_dominated)
+        return [chosen[i % len(chosen)] for i in range(k)]
+
+    def rollout_population(self, k: int, fill_with_dominated: bool = False) -> list[dict[str, str]]:
+        """The candidates of `rollout_population_ids`."""
+        return [self.state.candidates[c] for c in self.rollout_population_ids(k, fill_with_dominated)]
 
 
 def _as_items(data: Sequence[Any] | Mapping[Hashable, Any], name: str) -> dict[Hashable, Any]:
@@ -148,6 +128,9 @@ class GEPAEngine:
                                  describe_item)
         self.evaluate_calls = 0  # totals over this engine's life, for observability and tests
         self.reflection_calls = 0
+        self.reflection_failures = 0  # failed reflection calls (ReflectionLMError), and how many in a row;
+        self.consecutive_reflection_failures = 0  # a caller may carry the latter over from an earlier search
+        self.last_reflection_error = ""
         self._stop_requested = False
 
     # ---- public ---------------------------------------------------------------------------------------
@@ -163,15 +146,30 @@ class GEPAEngine:
                 raise ValueError(f"every seed needs the same components {names} with string texts; got {list(s)}")
         state = GEPAState(components=names, rng=random.Random(self.config.seed),
                           sampler=EpochShuffledSampler(self.config.minibatch_size))
-        for seed, scores in zip(seeds, self._score(state, [dict(s) for s in seeds], self.val_ids, count=False)):
+        ids = self._seed_items(len(seeds))
+        for seed, scores in zip(seeds, self._score(state, [dict(s) for s in seeds], ids, count=False)):
             state.add_candidate(dict(seed), [], scores)  # seeds are found at 0 metric calls
-        state.metric_calls += len(seeds) * len(self.val_ids)
+        state.metric_calls += len(seeds) * len(ids)
+        state.calls["seed"] += len(seeds) * len(ids)
         state.best_aggregate = max(state.aggregates())
         state.check_invariants()
         self._emit({"type": "init", "num_seeds": len(seeds), "metric_calls": state.metric_calls,
                     "val_scores": [state.aggregate(c) for c in range(len(seeds))]})
         self._write_outputs(state)
         return state
+
+    def _seed_items(self, num_seeds: int) -> list[Hashable]:
+        """The validation items every seed is scored on: all of them, or a shared subset within `seed_budget`.
+
+        The subset is drawn from its own `random.Random(seed)`, never the search's RNG, so the search's
+        decisions (parents, minibatches) stay the reference's.
+        """
+        budget = self.config.seed_budget
+        if budget is None or num_seeds * len(self.val_ids) <= budget:
+            return list(self.val_ids)
+        n = max(1, budget // num_seeds)
+        chosen = set(random.Random(f"seed-items-{self.config.seed}").sample(range(len(self.val_ids)), n))
+        return [i for k, i in enumerate(self.val_ids) if k in chosen]
 
     def run(self, state: GEPAState) -> GEPAResult:
         """Iterate until a stop condition holds; `state` is updated in place (and may be saved and resumed)."""
@@ -184,7 +182,8 @@ class GEPAEngine:
                 state.check_invariants()
                 state.iteration += 1
                 calls_before = (self.evaluate_calls, self.reflection_calls)
-                events = self._merge_step(state) if self.config.use_merge else None
+                merge_fits = self._remaining(state) >= self.config.merge_items + len(self.val_ids)
+                events = self._merge_step(state) if self.config.use_merge and merge_fits else None
                 if events is None:
                     events = self._reflective_step(state)
                 self._end_iteration(state, events, calls_before, bar)
@@ -204,17 +203,22 @@ class GEPAEngine:
         proposals = [
             Proposal(state.iteration, slot, self.selector.select(state, state.rng),
                      state.sampler.next_ids(self.train_ids, state.rng))
-            for slot in range(self.config.proposals_per_iteration)
+            for slot in range(self._proposals_that_fit(state))
         ]
         self._evaluate_parents(state, proposals)  # phase 1
         self._reflect(state, proposals)  # phase 2
         children = [p for p in proposals if p.child is not None]
         self._evaluate_children(state, children)  # phase 3
         accepted = self._accept(children)
+        room = len(accepted) if not self.config.strict_budget else int(self._remaining(state)) // len(self.val_ids)
+        for p in accepted[room:]:  # strict budget: no rollouts left for their full evaluation
+            p.finish("rejected", "budget: no rollouts left for its full evaluation")
+        accepted = accepted[:room]
         val_scores = self._score(state, [p.child for p in accepted], self.val_ids, count=False)  # phase 4
         for p, scores in zip(accepted, val_scores):
             p.candidate = state.add_candidate(p.child, [p.parent], scores)
             state.metric_calls += len(scores)
+            state.calls["full_eval"] += len(scores)
             p.val_score = state.aggregate(p.candidate)
         if accepted and self.config.use_merge:
             state.merge.last_iteration_found_new = True
@@ -228,6 +232,7 @@ class GEPAEngine:
         keys = list(dict.fromkeys((p.parent, tuple(p.minibatch)) for p in proposals))
         results = self._evaluate([(state.candidates[c], self.train[i]) for c, mb in keys for i in mb], True)
         state.metric_calls += len(results)
+        state.calls["minibatch"] += len(results)
         by_key, pos = {}, 0
         for key in keys:
             by_key[key], pos = results[pos:pos + len(key[1])], pos + len(key[1])
@@ -271,6 +276,7 @@ class GEPAEngine:
             return
         results = self._evaluate([(p.child, self.train[i]) for p in children for i in p.minibatch], False)
         state.metric_calls += len(results)
+        state.calls["minibatch"] += len(results)
         pos = 0
         for p in children:
             p.scores_after, pos = [r.score for r in results[pos:pos + len(p.minibatch)]], pos + len(p.minibatch)
@@ -309,8 +315,9 @@ class GEPAEngine:
         if not texts:
             return []
         results = self._evaluate([(t, self.val[i]) for t in texts for i in ids], False)
-        if count:
+        if count:  # merges: their stratified items and their full evaluation
             state.metric_calls += len(results)
+            state.calls["merge"] += len(results)
         n = len(ids)
         return [{i: r.score for i, r in zip(ids, results[k * n:(k + 1) * n])} for k in range(len(texts))]
 
@@ -336,10 +343,15 @@ class GEPAEngine:
         try:
             replies = list(self.reflection_lm.complete(prompts))
         except ReflectionLMError as e:
-            logger.warning("reflection failed; this iteration's proposals are rejected: %s", e)
+            self.reflection_failures += 1
+            self.consecutive_reflection_failures += 1
+            logger.warning("reflection failed (%d in a row); this iteration's proposals are rejected: %s",
+                           self.consecutive_reflection_failures, e)
+            self.last_reflection_error = str(e)
             return None, f"reflection_error: {e}"
         finally:
             self.reflection_calls += 1
+        self.consecutive_reflection_failures = 0
         if len(replies) != len(prompts):
             raise ValueError(f"reflection LM returned {len(replies)} replies for {len(prompts)} prompts")
         return replies, None
@@ -351,6 +363,11 @@ class GEPAEngine:
             return "requested"
         if cfg.max_metric_calls is not None and state.metric_calls >= cfg.max_metric_calls:
             return "max_metric_calls"
+        if cfg.strict_budget and self._proposals_that_fit(state) < 1:
+            return "max_metric_calls"
+        if (cfg.max_consecutive_reflection_failures is not None
+                and self.consecutive_reflection_failures >= cfg.max_consecutive_reflection_failures):
+            return "reflection_failures"
         if cfg.max_iterations is not None and state.iteration >= cfg.max_iterations:
             return "max_iterations"
         if (cfg.max_iterations_without_improvement is not None
@@ -359,6 +376,21 @@ class GEPAEngine:
         if cfg.max_seconds is not None and time.monotonic() - start >= cfg.max_seconds:
             return "max_seconds"
         return None
+
+    def _remaining(self, state: GEPAState) -> float:
+        """Rollouts left under a strict budget (unbounded otherwise)."""
+        if not self.config.strict_budget:
+            return math.inf
+        return self.config.max_metric_calls - state.metric_calls
+
+    def _proposals_that_fit(self, state: GEPAState) -> int:
+        """Proposals this iteration: all P, or under a strict budget as many as leave room for the parents'
+        and children's minibatch rollouts plus one accepted child's full evaluation."""
+        p = self.config.proposals_per_iteration
+        if not self.config.strict_budget:
+            return p
+        per_proposal = 2 * self.config.minibatch_size
+        return max(0, min(p, int(self._remaining(state) - len(self.val_ids)) // per_proposal))
 
     def _end_iteration(self, state: GEPAState, events: list[Event], calls_before: tuple[int, int], bar: Any) -> None:
         best = max(state.aggregates())

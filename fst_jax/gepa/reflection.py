@@ -1,8 +1,8 @@
 """Reflection LMs: anything with `complete(prompts: list[str]) -> list[str]`, one reply per prompt, in order.
 
-- `openai`: any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, a hosted model), standard library
-  only. The API key is read from the environment variable *named* by `api_key_env` at request time; it is never
-  stored on the object, logged, put in exception messages, `repr` or `to_dict`.
+- `openai`: any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, a hosted model) through the `openai`
+  SDK (an optional extra). The API key is read from the environment variable *named* by `api_key_env` at
+  request time; it is never stored on the object, logged, put in exception messages, `repr` or `to_dict`.
 - `local`: a thin adapter around a batched `generate_text(prompts, *, temperature, max_new_tokens)` returning
   `(text, finished)` pairs, so our jitted sampler (and the frozen base model) can reflect with no extra service.
 - `callable`: wraps a plain `fn(prompts) -> list[str]` (scripted reflection in tests, custom backends).
@@ -13,16 +13,12 @@ rejects it as truncated instead of adopting half a prompt.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from typing import Any, Protocol
 
 logger = logging.getLogger("fst_jax.gepa.reflection")
@@ -54,18 +50,24 @@ class ReflectionLMError(RuntimeError):
 
 @dataclass
 class OpenAIReflectionLM:
-    """Chat-completions client: one request per prompt, at most `max_concurrency` in flight.
+    """Chat-completions client on the `openai` SDK (`pip install 'fst_jax[openai]'`): one request per prompt,
+    at most `max_concurrency` in flight.
 
-    Retries (up to `retries` times, with exponential backoff from `backoff_s`, capped at `max_backoff_s`, or the
-    server's Retry-After when given) on HTTP 429, 5xx, timeouts, connection errors and malformed response JSON.
-    Other HTTP errors (400, 401, 404, ...) fail at once. A failure after the retries raises
-    `ReflectionLMError` for the whole batch.
+    Transport, timeouts, retries and back-off are the SDK's: HTTP 408/409/429/5xx, timeouts and connection
+    errors are retried up to `retries` times with exponential back-off (0.5 s doubling, capped at 8 s, with
+    jitter), or after the server's Retry-After when it gives one (up to a minute). A 200 whose body is not a
+    chat completion (malformed JSON, no message) is retried the same way here. Other errors (400, 401, 403,
+    404) fail at once. A failure after the retries raises `ReflectionLMError` for the whole batch, naming the
+    URL, the model and the HTTP status or network error.
+
+    The key is read from the environment variable named by `api_key_env` when a batch starts; it lives only
+    in that call's SDK client, never on this object, and is scrubbed from error text (a server may echo it).
+    `api_key_env` None or "" means an endpoint without authentication (no Authorization header is sent).
 
     Args:
       base_url: the API root, e.g. "http://127.0.0.1:8000/v1" (requests go to {base_url}/chat/completions).
       model: model name sent in each request.
-      api_key_env: NAME of the environment variable holding the key; None for endpoints without auth.
-      timeout_s: per-request socket timeout.
+      timeout_s: per-request timeout.
     """
 
     base_url: str
@@ -73,8 +75,6 @@ class OpenAIReflectionLM:
     api_key_env: str | None = "OPENAI_API_KEY"
     timeout_s: float = 120.0
     retries: int = 4
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
     max_concurrency: int = 8
     temperature: float = 1.0
     max_tokens: int = 4096
@@ -94,89 +94,98 @@ class OpenAIReflectionLM:
         if not prompts:
             return []
         key = self._key()
+        client = self._client(key, self.retries, self.timeout_s)
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)))
         try:
-            return list(pool.map(lambda p: self._complete_one(p, key), prompts))
+            return list(pool.map(lambda p: self._complete_one(client, p, key, self.max_tokens), prompts))
         finally:
             # On a failure, requests not yet started are dropped rather than sent for a batch already lost.
             pool.shutdown(wait=True, cancel_futures=True)
+            client.close()
+
+    def preflight(self) -> None:
+        """One tiny request (max_tokens=1, one retry) so that a wrong URL, a refused connection, a missing or
+        rejected key or an unknown model fail before anything heavy starts; raises `ReflectionLMError`."""
+        key = self._key()
+        client = self._client(key, min(self.retries, 1), min(self.timeout_s, 30.0))
+        try:
+            self._complete_one(client, "Reply with OK.", key, 1, check_reply=False)
+        finally:
+            client.close()
 
     def _key(self) -> str | None:
-        if self.api_key_env is None:
+        if not self.api_key_env:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
             raise ReflectionLMError(
-                f"environment variable {self.api_key_env} is not set; export the API key there, or pass "
-                "api_key_env=None for an endpoint without authentication"
+                f"environment variable {self.api_key_env} is not set; export the API key there, or set "
+                "api_key_env to \"\" (config.gepa.reflection.api_key_env=\"\") for an endpoint without authentication"
             )
         return key
 
-    def _complete_one(self, prompt: str, key: str | None) -> Completion:
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [{"role": "user", "content": prompt}],
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        for attempt in range(self.retries + 1):
-            retry_after = None
+    def _client(self, key: str | None, retries: int, timeout_s: float):
+        try:
+            import openai
+        except ImportError as e:
+            raise ReflectionLMError("the hosted reflection LM needs the openai package: pip install "
+                                    "'fst_jax[openai]' (or set config.gepa.reflection.kind=local)") from e
+        # The SDK insists on credentials; a keyless endpoint gets a placeholder whose header is then omitted.
+        return openai.OpenAI(base_url=self.base_url, api_key=key or "unused", max_retries=retries,
+                             timeout=timeout_s)
+
+    def _complete_one(self, client: Any, prompt: str, key: str | None, max_tokens: int,
+                      check_reply: bool = True) -> Completion:
+        import openai
+
+        extra = {} if key else {"extra_headers": {"Authorization": openai.Omit()}}
+        where = f"reflection request to {self.base_url.rstrip('/')}/chat/completions (model {self.model!r})"
+        for attempt in range(client.max_retries + 1):
             try:
-                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
-                parsed = _parse_reply(raw)
-                if parsed is not None:
-                    return parsed
-                problem, retryable = "malformed JSON in the response", True
-            except urllib.error.HTTPError as e:
-                try:
-                    detail = e.read()[:300].decode("utf-8", "replace")
-                except (OSError, HTTPException):
-                    detail = "(no body)"
-                problem = f"HTTP {e.code}: {detail}"
-                retryable = e.code == 429 or e.code >= 500
-                retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
-            except (TimeoutError, urllib.error.URLError, ConnectionError, HTTPException, OSError) as e:
-                reason = getattr(e, "reason", e)
-                problem, retryable = f"{type(e).__name__}: {reason}", True
-            problem = _scrub(problem, key)
-            if not retryable or attempt == self.retries:
-                tries = f" after {attempt + 1} attempts" if retryable else ""
-                raise ReflectionLMError(
-                    f"reflection request to {_scrub(url, key)} (model {self.model!r}) failed{tries}: {problem}"
-                ) from None  # the original exception is not chained: nothing from the request can leak
-            delay = retry_after if retry_after is not None else min(self.max_backoff_s, self.backoff_s * 2**attempt)
-            logger.warning(
-                "reflection request failed (%s); retry %d/%d in %.2fs", problem, attempt + 1, self.retries, delay
-            )
+                reply = client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}],
+                    temperature=self.temperature, max_tokens=max_tokens, **extra)
+                problem = None
+                if check_reply:
+                    parsed = _parse_reply(reply)
+                    if parsed is not None:
+                        return parsed
+                    problem = "malformed reply: no message content in the chat completion"
+                else:
+                    return Completion("")
+            except openai.APIStatusError as e:
+                body = _scrub(e.response.text[:300], key)
+                retried = e.status_code in (408, 409, 429) or e.status_code >= 500
+                tries = f" after {client.max_retries + 1} attempts" if retried else ""
+                raise ReflectionLMError(f"{where} failed{tries}: HTTP {e.status_code}: {body}") from None
+            except openai.APITimeoutError:
+                raise ReflectionLMError(f"{where} failed after {client.max_retries + 1} attempts: the request "
+                                        f"timed out (timeout {client.timeout}s)") from None
+            except openai.APIConnectionError as e:
+                cause = _scrub(str(e.__cause__ or e), key)
+                raise ReflectionLMError(f"{where} failed after {client.max_retries + 1} attempts: cannot connect "
+                                        f"({cause})") from None
+            except (ValueError, openai.APIResponseValidationError) as e:  # malformed JSON in a 200 reply
+                problem = f"malformed JSON in the response ({type(e).__name__})"
+            if attempt == client.max_retries:
+                raise ReflectionLMError(f"{where} failed after {attempt + 1} attempts: {problem}")
+            delay = min(8.0, 0.5 * 2**attempt)  # the SDK's schedule, for replies it cannot judge
+            logger.warning("reflection reply unusable (%s); retry %d/%d in %.2fs", problem, attempt + 1,
+                           client.max_retries, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")
 
 
-def _parse_reply(raw: bytes) -> Completion | None:
-    """The first choice's message content, or None if the JSON is malformed or not a chat completion."""
+def _parse_reply(reply: Any) -> Completion | None:
+    """The first choice's message content, or None if the reply is not a usable chat completion."""
     try:
-        choice = json.loads(raw)["choices"][0]
-        content = choice["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+        choice = reply.choices[0]
+        content = choice.message.content
+    except (AttributeError, IndexError, TypeError):
         return None
     if not isinstance(content, str):
         return None
-    return Completion(content, finished=choice.get("finish_reason") != "length")
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
+    return Completion(content, finished=choice.finish_reason != "length")
 
 
 def _scrub(text: str, key: str | None) -> str:
@@ -250,3 +259,26 @@ def make_reflection_lm(kind: str, **kwargs: Any) -> ReflectionLM:
     if kind not in _REGISTRY:
         raise ValueError(f"unknown reflection LM kind {kind!r}; choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[kind](**kwargs)
+
+
+def reflection_lm_from_config(r: Any, generate_text: GenerateText | None = None) -> ReflectionLM:
+    """The reflection LM of a run config (`config.gepa.reflection`).
+
+    `openai`: the endpoint's fields; `local`: `generate_text` (the caller's sampler) with the config's
+    temperature and token limit; any other registered kind: its factory called with `r.options`.
+    """
+    if r.kind == "openai":
+        if not r.model:
+            raise ValueError("config.gepa.reflection.model is empty: set it to the model name the endpoint serves")
+        return OpenAIReflectionLM(base_url=r.base_url, model=r.model, api_key_env=r.api_key_env or None,
+                                  timeout_s=r.timeout_s, retries=r.max_retries, max_concurrency=r.max_concurrency,
+                                  temperature=r.temperature, max_tokens=r.max_new_tokens)
+    if r.kind == "local":
+        if generate_text is None:
+            raise ValueError("a local reflection LM needs generate_text (the sampler that runs the model)")
+        return LocalReflectionLM(generate_text, temperature=r.temperature, max_new_tokens=r.max_new_tokens)
+    if r.kind not in _REGISTRY or r.kind == "callable":
+        raise ValueError(f"config.gepa.reflection.kind must be 'local', 'openai' or a kind registered with "
+                         f"register_reflection_lm, got {r.kind!r}")
+    options = r.get("options") if hasattr(r, "get") else None
+    return make_reflection_lm(r.kind, **(options.to_dict() if hasattr(options, "to_dict") else dict(options or {})))

@@ -9,6 +9,7 @@ iteration picks the same parents as the reference for the same seed.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -65,15 +66,16 @@ class EpsilonGreedySelector:
         return _first_argmax(state.aggregates())
 
 
-SELECTORS = ("pareto", "current_best", "epsilon_greedy")
+# name -> factory(epsilon); one entry per strategy, resolved by `make_selector` (config.gepa.selection)
+SELECTORS: dict[str, Callable[[float], CandidateSelector]] = {
+    "pareto": lambda epsilon: ParetoSelector(),
+    "current_best": lambda epsilon: CurrentBestSelector(),
+    "epsilon_greedy": EpsilonGreedySelector,
+}
 
 
 def make_selector(name: str, epsilon: float = 0.1) -> CandidateSelector:
-    """The selector called `name` (one of `SELECTORS`)."""
-    if name == "pareto":
-        return ParetoSelector()
-    if name == "current_best":
-        return CurrentBestSelector()
-    if name == "epsilon_greedy":
-        return EpsilonGreedySelector(epsilon)
-    raise ValueError(f"unknown selection strategy {name!r}; choose one of {', '.join(SELECTORS)}")
+    """The selector called `name` (a key of `SELECTORS`)."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selection strategy {name!r}; choose one of {', '.join(SELECTORS)}")
+    return SELECTORS[name](epsilon)

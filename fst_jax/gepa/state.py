@@ -21,6 +21,7 @@ from fst_jax.gepa.minibatch import EpochShuffledSampler
 from fst_jax.gepa.pareto import front_candidates, pareto_multiplicities
 
 SCHEMA_VERSION = 1
+CALL_KINDS = ("seed", "minibatch", "full_eval", "merge")
 ItemId = Hashable  # int or str, so that state round-trips through JSON
 
 
@@ -69,6 +70,8 @@ class GEPAState:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     sampler: EpochShuffledSampler = field(default_factory=EpochShuffledSampler)
     merge: MergeBook = field(default_factory=MergeBook)
+    # metric_calls by what they bought: seed scoring, minibatch rollouts, full evaluations, merges
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CALL_KINDS, 0))
 
     # ---- updates -------------------------------------------------------------------------------------
 
@@ -244,6 +247,7 @@ class GEPAState:
             "rng": [version, list(internal), gauss],
             "sampler": self.sampler.to_dict(),
             "merge": self.merge.to_dict(),
+            "calls": dict(self.calls),
         }
 
     @classmethod
@@ -275,6 +279,7 @@ class GEPAState:
             rng=rng,
             sampler=EpochShuffledSampler.from_dict(d["sampler"]),
             merge=MergeBook.from_dict(d["merge"]),
+            calls={**dict.fromkeys(CALL_KINDS, 0), **d.get("calls", {})},  # absent in states saved before it
         )
         state.check_invariants()
         return state

@@ -114,9 +114,20 @@ class RLConfig:
 
     @classmethod
     def from_config(cls, config: "RLConfig | Mapping[str, Any]") -> "RLConfig":
-        """An RLConfig from itself, a dict or an `ml_collections.ConfigDict` (unknown keys are errors)."""
+        """An RLConfig from itself, a dict or an `ml_collections.ConfigDict` of its fields (unknown keys are
+        errors), or a whole run config (`fst_jax.config.default_config()`: `rl.*` plus the sampling
+        temperature and length, G and the chat-template switch)."""
         if isinstance(config, cls):
             return config
+        if "rl" in config and "cycle" in config:  # a run config
+            c = config
+            names = {f.name for f in dataclasses.fields(cls)}
+            if unread := sorted(set(c.rl) - names):
+                raise ValueError(f"config.rl has field(s) {unread} that RLConfig does not define; add them there")
+            return cls(
+                **{f.name: c.rl[f.name] for f in dataclasses.fields(cls) if f.name in c.rl},
+                temperature=c.sampling.temperature, rollouts_per_problem=c.cycle.rollouts_per_problem,
+                max_new_tokens=c.sampling.max_new_tokens, enable_thinking=c.model.enable_thinking)
         values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -400,17 +411,9 @@ def lower_update(state: TrainState, base_params, rollouts: Rollouts, config: RLC
 
 
 def rl_config_from_run(config, **overrides) -> RLConfig:
-    """The RLConfig of a run's config (`config.rl`, `config.sampling`, `config.cycle`, `config.model`)."""
-    c = config
-    fields = dict(
-        learning_rate=c.rl.learning_rate, b1=c.rl.b1, b2=c.rl.b2, weight_decay=c.rl.weight_decay,
-        warmup_steps=c.rl.warmup_steps, max_grad_norm=c.rl.max_grad_norm, loss=c.rl.loss, tau=c.rl.tau,
-        eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, kl_coef=c.rl.kl_coef, kl_estimator=c.rl.kl_estimator,
-        aggregation=c.rl.aggregation, micro_batch_size=c.rl.micro_batch_size,
-        logprob_chunk_size=c.rl.logprob_chunk_size, temperature=c.sampling.temperature,
-        rollouts_per_problem=c.cycle.rollouts_per_problem, max_new_tokens=c.sampling.max_new_tokens,
-        enable_thinking=c.model.enable_thinking)
-    return RLConfig(**{**fields, **overrides})
+    """`RLConfig.from_config(config)` of a whole run config, with `overrides` (e.g. the planned
+    `sequence_length`) replacing fields."""
+    return dataclasses.replace(RLConfig.from_config(config), **overrides)
 
 
 def update(state: TrainState, base_params, rollouts: Rollouts,
