@@ -27,7 +27,10 @@ Credentials are never written: `meta`, `data` and the config snapshot pass throu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -40,7 +43,7 @@ import orbax.checkpoint as ocp
 
 from fst_jax.metrics import redact, to_jsonable
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "Restored", "SCHEMA_VERSION",
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored", "check_writable_dir", "SCHEMA_VERSION",
            "abstract_like", "config_snapshot", "redact"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint is readable but does not fit the state being restored (shapes, structure, version)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (a full disk, a read-only or vanished directory); the steps saved before are intact."""
 
 
 class _Unreadable(Exception):
@@ -118,6 +125,35 @@ def _localize(restored, target):
     return restored
 
 
+def check_writable_dir(path: str | os.PathLike, what: str = "the workdir") -> Path:
+    """Create `path` if needed and prove it writable by writing a file there; a `ValueError` otherwise, in
+    one line naming the path and why (it is a file, it lies under a file, it is read-only, the disk is
+    full...). Run before anything heavy, so a bad --workdir costs seconds, not a model load."""
+    path = Path(os.path.expanduser(os.fspath(path))).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a directory; choose another path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {path} lies under {parent}, which is a file; choose another path")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        with open(probe, "w") as f:
+            f.write("ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "the disk is full",
+                  errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+        raise ValueError(f"{what} {path} is not writable: {reason} ({e.filename or path}); "
+                         "choose a writable directory") from None
+    return path
+
+
 def config_snapshot(config: Any) -> dict:
     """A JSON-ready, credential-free copy of a config (ml_collections.ConfigDict, dataclass or dict)."""
     return redact(to_jsonable(config))
@@ -139,6 +175,47 @@ def _safe_json(obj: Any, what: str) -> Any:
         log.warning("checkpoint %s: masked %s (they look like credentials); keep secrets out of run state",
                     what, ", ".join(masked))
     return clean
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax logs a failed save or restore with a traceback from each of its threads and then raises it to
+    the caller; `Checkpointer` reports it once, in one line, so these records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+def _quiet_orbax_errors() -> None:
+    for name in ("absl", "orbax"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+            logger.addFilter(_DropOrbaxErrors())
+
+
+@contextlib.contextmanager
+def _stderr_swallowed():
+    """Hide what orbax/tensorstore threads print to stderr while a failed save is torn down or a damaged
+    step is read (dozens of 'Event loop is closed' and coroutine tracebacks around one real error)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -178,7 +255,14 @@ class Checkpointer:
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
             read_only=read_only, create=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        _quiet_orbax_errors()
+        self._pending: list[int] = []  # steps whose (asynchronous) save has started but is not known done
+        self._failed = False
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot use checkpoint directory {self.directory}: "
+                                       f"{e.strerror or e}") from e
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, meta: Mapping[str, Any] | None = None, data: Any = None,
@@ -206,18 +290,62 @@ class Checkpointer:
             state = jax.tree.map(_globalize, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta_doc),
                                   data=ocp.args.JsonSave(data_doc))
-        return bool(self._manager.save(step, args=args, force=force))
+        self._pending.append(step)
+        try:
+            started = bool(self._manager.save(step, args=args, force=force))
+        except Exception as e:  # this save, or an earlier asynchronous one, failed to write
+            self._write_failed(e)
+        if not started:
+            self._pending.remove(step)
+        return started
 
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(int(step))
 
     def wait(self):
-        """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every started save is on disk. A failed write raises `CheckpointWriteError` (one
+        line: which step, why, and the latest complete step, which is intact)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._write_failed(e)
+        self._pending.clear()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish the started saves (raising `CheckpointWriteError` if one failed) and release orbax."""
+        if self._failed:  # already reported: tear down quietly
+            with _stderr_swallowed(), contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        try:
+            self.wait()
+        finally:
+            if not self._failed:
+                self._manager.close()
+
+    def _write_failed(self, e: BaseException):
+        self._failed = True
+        step = self._pending[-1] if self._pending else None
+        with _stderr_swallowed(), contextlib.suppress(Exception):
+            self._manager.close()  # stop the other writer threads of the failed save
+        complete = self.complete_steps()
+        kept = (f"the latest complete checkpoint is step {complete[-1]} (intact)" if complete
+                else "no complete checkpoint was written yet")
+        cause = _root_cause(e)
+        if _is_disk_full(e):
+            why, todo = "the disk is full", "free space (or point --workdir at a larger disk)"
+        else:
+            why, todo = _short(cause), "fix that"
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        raise CheckpointWriteError(f"could not write {what} to {self.directory}: {why}; {kept}; "
+                                   f"{todo} and rerun the same command to resume") from e
+
+    def complete_steps(self) -> list[int]:
+        """Steps on disk with orbax's commit marker, read from the directory (the manager may be closed)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and (p / _STEP_METADATA).is_file())
 
     def __enter__(self):
         return self
@@ -300,7 +428,8 @@ class Checkpointer:
             state=ocp.args.StandardRestore(jax.tree.map(_global_target, target) if multi else target),
             meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore())
         try:
-            out = self._manager.restore(step, args=args)
+            with _stderr_swallowed():
+                out = self._manager.restore(step, args=args)
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             if any(marker in str(e) for marker in _MISMATCH_MARKERS):
                 raise CheckpointMismatchError(
