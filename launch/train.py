@@ -64,8 +64,8 @@ def _preflight(config, workdir: str) -> None:
     if not os.path.isdir(model):
         raise FileNotFoundError(f"config.model.path={config.model.path!r}: no such directory (a local HF Qwen3 "
                                 "checkpoint with config.json, *.safetensors and tokenizer.json)")
-    for needed in ("config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(model, needed)):
+    for needed, alternatives in (("config.json", ()), ("tokenizer.json", ("tokenizer.model", "vocab.json"))):
+        if not any(os.path.isfile(os.path.join(model, f)) for f in (needed, *alternatives)):
             raise FileNotFoundError(f"config.model.path={config.model.path!r}: missing {os.path.join(model, needed)}"
                                     " (copy the checkpoint's full directory, tokenizer files included)")
 

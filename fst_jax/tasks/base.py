@@ -113,8 +113,8 @@ class RewardError(ValueError):
         at = f" at step {self.step}" if self.step is not None else ""
         start = self.completion[:60] + ("…" if len(self.completion) > 60 else "")
         return (f"task {self.task_name!r}, problem {self.problem_id}{at}: {self.problem}; the completion starts "
-                f"{start!r}. Fix the task's score() (it must return a Score with a reward in [0, 1] for any "
-                "text); the last checkpoint is intact, rerun the same command to resume")
+                f"{start!r}. Fix the task's score() (a reward in [0, 1] for any text) and rerun the same command "
+                "to resume from the last checkpoint")
 
 
 def checked_score(task: Task, problem: Problem, completion: str, *, task_name: str | None = None) -> Score:
