@@ -19,6 +19,12 @@ older step restores, the bad ones are renamed `<step>.corrupt` (kept for inspect
 the resumed run can save those steps again. A checkpoint that reads fine but does not fit the target (shapes,
 tree structure: the model or optimizer changed) is a `CheckpointMismatchError`, never a silent fallback.
 
+A save that fails to write (a full disk, a directory gone read-only) raises `CheckpointWriteError` from
+`save`/`wait`/`close` in one line naming the step, the cause and the latest complete step; the failed step
+stays a `.orbax-checkpoint-tmp` leftover, so the previous checkpoint remains the one a rerun resumes from.
+Orbax's own error logs and its threads' tracebacks for such a failure (and for a damaged step being read)
+are kept off the console: the exception carries what matters.
+
 Multi-process: every process calls `save`/`restore_latest`; orbax coordinates the array writes, JSON is
 written by process 0 only (so `meta` and `data` must be the same on every process, as they are when every
 process runs the same host loop with the same seed), and processes agree on whether a step is usable.
@@ -33,6 +39,7 @@ import errno
 import io
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,8 +50,8 @@ import orbax.checkpoint as ocp
 
 from fst_jax.metrics import redact, to_jsonable
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored", "check_writable_dir", "SCHEMA_VERSION",
-           "abstract_like", "config_snapshot", "redact"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored",
+           "SCHEMA_VERSION", "abstract_like", "check_writable_dir", "config_snapshot", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +146,7 @@ def check_writable_dir(path: str | os.PathLike, what: str = "the workdir") -> Pa
             break
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{os.getpid()}"
+        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # several hosts may share it
         with open(probe, "w") as f:
             f.write("ok")
             f.flush()
@@ -228,6 +235,7 @@ def _all_processes_agree(ok: bool) -> bool:
 
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0].rstrip(". ")  # the rest is a bound-method repr
     text = text if len(text) <= 240 else text[:240] + "…"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -393,12 +401,13 @@ class Checkpointer:
             try:
                 restored = self._restore_agreed(step, target)
             except _Unreadable as e:
-                log.warning("checkpoint step %d in %s is unusable (%s); falling back to the previous one",
-                            step, self.directory, e)
                 bad.append((step, str(e)))
                 continue
-            if bad:
-                self._set_aside([s for s, _ in bad])
+            if bad:  # one warning line for the whole fallback
+                moved = self._set_aside([s for s, _ in bad])
+                log.warning("unusable checkpoint in %s (%s); resuming from step %d%s", self.directory,
+                            "; ".join(f"step {s}: {why}" for s, why in bad), step,
+                            f" (the unusable one set aside as {', '.join(moved)})" if moved else "")
             return restored
         raise CheckpointError(
             f"no usable checkpoint in {self.directory}: "
@@ -448,10 +457,11 @@ class Checkpointer:
         return Restored(step=step, state=state, meta=meta_doc.get("meta") or {}, data=out["data"],
                         config=meta_doc.get("config"))
 
-    def _set_aside(self, steps: list[int]):
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Rename unusable steps `<step>.corrupt` (invisible to orbax); the new names."""
+        moved = []
         if self.read_only:
-            log.warning("unusable checkpoint steps %s left in place (%s is read-only)", steps, self.directory)
-            return
+            return moved
         if jax.process_index() == 0:
             for step in steps:
                 src = self.directory / str(step)
@@ -461,9 +471,10 @@ class Checkpointer:
                     dst, n = self.directory / f"{step}{CORRUPT_SUFFIX}{n}", n + 1
                 if src.exists():
                     os.rename(src, dst)
-                    log.warning("moved unusable checkpoint %s to %s", src, dst)
+                    moved.append(dst.name)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("fst_jax.checkpoint.set_aside")
         self._manager.reload()
+        return moved

@@ -146,7 +146,9 @@ class FSTRunner:
     # ---- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Run to `total_steps`; returns the last evaluation record."""
+        """Run to `total_steps`; returns the last evaluation record (for a run that had already finished, the
+        last one in its metrics.jsonl, and `already_finished` is True). A `RewardError` leaves with the step
+        it happened at; the checkpoints written before stay as they are."""
         c = self.config
         total = int(c.total_steps)
         bar = progress(total=total, initial=self.counters.rl_steps, desc=f"{c.method} steps",

@@ -107,7 +107,8 @@ def main(argv) -> None:
                   f"evaluation (step {result.get('step', '?')}):")
         else:
             print(f"done: {runner.counters.rl_steps} steps in {workdir}")
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float)) and k not in ("step", "time")},
+                         indent=1))
         if _PLOT.value and not runner.already_finished:
             import plot  # launch/plot.py, beside this file
 
