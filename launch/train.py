@@ -155,6 +155,7 @@ def _parse_flags(argv):
     `--config.<...>.fields.<name>=<key>` overrides applied (they may add keys)."""
     fields = [m.groups() for m in map(_FIELDS_OVERRIDE.fullmatch, argv) if m]
     argv = [a for a in argv if not _FIELDS_OVERRIDE.fullmatch(a)]
+    sys.argv[:] = argv  # config_flags finds the --config.x overrides in sys.argv, not in the parser's argv
     try:
         rest = flags.FLAGS(argv)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
@@ -170,12 +171,12 @@ def _parse_flags(argv):
               "and the config file", 2)
     config = _CONFIG.value
     for path, key, value in fields:
-        node = config
+        node, walked = config, "config"
         for part in path.split("."):
             if not hasattr(node, "keys") or part not in node:
-                _exit(f"error: bad command line: unknown config field config.{path} "
+                _exit(f"error: bad command line: unknown config field {walked}.{part} "
                       f"(in --config.{path}.{key})", 2)
-            node = node[part]
+            node, walked = node[part], f"{walked}.{part}"
         if not hasattr(node, "unlocked"):
             _exit(f"error: bad command line: config.{path} is not a mapping (in --config.{path}.{key})", 2)
         with node.unlocked():

@@ -42,7 +42,7 @@ SMALL_TRAINING = (
 # configs/fst_qwen3.py on the tiny model: float32 on the CPU, micro-batches and chunks that fit 8 rollouts,
 # the test data (Polaris names its answer field "answer"; the test file calls it "solution").
 QWEN3_ON_TINY = (
-    f"--config.model.path={TINY_MODEL}", "--config.model.dtype=float32", "--config.rl.micro_batch_size=4",
+    f"--config.model.path={TINY_MODEL}", "--config.model.dtype=float32", "--config.rl.micro_batch_size=8",
     "--config.rl.logprob_chunk_size=64", "--config.tasks.math.fields.answer=solution",
     "--config.gepa.max_prompt_chars=200")
 
