@@ -298,6 +298,7 @@ class Checkpointer:
             state = jax.tree.map(_globalize, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta_doc),
                                   data=ocp.args.JsonSave(data_doc))
+        self.wait()  # the previous write (long done, a cycle ago): a failure there is reported as its own step
         self._pending.append(step)
         try:
             started = bool(self._manager.save(step, args=args, force=force))

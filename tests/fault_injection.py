@@ -20,7 +20,8 @@ import sys
 import time
 
 
-def _install(spec: str) -> None:
+def install(spec: str):
+    """Inject the fault `spec` ("enospc:STEP" or "stall:STEP:MARKER") in this process; returns the undo."""
     from etils.epath import gpath
 
     kind, step, *rest = spec.split(":", 2)
@@ -38,11 +39,12 @@ def _install(spec: str) -> None:
         return original_open(self, mode, *args, **kwargs)
 
     gpath._GPath.open = open_with_fault
+    return lambda: setattr(gpath._GPath, "open", original_open)
 
 
 def main() -> None:
     spec, script, *args = sys.argv[1:]
-    _install(spec)
+    install(spec)
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

@@ -96,6 +96,36 @@ def test_a_bad_reward_names_task_problem_and_completion(task, why):
     assert checked_score(_Task(0.25), {"id": "1"}, "x").reward == 0.25
 
 
+# ---- checkpoint writes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_write_is_one_error_and_the_previous_step_stays_latest(tmp_path, async_save):
+    import jax.numpy as jnp
+
+    from fst_jax.checkpoint import Checkpointer, CheckpointWriteError
+    from fault_injection import install
+
+    state = {"w": jnp.arange(6.0).reshape(2, 3)}
+    ckpt = Checkpointer(tmp_path, async_save=async_save)
+    ckpt.save(1, state, meta={"s": 1}, force=True)
+    ckpt.wait()
+    undo = install("enospc:2")
+    try:
+        with pytest.raises(CheckpointWriteError) as info:
+            ckpt.save(2, state, meta={"s": 2}, force=True)
+            ckpt.save(3, state, meta={"s": 3}, force=True)  # an async failure surfaces here at the latest
+    finally:
+        undo()
+        ckpt.close()  # quiet after a reported failure
+    assert str(info.value) == (
+        f"could not write checkpoint step 2 to {tmp_path}/checkpoints: the disk is full; the latest complete "
+        "checkpoint is step 1 (intact); free space (or point --workdir at a larger disk) and rerun the same "
+        "command to resume")
+    with Checkpointer(tmp_path) as again:
+        restored = again.restore_latest({"w": jnp.zeros((2, 3))})
+    assert restored.step == 1 and restored.meta == {"s": 1}
+
+
 # ---- the real launch/train.py ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
