@@ -59,7 +59,6 @@ def _preflight(config, workdir: str) -> None:
     from fst_jax.config import validate
 
     validate(config)
-    check_writable_dir(workdir, "--workdir")
     model = os.path.expanduser(config.model.path)
     if not os.path.isdir(model):
         raise FileNotFoundError(f"config.model.path={config.model.path!r}: no such directory (a local HF Qwen3 "
@@ -68,6 +67,7 @@ def _preflight(config, workdir: str) -> None:
         if not any(os.path.isfile(os.path.join(model, f)) for f in (needed, *alternatives)):
             raise FileNotFoundError(f"config.model.path={config.model.path!r}: missing {os.path.join(model, needed)}"
                                     " (copy the checkpoint's full directory, tokenizer files included)")
+    check_writable_dir(workdir, "--workdir")  # last: it creates the directory
 
 
 def main(argv) -> None:
