@@ -272,7 +272,7 @@ def test_sigkill_during_an_async_checkpoint_write_resumes_from_the_previous_one(
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_in_one_line_and_the_run_resumes(env, tmp_path):
+def test_ctrl_c_exits_130_in_one_line_naming_the_step(env, tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "launch/train.py", "--config", TINY, "--workdir", str(workdir), "--config.method=rl",
            *SMALL[1:], "--config.total_steps=40"]
