@@ -50,8 +50,8 @@ import orbax.checkpoint as ocp
 
 from fst_jax.metrics import redact, to_jsonable
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored",
-           "SCHEMA_VERSION", "abstract_like", "check_writable_dir", "config_snapshot", "redact"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "QuietTeardownStderr",
+           "Restored", "SCHEMA_VERSION", "abstract_like", "check_writable_dir", "config_snapshot", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,54 @@ def _stderr_swallowed():
     step is read (dozens of 'Event loop is closed' and coroutine tracebacks around one real error)."""
     with contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+class QuietTeardownStderr(io.TextIOBase):
+    """A stderr that drops the tracebacks ending in "RuntimeError: Event loop is closed": when a background
+    save fails (a full disk), orbax closes its event loop while tensorstore still completes the other writes,
+    and each completion prints such a traceback from a C++ callback — dozens, before `Checkpointer` reports
+    the real error in one line. Everything else passes through unchanged and at once.
+
+        sys.stderr = QuietTeardownStderr(sys.stderr)     # in a command-line entry point
+    """
+
+    _HEADER = "Traceback (most recent call last):"
+
+    def __init__(self, target):
+        self.target, self._block, self._lock = target, None, __import__("threading").RLock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._block is None:
+                start = text.find(self._HEADER)
+                if start < 0:
+                    return self.target.write(text)
+                self.target.write(text[:start])
+                self._block, text = "", text[start:]
+            self._block += text
+            lines = self._block.split("\n")
+            for i, line in enumerate(lines[1:-1], start=1):
+                if line and not line[0].isspace():  # the exception line ends the traceback
+                    block, rest = "\n".join(lines[:i + 1]) + "\n", "\n".join(lines[i + 1:])
+                    self._block = None
+                    if not line.startswith("RuntimeError: Event loop is closed"):
+                        self.target.write(block)
+                    if rest:
+                        self.write(rest)
+                    break
+            return len(text)
+
+    def flush(self):
+        self.target.flush()
+
+    def fileno(self):
+        return self.target.fileno()
+
+    def isatty(self):
+        return self.target.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
 
 
 def _is_disk_full(e: BaseException) -> bool:

@@ -75,8 +75,10 @@ def main(argv) -> None:
     _maybe_initialize_distributed()
     import jax
 
-    from fst_jax.checkpoint import CheckpointError
+    from fst_jax.checkpoint import CheckpointError, QuietTeardownStderr
     from fst_jax.fst import FSTRunner
+
+    sys.stderr = QuietTeardownStderr(sys.stderr)
 
     config = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]

@@ -126,6 +126,22 @@ def test_a_failed_write_is_one_error_and_the_previous_step_stays_latest(tmp_path
     assert restored.step == 1 and restored.meta == {"s": 1}
 
 
+def test_quiet_stderr_drops_only_closed_event_loop_tracebacks():
+    import io
+
+    from fst_jax.checkpoint import QuietTeardownStderr
+
+    out = io.StringIO()
+    err = QuietTeardownStderr(out)
+    closed = ("Traceback (most recent call last):\n  File \"base_events.py\", line 806\n"
+              "RuntimeError: Event loop is closed\n")
+    err.write("step 3\r")
+    for piece in closed.split("\n"):  # written piecewise, as C code prints a traceback
+        err.write(piece + "\n" if piece else "")
+    err.write("Traceback (most recent call last):\n  File \"x.py\"\nValueError: real\n" + closed + "done\n")
+    assert out.getvalue() == "step 3\rTraceback (most recent call last):\n  File \"x.py\"\nValueError: real\ndone\n"
+
+
 # ---- the real launch/train.py ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
