@@ -242,6 +242,14 @@ class QuietTeardownStderr(io.TextIOBase):
                     break
             return len(text)
 
+    @property
+    def encoding(self):
+        return self.target.encoding
+
+    @property
+    def errors(self):
+        return self.target.errors
+
     def flush(self):
         self.target.flush()
 

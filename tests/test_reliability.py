@@ -98,6 +98,7 @@ def test_a_bad_reward_names_task_problem_and_completion(task, why):
 
 # ---- checkpoint writes ----------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's closed-loop teardown
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_failed_write_is_one_error_and_the_previous_step_stays_latest(tmp_path, async_save):
     import jax.numpy as jnp
