@@ -199,6 +199,19 @@ _RANGES = (
 )
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """path → allowed values, read from the modules that implement them (imported here, not at the top, so
+    that config files stay cheap to import)."""
+    from fst_jax.gepa.selection import SELECTORS
+    from fst_jax.models.config import REMAT_POLICIES
+    from fst_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+
+    dtypes = ("float32", "bfloat16", "float16")
+    return {"model.dtype": dtypes, "model.param_dtype": dtypes, "model.remat": REMAT_POLICIES,
+            "rl.loss": tuple(POLICY_LOSSES), "rl.kl_estimator": tuple(KL_ESTIMATORS), "rl.aggregation": AGGREGATIONS,
+            "gepa.selection": SELECTORS, "gepa.reflection.kind": ("local", "openai")}
+
+
 def _validate_task(name: str, spec) -> None:
     where = f"config.tasks.{name}"
     if not hasattr(spec, "get"):
@@ -225,6 +238,13 @@ def validate(config) -> None:
     path (`config.cycle.rl_steps`) and what to do."""
     for path, low, high, options in _RANGES:
         _check_range(config, path, low, high, **options)
+    for path, allowed in _choices().items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part, {}) if hasattr(node, "get") else {}
+        if hasattr(node, "get") and leaf in node and node[leaf] not in allowed:
+            raise ValueError(f"config.{path} must be one of {', '.join(allowed)}; got {node[leaf]!r}")
     if config.method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
     if not config.model.path:

@@ -43,6 +43,9 @@ SMALL = ["--config.total_steps=2", "--config.cycle.rl_steps=1", "--config.cycle.
     ("gepa.reflection.max_concurrency", 0, "config.gepa.reflection.max_concurrency must be an integer ≥ 1"),
     ("checkpoint.every_cycles", 0, "config.checkpoint.every_cycles must be an integer ≥ 1"),
     ("tasks.math.val_fraction", 1.0, r"config.tasks.math.val_fraction must be a number in \[0, 1\)"),
+    ("rl.loss", "grpo", "config.rl.loss must be one of cispo, ppo_clip; got 'grpo'"),
+    ("model.remat", "all", "config.model.remat must be one of none, full, dots_saveable, nothing_saveable"),
+    ("gepa.reflection.kind", "anthropic", "config.gepa.reflection.kind must be one of local, openai"),
 ])
 def test_every_config_value_is_checked_with_its_full_path(path, value, message):
     c = default_config()
