@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import io
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,9 +46,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fst_jax.metrics import redact, to_jsonable
+from fst_jax.storage_errors import is_disk_full, quiet_orbax_errors, root_cause, stderr_swallowed
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "QuietTeardownStderr",
-           "Restored", "SCHEMA_VERSION", "abstract_like", "check_writable_dir", "config_snapshot", "redact"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored",
+           "SCHEMA_VERSION", "abstract_like", "config_snapshot", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -132,35 +130,6 @@ def _localize(restored, target):
     return restored
 
 
-def check_writable_dir(path: str | os.PathLike, what: str = "the workdir") -> Path:
-    """Create `path` if needed and prove it writable by writing a file there; a `ValueError` otherwise, in
-    one line naming the path and why (it is a file, it lies under a file, it is read-only, the disk is
-    full...). Run before anything heavy, so a bad --workdir costs seconds, not a model load."""
-    path = Path(os.path.expanduser(os.fspath(path))).absolute()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file, not a directory; choose another path")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{what} {path} lies under {parent}, which is a file; choose another path")
-            break
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # several hosts may share it
-        with open(probe, "w") as f:
-            f.write("ok")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        reason = {errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
-                  errno.EPERM: "permission denied", errno.ENOSPC: "the disk is full",
-                  errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
-        raise ValueError(f"{what} {path} is not writable: {reason} ({e.filename or path}); "
-                         "choose a writable directory") from None
-    return path
-
-
 def config_snapshot(config: Any) -> dict:
     """A JSON-ready, credential-free copy of a config (ml_collections.ConfigDict, dataclass or dict)."""
     return redact(to_jsonable(config))
@@ -182,103 +151,6 @@ def _safe_json(obj: Any, what: str) -> Any:
         log.warning("checkpoint %s: masked %s (they look like credentials); keep secrets out of run state",
                     what, ", ".join(masked))
     return clean
-
-
-class _DropOrbaxErrors(logging.Filter):
-    """Orbax logs a failed save or restore with a traceback from each of its threads and then raises it to
-    the caller; `Checkpointer` reports it once, in one line, so these records are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
-
-
-def _quiet_orbax_errors() -> None:
-    for name in ("absl", "orbax"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
-            logger.addFilter(_DropOrbaxErrors())
-
-
-@contextlib.contextmanager
-def _stderr_swallowed():
-    """Hide what orbax/tensorstore threads print to stderr while a failed save is torn down or a damaged
-    step is read (dozens of 'Event loop is closed' and coroutine tracebacks around one real error)."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
-class QuietTeardownStderr(io.TextIOBase):
-    """A stderr that drops the tracebacks ending in "RuntimeError: Event loop is closed": when a background
-    save fails (a full disk), orbax closes its event loop while tensorstore still completes the other writes,
-    and each completion prints such a traceback from a C++ callback — dozens, before `Checkpointer` reports
-    the real error in one line. Everything else passes through unchanged and at once.
-
-        sys.stderr = QuietTeardownStderr(sys.stderr)     # in a command-line entry point
-    """
-
-    _HEADER = "Traceback (most recent call last):"
-
-    def __init__(self, target):
-        self.target, self._block, self._lock = target, None, __import__("threading").RLock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            if self._block is None:
-                start = text.find(self._HEADER)
-                if start < 0:
-                    return self.target.write(text)
-                self.target.write(text[:start])
-                self._block, text = "", text[start:]
-            self._block += text
-            lines = self._block.split("\n")
-            for i, line in enumerate(lines[1:-1], start=1):
-                if line and not line[0].isspace():  # the exception line ends the traceback
-                    block, rest = "\n".join(lines[:i + 1]) + "\n", "\n".join(lines[i + 1:])
-                    self._block = None
-                    if not line.startswith("RuntimeError: Event loop is closed"):
-                        self.target.write(block)
-                    if rest:
-                        self.write(rest)
-                    break
-            return len(text)
-
-    @property
-    def encoding(self):
-        return self.target.encoding
-
-    @property
-    def errors(self):
-        return self.target.errors
-
-    def flush(self):
-        self.target.flush()
-
-    def fileno(self):
-        return self.target.fileno()
-
-    def isatty(self):
-        return self.target.isatty()
-
-    def __getattr__(self, name):
-        return getattr(self.target, name)
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return e
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -319,7 +191,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
             read_only=read_only, create=not read_only)
-        _quiet_orbax_errors()
+        quiet_orbax_errors()
         self._pending: list[int] = []  # steps whose (asynchronous) save has started but is not known done
         self._failed = False
         try:
@@ -379,7 +251,7 @@ class Checkpointer:
     def close(self):
         """Finish the started saves (raising `CheckpointWriteError` if one failed) and release orbax."""
         if self._failed:  # already reported: tear down quietly
-            with _stderr_swallowed(), contextlib.suppress(Exception):
+            with stderr_swallowed(), contextlib.suppress(Exception):
                 self._manager.close()
             return
         try:
@@ -391,13 +263,13 @@ class Checkpointer:
     def _write_failed(self, e: BaseException):
         self._failed = True
         step = self._pending[-1] if self._pending else None
-        with _stderr_swallowed(), contextlib.suppress(Exception):
+        with stderr_swallowed(), contextlib.suppress(Exception):
             self._manager.close()  # stop the other writer threads of the failed save
         complete = self.complete_steps()
         kept = (f"the latest complete checkpoint is step {complete[-1]} (intact)" if complete
                 else "no complete checkpoint was written yet")
-        cause = _root_cause(e)
-        if _is_disk_full(e):
+        cause = root_cause(e)
+        if is_disk_full(e):
             why, todo = "the disk is full", "free space (or point --workdir at a larger disk)"
         else:
             why, todo = _short(cause), "fix that"
@@ -494,7 +366,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(jax.tree.map(_global_target, target) if multi else target),
             meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore())
         try:
-            with _stderr_swallowed():
+            with stderr_swallowed():
                 out = self._manager.restore(step, args=args)
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             if any(marker in str(e) for marker in _MISMATCH_MARKERS):

@@ -55,7 +55,7 @@ def _exit(message: str, code: int) -> None:
 def _preflight(config, workdir: str) -> None:
     """Cheap checks before anything heavy (devices, weights): the config's values, the workdir, and the
     model directory's files — each failure one line naming the path and the config field."""
-    from fst_jax.checkpoint import check_writable_dir
+    from fst_jax.storage_errors import check_writable_dir
     from fst_jax.config import validate
 
     validate(config)
@@ -75,7 +75,8 @@ def main(argv) -> None:
     _maybe_initialize_distributed()
     import jax
 
-    from fst_jax.checkpoint import CheckpointError, QuietTeardownStderr
+    from fst_jax.checkpoint import CheckpointError
+    from fst_jax.storage_errors import QuietTeardownStderr
     from fst_jax.fst import FSTRunner
 
     sys.stderr = QuietTeardownStderr(sys.stderr)

@@ -133,7 +133,7 @@ def test_a_failed_write_is_one_error_and_the_previous_step_stays_latest(tmp_path
 def test_quiet_stderr_drops_only_closed_event_loop_tracebacks():
     import io
 
-    from fst_jax.checkpoint import QuietTeardownStderr
+    from fst_jax.storage_errors import QuietTeardownStderr
 
     out = io.StringIO()
     err = QuietTeardownStderr(out)
