@@ -60,6 +60,13 @@ class Row:
 
 ROWS = (
     Row(r"launch/train\.py --config configs/fst_tiny\.py$", extra=SMALL_TRAINING + ("--noplot",)),
+    # other runs of the tiny config (e.g. another task): their own workdir, as the first run above used the
+    # default one ({index} is the command's position in the README)
+    Row(r"launch/train\.py --config configs/fst_tiny\.py ", extra=SMALL_TRAINING + (
+        "--noplot", "--workdir=runs/readme-{index}")),
+    Row(r"--config(\.init_from=| )?\S*runs/math-|configs/fst_qwen3_(math|hover)\.py|launch/plot\.py runs/probe-from",
+        skip="the plasticity probe: four chained runs of the 8B recipe, two of them on HoVer with its Wikipedia "
+             "corpus (too long for CI; the configs themselves are built and validated by the task tests)"),
     # the mesh example gets its own workdir: in the README's one it would find the run above finished
     Row(r"launch/train\.py --config configs/fst_qwen3\.py --config\.mesh\.",
         extra=QWEN3_ON_TINY + SMALL_TRAINING + ("--config.tasks.math.train_files=" + MATH,
@@ -88,7 +95,7 @@ def readme_commands(text: str) -> list[str]:
             if block is None:
                 block, language = [], line[3:].strip()
             else:
-                if language in ("bash", "sh", "shell"):
+                if language in ("", "bash", "sh", "shell", "console", "text"):  # not python, json...
                     blocks.append("".join(block))
                 block = None
         elif block is None:
@@ -140,14 +147,16 @@ def scratch(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_runs(command, scratch):
+    command_as_written = command
     row = row_for(command)
     if row.skip:
         pytest.skip(f"README command {command!r}: {row.skip}")
     cwd, env = scratch
     for old, new in row.replace:
         command = command.replace(old, new)
+    extra = [a.replace("{index}", str(COMMANDS.index(command_as_written))) for a in row.extra]
     args = command.split()
     program = args.index(next(a for a in args if a.startswith("launch/")))
-    cmd = [sys.executable, *args[program:], *row.extra]
+    cmd = [sys.executable, *args[program:], *extra]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=row.timeout)
     assert r.returncode == 0, f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stderr[-3000:]}"
