@@ -31,10 +31,13 @@ def get_config():
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     c.mesh.device_memory_gb = 80.0         # H100 80 GB
 
-    c.tasks = {"codeio": dict(task="codeio", train_files="~/data/codeio/train.jsonl",
+    c.tasks = {"math": dict(task="math", train_files="~/data/polaris/train.jsonl",  # Polaris: problem, answer
+                            val_files="~/data/polaris/val.jsonl", val_fraction=0.0,
+                            fields={"question": "problem", "answer": "answer"}, options={}),
+               "codeio": dict(task="codeio", train_files="~/data/codeio/train.jsonl",
                               val_files="~/data/codeio/val.jsonl", val_fraction=0.0,
                               fields={"question": "prompt", "answer": "output"}, options={})}
-    c.task = "codeio"
+    c.task = "math"                        # --config.task=codeio trains CodeIO
 
     # Paper (RECIPE.md §Cycle, §Slow weights): T=6, B=32, G=8, K=4, CISPO τ=4, KL 1e-3, AdamW lr 1e-6,
     # 10 warm-up steps, GEPA 960 rollouts per cycle — all kept at default_config()'s values.

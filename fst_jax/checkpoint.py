@@ -19,6 +19,12 @@ older step restores, the bad ones are renamed `<step>.corrupt` (kept for inspect
 the resumed run can save those steps again. A checkpoint that reads fine but does not fit the target (shapes,
 tree structure: the model or optimizer changed) is a `CheckpointMismatchError`, never a silent fallback.
 
+A save that fails to write (a full disk, a directory gone read-only) raises `CheckpointWriteError` from
+`save`/`wait`/`close` in one line naming the step, the cause and the latest complete step; the failed step
+stays a `.orbax-checkpoint-tmp` leftover, so the previous checkpoint remains the one a rerun resumes from.
+Orbax's own error logs and its threads' tracebacks for such a failure (and for a damaged step being read)
+are kept off the console: the exception carries what matters.
+
 Multi-process: every process calls `save`/`restore_latest`; orbax coordinates the array writes, JSON is
 written by process 0 only (so `meta` and `data` must be the same on every process, as they are when every
 process runs the same host loop with the same seed), and processes agree on whether a step is usable.
@@ -27,6 +33,7 @@ Credentials are never written: `meta`, `data` and the config snapshot pass throu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,9 +46,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fst_jax.metrics import redact, to_jsonable
+from fst_jax.storage_errors import is_disk_full, quiet_orbax_errors, root_cause, stderr_swallowed
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "Restored", "SCHEMA_VERSION",
-           "abstract_like", "config_snapshot", "redact"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored",
+           "SCHEMA_VERSION", "abstract_like", "config_snapshot", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint is readable but does not fit the state being restored (shapes, structure, version)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (a full disk, a read-only or vanished directory); the steps saved before are intact."""
 
 
 class _Unreadable(Exception):
@@ -151,6 +163,7 @@ def _all_processes_agree(ok: bool) -> bool:
 
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0].rstrip(". ")  # the rest is a bound-method repr
     text = text if len(text) <= 240 else text[:240] + "…"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -178,7 +191,14 @@ class Checkpointer:
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
             read_only=read_only, create=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        quiet_orbax_errors()
+        self._pending: list[int] = []  # steps whose (asynchronous) save has started but is not known done
+        self._failed = False
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot use checkpoint directory {self.directory}: "
+                                       f"{e.strerror or e}") from e
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, meta: Mapping[str, Any] | None = None, data: Any = None,
@@ -206,18 +226,63 @@ class Checkpointer:
             state = jax.tree.map(_globalize, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta_doc),
                                   data=ocp.args.JsonSave(data_doc))
-        return bool(self._manager.save(step, args=args, force=force))
+        self.wait()  # the previous write (long done, a cycle ago): a failure there is reported as its own step
+        self._pending.append(step)
+        try:
+            started = bool(self._manager.save(step, args=args, force=force))
+        except Exception as e:  # this save, or an earlier asynchronous one, failed to write
+            self._write_failed(e)
+        if not started:
+            self._pending.remove(step)
+        return started
 
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(int(step))
 
     def wait(self):
-        """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every started save is on disk. A failed write raises `CheckpointWriteError` (one
+        line: which step, why, and the latest complete step, which is intact)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._write_failed(e)
+        self._pending.clear()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish the started saves (raising `CheckpointWriteError` if one failed) and release orbax."""
+        if self._failed:  # already reported: tear down quietly
+            with stderr_swallowed(), contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        try:
+            self.wait()
+        finally:
+            if not self._failed:
+                self._manager.close()
+
+    def _write_failed(self, e: BaseException):
+        self._failed = True
+        step = self._pending[-1] if self._pending else None
+        with stderr_swallowed(), contextlib.suppress(Exception):
+            self._manager.close()  # stop the other writer threads of the failed save
+        complete = self.complete_steps()
+        kept = (f"the latest complete checkpoint is step {complete[-1]} (intact)" if complete
+                else "no complete checkpoint was written yet")
+        cause = root_cause(e)
+        if is_disk_full(e):
+            why, todo = "the disk is full", "free space (or point --workdir at a larger disk)"
+        else:
+            why, todo = _short(cause), "fix that"
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        raise CheckpointWriteError(f"could not write {what} to {self.directory}: {why}; {kept}; "
+                                   f"{todo} and rerun the same command to resume") from e
+
+    def complete_steps(self) -> list[int]:
+        """Steps on disk with orbax's commit marker, read from the directory (the manager may be closed)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and (p / _STEP_METADATA).is_file())
 
     def __enter__(self):
         return self
@@ -265,12 +330,13 @@ class Checkpointer:
             try:
                 restored = self._restore_agreed(step, target)
             except _Unreadable as e:
-                log.warning("checkpoint step %d in %s is unusable (%s); falling back to the previous one",
-                            step, self.directory, e)
                 bad.append((step, str(e)))
                 continue
-            if bad:
-                self._set_aside([s for s, _ in bad])
+            if bad:  # one warning line for the whole fallback
+                moved = self._set_aside([s for s, _ in bad])
+                log.warning("unusable checkpoint in %s (%s); resuming from step %d%s", self.directory,
+                            "; ".join(f"step {s}: {why}" for s, why in bad), step,
+                            f" (the unusable one set aside as {', '.join(moved)})" if moved else "")
             return restored
         raise CheckpointError(
             f"no usable checkpoint in {self.directory}: "
@@ -300,7 +366,8 @@ class Checkpointer:
             state=ocp.args.StandardRestore(jax.tree.map(_global_target, target) if multi else target),
             meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore())
         try:
-            out = self._manager.restore(step, args=args)
+            with stderr_swallowed():
+                out = self._manager.restore(step, args=args)
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             if any(marker in str(e) for marker in _MISMATCH_MARKERS):
                 raise CheckpointMismatchError(
@@ -319,10 +386,11 @@ class Checkpointer:
         return Restored(step=step, state=state, meta=meta_doc.get("meta") or {}, data=out["data"],
                         config=meta_doc.get("config"))
 
-    def _set_aside(self, steps: list[int]):
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Rename unusable steps `<step>.corrupt` (invisible to orbax); the new names."""
+        moved = []
         if self.read_only:
-            log.warning("unusable checkpoint steps %s left in place (%s is read-only)", steps, self.directory)
-            return
+            return moved
         if jax.process_index() == 0:
             for step in steps:
                 src = self.directory / str(step)
@@ -332,9 +400,10 @@ class Checkpointer:
                     dst, n = self.directory / f"{step}{CORRUPT_SUFFIX}{n}", n + 1
                 if src.exists():
                     os.rename(src, dst)
-                    log.warning("moved unusable checkpoint %s to %s", src, dst)
+                    moved.append(dst.name)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("fst_jax.checkpoint.set_aside")
         self._manager.reload()
+        return moved

@@ -145,9 +145,125 @@ def parse_schedule(config) -> list[tuple[str, int]]:
     return out
 
 
+def _check_range(config, path: str, low=None, high=None, *, low_open=False, high_open=False, optional=False,
+                 integer=False) -> None:
+    """`config.<path>` is a number in the interval; the error names the full path and the allowed range."""
+    node = config
+    for part in path.split("."):
+        if part not in node:
+            return  # a field a config file removed: the code that reads it reports it
+        node = node[part]
+    if node is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(node, (int, float)) and not isinstance(node, bool) and (not integer or isinstance(node, int))
+    ok = ok and node == node  # NaN
+    if ok and low is not None:
+        ok = node > low if low_open else node >= low
+    if ok and high is not None:
+        ok = node < high if high_open else node <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '≥'} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '≤'} {high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"config.{path} must be {kind}{' ' + bounds if bounds else ''}, got {node!r}")
+
+
+# (path, low, high, options): every numeric field that has a meaningful range.
+_RANGES = (
+    ("total_steps", 1, None, dict(integer=True)),
+    ("cycle.rl_steps", 1, None, dict(integer=True)),
+    ("cycle.problems_per_step", 1, None, dict(integer=True)),
+    ("cycle.rollouts_per_problem", 1, None, dict(integer=True)),
+    ("cycle.population_size", 1, None, dict(integer=True)),
+    ("sampling.temperature", 0, None, {}),
+    ("sampling.top_p", 0, 1, dict(low_open=True)),
+    ("sampling.top_k", 0, None, dict(integer=True)),
+    ("sampling.max_new_tokens", 1, None, dict(integer=True)),
+    ("rl.tau", 0, None, dict(low_open=True)),
+    ("rl.eps_low", 0, None, {}),
+    ("rl.eps_high", 0, None, {}),
+    ("rl.kl_coef", 0, None, {}),
+    ("rl.learning_rate", 0, None, dict(low_open=True)),
+    ("rl.b1", 0, 1, dict(high_open=True)),
+    ("rl.b2", 0, 1, dict(high_open=True)),
+    ("rl.weight_decay", 0, None, {}),
+    ("rl.warmup_steps", 0, None, dict(integer=True)),
+    ("rl.max_grad_norm", 0, None, dict(low_open=True, optional=True)),
+    ("rl.micro_batch_size", 1, None, dict(integer=True, optional=True)),
+    ("rl.logprob_chunk_size", 1, None, dict(integer=True, optional=True)),
+    ("gepa.budget_rollouts", 1, None, dict(integer=True)),
+    ("gepa.minibatch_size", 1, None, dict(integer=True)),
+    ("gepa.proposals_per_iteration", 1, None, dict(integer=True)),
+    ("gepa.epsilon", 0, 1, {}),
+    ("gepa.max_merge_invocations", 0, None, dict(integer=True)),
+    ("gepa.max_iterations_without_improvement", 1, None, dict(integer=True, optional=True)),
+    ("gepa.max_prompt_chars", 1, None, dict(integer=True)),
+    ("gepa.reflection.temperature", 0, None, {}),
+    ("gepa.reflection.max_new_tokens", 1, None, dict(integer=True)),
+    ("gepa.reflection.timeout_s", 0, None, dict(low_open=True)),
+    ("gepa.reflection.max_retries", 0, None, dict(integer=True)),
+    ("gepa.reflection.max_concurrency", 1, None, dict(integer=True)),
+    ("eval.every", 0, None, dict(integer=True)),
+    ("eval.k", 1, None, dict(integer=True)),
+    ("eval.temperature", 0, None, {}),
+    ("eval.top_p", 0, 1, dict(low_open=True)),
+    ("eval.max_new_tokens", 1, None, dict(integer=True)),
+    ("eval.num_problems", 0, None, dict(integer=True)),
+    ("eval.kl_prompts", 0, None, dict(integer=True)),
+    ("eval.kl_max_new_tokens", 1, None, dict(integer=True)),
+    ("checkpoint.every_cycles", 1, None, dict(integer=True)),
+    ("checkpoint.max_to_keep", 1, None, dict(integer=True, optional=True)),
+)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """path → allowed values, read from the modules that implement them (imported here, not at the top, so
+    that config files stay cheap to import)."""
+    from fst_jax.gepa.selection import SELECTORS
+    from fst_jax.models.config import REMAT_POLICIES
+    from fst_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+
+    dtypes = ("float32", "bfloat16", "float16")
+    return {"model.dtype": dtypes, "model.param_dtype": dtypes, "model.remat": REMAT_POLICIES,
+            "rl.loss": tuple(POLICY_LOSSES), "rl.kl_estimator": tuple(KL_ESTIMATORS), "rl.aggregation": AGGREGATIONS,
+            "gepa.selection": SELECTORS, "gepa.reflection.kind": ("local", "openai")}
+
+
+def _validate_task(name: str, spec) -> None:
+    where = f"config.tasks.{name}"
+    if not hasattr(spec, "get"):
+        raise ValueError(f"{where} must be a dict of task settings (task, train_files, fields, options...), "
+                         f"got {type(spec).__name__}")
+    fraction = spec.get("val_fraction", 0.0) or 0.0
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+        raise ValueError(f"{where}.val_fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction and spec.get("val_files"):
+        raise ValueError(f"{where} sets both val_files and val_fraction={fraction}: validation comes from "
+                         "val_files, so set val_fraction=0 (or drop val_files to split train_files)")
+    fields = spec.get("fields")
+    for key, value in (fields.items() if hasattr(fields, "items") else ()):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}.fields.{key} must be the record key to read it from, got {value!r}")
+    for count in ("num_train", "num_val"):
+        value = spec.get(count, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}.{count} must be an integer ≥ 0, got {value!r}")
+
+
 def validate(config, *, require_checkpoint: bool = True) -> None:
-    """Cross-field checks, each error naming the field and what to do. A dry run (`require_checkpoint=False`)
-    needs no checkpoint directory: `model.preset` may stand in for it."""
+    """Checks of every field with a range or a choice, and across fields; each error names the field's full
+    path (`config.cycle.rl_steps`) and what to do. A dry run (`require_checkpoint=False`) needs no checkpoint
+    directory: `model.preset` may stand in for it."""
+    for path, low, high, options in _RANGES:
+        _check_range(config, path, low, high, **options)
+    for path, allowed in _choices().items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part, {}) if hasattr(node, "get") else {}
+        if hasattr(node, "get") and leaf in node and node[leaf] not in allowed:
+            raise ValueError(f"config.{path} must be one of {', '.join(allowed)}; got {node[leaf]!r}")
     if config.method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {config.method!r}")
     for field, value in (("sampling.max_prompt_tokens", config.sampling.max_prompt_tokens),
@@ -173,6 +289,8 @@ def validate(config, *, require_checkpoint: bool = True) -> None:
     if config.gepa.reflection.max_consecutive_failures < 1:
         raise ValueError("config.gepa.reflection.max_consecutive_failures must be ≥ 1")
     schedule = parse_schedule(config)
+    for name in config.tasks:
+        _validate_task(name, config.tasks[name])
     for name, _ in schedule:
         if name not in config.tasks:
             raise ValueError(f"task {name!r} (from config.schedule/config.task) has no entry in config.tasks; "

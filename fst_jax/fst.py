@@ -28,12 +28,13 @@ from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
 from fst_jax.data import ProblemStream, load_splits
 from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, ReflectionLMError, reflection_lm_from_config
-from fst_jax.metrics import MetricsWriter, progress
+from fst_jax.metrics import MetricsWriter, progress, read_metrics
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
 from fst_jax.rl.step import TrainState, fst_step, rl_config_from_run
 from fst_jax.run_sampler import SharedSampler
 from fst_jax.sampling import Sampler
 from fst_jax.tasks import get_task
+from fst_jax.tasks.base import RewardError, checked_score
 
 log = logging.getLogger("fst_jax")
 COMPONENT = "system_prompt"
@@ -159,13 +160,21 @@ class FSTRunner:
     # ---- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Run to `total_steps`; returns the last evaluation record."""
+        """Run to `total_steps`; returns the last evaluation record (for a run that had already finished, the
+        last one in its metrics.jsonl, and `already_finished` is True). A `RewardError` leaves with the step
+        it happened at; the checkpoints written before stay as they are."""
         c = self.config
         total = int(c.total_steps)
         bar = progress(total=total, initial=self.counters.rl_steps, desc=f"{c.method} steps",
                        enabled=None if c.log.progress else False)
         last_eval: dict[str, Any] = {}
         last_eval_step = self.counters.rl_steps if self.counters.rl_steps else -1
+        self.already_finished = self.counters.rl_steps >= total
+        if self.already_finished:  # the same command rerun after the end: report, do not redo
+            bar.close()
+            self.checkpointer.close()
+            self.metrics.close()
+            return self.last_evaluation()
         try:
             if self.counters.rl_steps == 0 and c.eval.at_start:  # the base model's numbers, for every curve
                 last_eval = self._evaluate(self._stage(0)[0])
@@ -194,11 +203,23 @@ class FSTRunner:
                     last_eval, last_eval_step = self._evaluate(task_name), step
                 if self.counters.cycles % c.checkpoint.every_cycles == 0 or step == total:
                     self._save()
+        except RewardError as e:
+            if e.step is None:  # the step in progress (GEPA's search serves the next RL step)
+                e.step = self.counters.rl_steps + 1
+            raise
         finally:
             bar.close()
             self.checkpointer.close()
             self.metrics.close()
         return last_eval
+
+    def last_evaluation(self) -> dict[str, Any]:
+        """The newest "eval" record of this workdir's metrics.jsonl ({} when there is none)."""
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return {}
+        evals_ = [r for r in read_metrics(path) if r.get("kind") == "eval"]
+        return evals_[-1] if evals_ else {}
 
     def _stage(self, step: int) -> tuple[str, int]:
         start = 0
@@ -239,7 +260,7 @@ class FSTRunner:
             results = []
             for (_, item), user, toks in zip(pairs, users, out.tokens):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                s = task.score(item, text)
+                s = checked_score(task, item, text, task_name=task_name)
                 results.append(EvalResult(score=s.reward, output=text, feedback=s.feedback,
                                           trace={"inputs": user}))
             return results
@@ -340,7 +361,7 @@ class FSTRunner:
                                   max_new_tokens=kwargs["max_new_tokens"], num_samples=kwargs["num_samples"])
 
         self.state, m = fst_step(self.state, self.population, batch, tokenizer=self.tokenizer,
-                                 reward_fn=lambda p, text: task.score(p, text).reward,
+                                 reward_fn=lambda p, text: checked_score(task, p, text, task_name=task_name),
                                  base_params=self.base_params, config=self.rl_config, generate=generate,
                                  user_message=task.format_problem)
         m["optimizer_step"] = m.pop("step")

@@ -9,13 +9,19 @@ Re-running the same command with the same --workdir resumes from its latest chec
 WORKDIR/metrics.jsonl (and TensorBoard event files); `python launch/plot.py WORKDIR...` draws them.
 Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a scheduler
 jax.distributed.initialize() detects) and start the same command on every host.
+
+Failures are one line on stderr and a non-zero exit (FST_JAX_TRACEBACK=1 shows the traceback): 2 for a bad
+command line, 1 for a bad config, workdir, data, reward or a failed checkpoint write (the checkpoints already
+written stay intact), 130 for Ctrl-C ("interrupted at step N; rerun the same command to resume").
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -58,6 +64,33 @@ def _dry_run(config, workdir: str) -> None:
         sys.exit(1)
 
 
+def _exit(message: str, code: int) -> None:
+    """Print one line and leave now: orbax/tensorstore threads torn down by a normal interpreter exit print
+    dozens of unrelated tracebacks after a failed write. Everything that must reach the disk is closed by
+    then (the runner closes metrics and checkpoints on its way out)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _preflight(config, workdir: str) -> None:
+    """Cheap checks before anything heavy (devices, weights): the config's values, the workdir, and the
+    model directory's files — each failure one line naming the path and the config field."""
+    from fst_jax.storage_errors import check_writable_dir
+    from fst_jax.config import validate
+
+    validate(config)
+    model = os.path.expanduser(config.model.path)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"config.model.path={config.model.path!r}: no such directory (a local HF Qwen3 "
+                                "checkpoint with config.json, *.safetensors and tokenizer.json)")
+    for needed, alternatives in (("config.json", ()), ("tokenizer.json", ("tokenizer.model", "vocab.json"))):
+        if not any(os.path.isfile(os.path.join(model, f)) for f in (needed, *alternatives)):
+            raise FileNotFoundError(f"config.model.path={config.model.path!r}: missing {os.path.join(model, needed)}"
+                                    " (copy the checkpoint's full directory, tokenizer files included)")
+    check_writable_dir(workdir, "--workdir")  # last: it creates the directory
+
+
 def main(argv) -> None:
     del argv
     if _DRY_RUN.value:
@@ -67,7 +100,11 @@ def main(argv) -> None:
     _maybe_initialize_distributed()
     import jax
 
+    from fst_jax.checkpoint import CheckpointError
+    from fst_jax.storage_errors import QuietTeardownStderr
     from fst_jax.fst import FSTRunner
+
+    sys.stderr = QuietTeardownStderr(sys.stderr)
 
     config = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
@@ -76,36 +113,109 @@ def main(argv) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     level = logging.INFO if jax.process_index() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from fst_jax.checkpoint import CheckpointError
     from fst_jax.gepa import ReflectionLMError
 
+    runner = None
     try:
+        _preflight(config, workdir)
         runner = FSTRunner(config, workdir)
         result = runner.run()
-    except (ValueError, FileNotFoundError, CheckpointError, ReflectionLMError) as e:  # one line, exit 1
+    except KeyboardInterrupt:
+        if runner is None:
+            _exit("interrupted during start-up; rerun the same command to resume", 130)
+        saved = runner.checkpointer.complete_steps()
+        since = f" (from the checkpoint at step {saved[-1]})" if saved else " (no checkpoint yet: from the start)"
+        _exit(f"interrupted at step {runner.counters.rl_steps}; rerun the same command to resume{since}", 130)
+    except (ValueError, OSError, CheckpointError, ReflectionLMError) as e:  # config, paths, data, rewards, disk,
+        # an unreachable reflector: one line
         if os.environ.get("FST_JAX_TRACEBACK"):
             raise
-        print(f"error: {e}  (set FST_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        _exit(f"error: {e}  (set FST_JAX_TRACEBACK=1 for the traceback)", 1)
     if jax.process_index() == 0:
-        print(f"done: {runner.counters.rl_steps} steps in {workdir}")
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=1))
-        if _PLOT.value:
+        if runner.already_finished:
+            print(f"already finished: {runner.counters.rl_steps} steps in {workdir} (nothing to do); its last "
+                  f"evaluation (step {result.get('step', '?')}):")
+        else:
+            print(f"done: {runner.counters.rl_steps} steps in {workdir}")
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float)) and k not in ("step", "time")},
+                         indent=1))
+        if _PLOT.value and not runner.already_finished:
             import plot  # launch/plot.py, beside this file
 
             plot.main([workdir, "--out", os.path.join(workdir, "plot.png")])
 
 
+# --config.tasks.<name>.fields.<canonical>=<record key>: `fields` is an open mapping whose keys the config
+# file cannot all list, so these overrides are applied after parsing instead of by the (locked) config flag.
+_FIELDS_OVERRIDE = re.compile(r"--config\.((?:[^=]+\.)?fields)\.([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
+
+
+def _config_file(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_field(argv) -> str | None:
+    """'config.a.b' for the first --config.a.b...=v override naming a field the config does not have."""
+    path = _config_file(argv)
+    if not path or not os.path.isfile(path.split(":", 1)[0]):
+        return None
+    spec = importlib.util.spec_from_file_location("_fst_config_file", path.split(":", 1)[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, walked = config, "config"
+        for part in arg[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or part not in node:
+                has = f"; {walked} has: {', '.join(sorted(node.keys()))}" if hasattr(node, "keys") else ""
+                return f"{walked}.{part} (in {arg.split('=', 1)[0]}){has}"
+            node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
 def _parse_flags(argv):
-    """absl's parser, with a bad --config.x override reported in one line instead of a traceback."""
+    """absl's parser, with a bad --config.x override reported in one line instead of a traceback, and
+    `--config.<...>.fields.<name>=<key>` overrides applied (they may add keys)."""
+    fields = [m.groups() for m in map(_FIELDS_OVERRIDE.fullmatch, argv) if m]
+    argv = [a for a in argv if not _FIELDS_OVERRIDE.fullmatch(a)]
+    sys.argv[:] = argv  # config_flags finds the --config.x overrides in sys.argv, not in the parser's argv
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-        what = f"unknown config field {e}" if isinstance(e, (AttributeError, KeyError)) else str(e)
-        print(f"error: bad command line: {what}; the fields are those of fst_jax/config.py default_config() "
-              "and the config file", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, (AttributeError, KeyError)):
+            try:
+                field = _unknown_field(argv)
+            except Exception:  # the config file itself is broken: absl's own message says how
+                field = None
+            what = f"unknown config field {field or str(e).strip(chr(34) + chr(39))}"
+        else:
+            what = str(e)
+        _exit(f"error: bad command line: {what}; the fields are those of fst_jax/config.py default_config() "
+              "and the config file", 2)
+    config = _CONFIG.value
+    for path, key, value in fields:
+        node, walked = config, "config"
+        for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                _exit(f"error: bad command line: unknown config field {walked}.{part} "
+                      f"(in --config.{path}.{key})", 2)
+            node, walked = node[part], f"{walked}.{part}"
+        if not hasattr(node, "unlocked"):
+            _exit(f"error: bad command line: config.{path} is not a mapping (in --config.{path}.{key})", 2)
+        with node.unlocked():
+            node[key] = value
+    return rest
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # before main's own handler is in place (imports, flag parsing)
+        _exit("interrupted during start-up; rerun the same command to resume", 130)

@@ -271,6 +271,9 @@ def load_tokenizer(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"missing {os.path.join(path, 'tokenizer.json')}: the checkpoint directory has no "
+                                "tokenizer; copy the tokenizer files with the weights")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer in {path} has no chat template (tokenizer_config.json "

@@ -14,6 +14,7 @@ Rewards are pure Python on the host. Model output is parsed, never executed.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -97,6 +98,43 @@ def get_task(name: str, **options: Any) -> Task:
             raise ValueError(f"task {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
                              f"its options are: {', '.join(known)}")
     return factory(**options)
+
+
+class RewardError(ValueError):
+    """A task's `score` raised, or gave a reward that is not a finite number in [0, 1]. The message names the
+    task, the problem's id, the step (once the trainer sets `step`) and the start of the completion."""
+
+    def __init__(self, task_name: str, problem_id: Any, completion: str, problem: str, step: int | None = None):
+        self.task_name, self.problem_id, self.completion, self.problem = task_name, problem_id, completion, problem
+        self.step = step
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        start = self.completion[:60] + ("…" if len(self.completion) > 60 else "")
+        return (f"task {self.task_name!r}, problem {self.problem_id}{at}: {self.problem}; the completion starts "
+                f"{start!r}. Fix the task's score() (a reward in [0, 1] for any text) and rerun the same command "
+                "to resume from the last checkpoint")
+
+
+def checked_score(task: Task, problem: Problem, completion: str, *, task_name: str | None = None) -> Score:
+    """`task.score(problem, completion)`, with a raising `score` or a reward that is not a finite number in
+    [0, 1] turned into a `RewardError` that names the task, the problem and the completion. Every place that
+    scores rollouts (RL, GEPA's evaluations) calls this, so a broken reward stops the run with one line."""
+    name = task_name or getattr(task, "name", type(task).__name__)
+    problem_id = problem.get("id", "?") if isinstance(problem, Mapping) else "?"
+    try:
+        score = task.score(problem, completion)
+    except Exception as e:  # a task's bug, whatever its type: report where it happened
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RewardError(name, problem_id, completion,
+                          f"score() raised {type(e).__name__}{': ' + text if text else ''}") from e
+    reward = getattr(score, "reward", score)
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+        raise RewardError(name, problem_id, completion, f"score() returned reward {reward!r}, not a number")
+    if not 0.0 <= reward <= 1.0:  # also False for NaN
+        raise RewardError(name, problem_id, completion, f"reward {reward} is not a finite number in [0, 1]")
+    return score
 
 
 def shorten(text: str, limit: int = 300) -> str:
