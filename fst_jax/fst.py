@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fst_jax import evals, parallel
+from fst_jax import distributed, evals, parallel
 from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
 from fst_jax.data import ProblemStream, load_splits
@@ -131,6 +131,8 @@ class FSTRunner:
         self.current_task = self.schedule[0][0]
         self.counters = Counters()
         self.reflection_lm = self._make_reflection_lm()
+        if c.gepa.reflection.kind != "local":  # a hosted LM: process 0 asks, every process adopts its reply
+            self.reflection_lm = distributed.OneReplyForAll(self.reflection_lm)
 
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=c.checkpoint.max_to_keep,
                                          async_save=c.checkpoint.async_save)
@@ -172,6 +174,8 @@ class FSTRunner:
                     bar.update(1)
                 self.counters.cycles += 1
                 step = self.counters.rl_steps
+                distributed.check_same(f"the end of cycle {self.counters.cycles} (RL step {step})",
+                                       population=self.population, data_cursor=stream.get_state())
                 if step == total or (c.eval.every and step - max(last_eval_step, 0) >= c.eval.every):
                     last_eval, last_eval_step = self._evaluate(task_name), step
                 if self.counters.cycles % c.checkpoint.every_cycles == 0 or step == total:

@@ -7,8 +7,9 @@
 
 Re-running the same command with the same --workdir resumes from its latest checkpoint. Metrics go to
 WORKDIR/metrics.jsonl (and TensorBoard event files); `python launch/plot.py WORKDIR...` draws them.
-Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a scheduler
-jax.distributed.initialize() detects) and start the same command on every host.
+Several processes (README "Several hosts"): start the same command on every host with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or under a scheduler JAX detects (SLURM,
+Open MPI, TPU pods) without them. config.mesh sizes are global: the mesh spans every process's devices.
 """
 
 from __future__ import annotations
@@ -26,21 +27,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>-<method>)")
 _PLOT = flags.DEFINE_bool("plot", True, "draw WORKDIR/plot.png from the metrics at the end")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a run over "
+                                   "several processes (default: JAX's detection of SLURM/Open MPI/TPU pods)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (with --coordinator_address)")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 60, "a process silent this long is declared dead and "
+                                  "the others exit")
 flags.mark_flags_as_required(["config"])
 
 
-def _maybe_initialize_distributed() -> None:
-    import jax
+def _initialize_distributed() -> None:
+    from fst_jax import distributed
 
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_s=_HEARTBEAT.value)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv) -> None:
     del argv
-    _maybe_initialize_distributed()
+    _initialize_distributed()  # before anything touches a device
     import jax
+
+    from fst_jax.distributed import exit_when_a_peer_fails
 
     from fst_jax.fst import FSTRunner
 
@@ -54,8 +66,9 @@ def main(argv) -> None:
     from fst_jax.checkpoint import CheckpointError
 
     try:
-        runner = FSTRunner(config, workdir)
-        result = runner.run()
+        with exit_when_a_peer_fails():
+            runner = FSTRunner(config, workdir)
+            result = runner.run()
     except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad config, paths, data, mesh: one line
         if os.environ.get("FST_JAX_TRACEBACK"):
             raise
