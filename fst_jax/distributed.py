@@ -46,12 +46,22 @@ class DivergenceError(RuntimeError):
 
 def scheduler_detected(env: Mapping[str, str] | None = None) -> bool:
     """True under a launcher whose multi-process environment `jax.distributed.initialize()` reads by itself:
-    JAX_COORDINATOR_ADDRESS, a SLURM job step of several tasks, Open MPI with several ranks, a TPU pod slice."""
+    JAX_COORDINATOR_ADDRESS, a SLURM job step of several tasks, Open MPI with several ranks, a Cloud TPU VM."""
     env = os.environ if env is None else env
     return bool(env.get("JAX_COORDINATOR_ADDRESS")
                 or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1
                 or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or (env is os.environ and _cloud_tpu_vm()))
+
+
+def _cloud_tpu_vm() -> bool:
+    try:  # jax's own detection (it reads the TPU VM's metadata); private, so a failure means "no"
+        from jax._src.clusters import cloud_tpu_cluster as tpu
+
+        return any(cluster.is_env_present() for cluster in (tpu.GceTpuCluster, tpu.GkeTpuCluster))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
