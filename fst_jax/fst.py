@@ -265,14 +265,15 @@ class FSTRunner:
                                       max_tokens=r.max_new_tokens)
         if r.kind != "local":
             raise ValueError(f"config.gepa.reflection.kind must be 'local' or 'openai', got {r.kind!r}")
-        calls = [0]
+        calls: dict[int, int] = {}  # counted per cycle, so a run resumed at a cycle boundary draws the same seeds
 
         def generate_text(prompts, *, temperature, max_new_tokens):
             ids = [render_chat(self.tokenizer, [{"role": "user", "content": p}],
                                enable_thinking=self.config.model.enable_thinking) for p in prompts]
-            calls[0] += 1
+            cycle = self.counters.cycles
+            calls[cycle] = calls.get(cycle, 0) + 1
             out = self._generate(self.base_sampler, ids, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 seed=_seed(self.config.seed, self.counters.cycles, calls[0], 3))
+                                 seed=_seed(self.config.seed, cycle, calls[cycle], 3))
             return [(self.tokenizer.decode(t, skip_special_tokens=True), f) for t, f in zip(out.tokens, out.finished)]
 
         return LocalReflectionLM(generate_text, temperature=r.temperature, max_new_tokens=r.max_new_tokens)

@@ -55,7 +55,7 @@ def _env(devices: int, cache: str) -> dict:
     return env
 
 
-def launch(workdir, cache, *, processes=2, extra=(), script=None, port=None):
+def launch(workdir, cache, *, processes=2, extra=(), script=None, port=None, tag=""):
     """Start the run's processes; returns [(Popen, log path)]."""
     port = port or free_port()
     command = [PYTHON, str(script or ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "fst_tiny.py"),
@@ -64,7 +64,7 @@ def launch(workdir, cache, *, processes=2, extra=(), script=None, port=None):
     for i in range(processes):
         multi = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}",
                  "--heartbeat_timeout_s=10"] if processes > 1 else []
-        log = Path(f"{workdir}.p{i}.log")
+        log = Path(f"{workdir}{tag}.p{i}.log")
         proc = subprocess.Popen([*command, *multi], cwd=ROOT, env=_env(8 // processes, cache),
                                 stdout=log.open("w"), stderr=subprocess.STDOUT)
         watchdog = threading.Timer(TIMEOUT_S, proc.kill)  # a hang fails the test instead of the session
@@ -128,6 +128,7 @@ def one_process(tmp_path_factory, compile_cache):
     return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(one_process, compile_cache, tmp_path):
     workdir = tmp_path / "two"
     finish(launch(workdir, compile_cache))
@@ -144,6 +145,7 @@ def test_two_processes_match_one_process(one_process, compile_cache, tmp_path):
     assert "done:" not in Path(f"{workdir}.p1.log").read_text()  # process 0 alone reports and writes
 
 
+@pytest.mark.slow
 def test_dead_peer_exits_and_rerun_resumes(one_process, compile_cache, tmp_path):
     workdir = tmp_path / "killed"
     (p0, log0), (p1, _) = started = launch(workdir, compile_cache)
@@ -164,7 +166,7 @@ def test_dead_peer_exits_and_rerun_resumes(one_process, compile_cache, tmp_path)
     for proc, _ in started:
         proc.wait()
 
-    finish(launch(workdir, compile_cache))  # the same command again: resumes from step 2
+    finish(launch(workdir, compile_cache, tag=".rerun"))  # the same command again: resumes from step 2
     assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
     config_records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
                       if json.loads(line)["kind"] == "config"]
@@ -229,6 +231,7 @@ runpy.run_path({train!r}, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_hosted_reflection_is_asked_once_and_adopted_everywhere(compile_cache, tmp_path):
     _Endpoint.requests = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
@@ -323,6 +326,7 @@ if jax.process_index() == 0:
 """
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_restores_into_two(one_process, tmp_path):
     """The other direction of the resharding (2 → 1 is `params_checksum` of a 2-process run)."""
     script, out = tmp_path / "restore.py", tmp_path / "sums.json"
