@@ -12,10 +12,10 @@ minibatches, parents, acceptance, sampling seeds), so it needs no communication,
   `check_same` compares digests of the population and the data cursor once per cycle and stops every
   process with a `DivergenceError` naming the processes that differ from process 0.
 
-A dead peer: the coordination service marks a process that stops sending heartbeats for
-`heartbeat_timeout_s` as failed and terminates the others; a collective with a dead peer fails sooner.
-`exit_when_a_peer_fails` turns the latter into a one-line message naming the lost process and exit status 1,
-without waiting on the shutdown barrier.
+A dead peer, two ways out, both bounded: a collective with the dead process usually fails at once, and
+`exit_when_a_peer_fails` turns that into one line naming the lost process and exit status 1 (without waiting
+on the shutdown barrier); a process waiting elsewhere is terminated by JAX's coordination service once the
+dead one has missed heartbeats for `heartbeat_timeout_s` (SIGABRT; its log lists the unhealthy process ids).
 """
 
 from __future__ import annotations

@@ -111,8 +111,7 @@ def params_checksum(workdir, step: int) -> dict[str, float]:
 
     path = Path(workdir) / "checkpoints" / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
+    meta = checkpointer.metadata(path).item_metadata.tree
     replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("x",)), P())
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), meta)
     params = checkpointer.restore(path, target)["params"]
@@ -265,9 +264,16 @@ import sys
 sys.path.insert(0, {root!r})
 from fst_jax import distributed
 distributed.initialize("127.0.0.1:" + sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout_s=10)
-import jax
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from fst_jax import parallel
 from fst_jax.gepa.reflection import CallableReflectionLM, ReflectionLMError
 me = jax.process_index()
+batch = np.arange(16).reshape(8, 2)
+placed = parallel.shard_batch(batch, parallel.make_mesh({{"fsdp": -1}}))
+rows = sorted(int(s.data[:, 0].min()) // 2 for s in placed.addressable_shards)
+whole = np.asarray(multihost_utils.process_allgather(placed, tiled=True))
+print("placed", placed.shape, rows, whole.tolist() == batch.tolist())
 print("broadcast", distributed.broadcast_json({{"from": me, "text": "é" * (3 + me)}}))
 lm = distributed.OneReplyForAll(CallableReflectionLM(lambda prompts: [f"process {{me}}: {{p}}" for p in prompts]))
 print("replies", lm.complete(["a", "b"]), [r.finished for r in lm.complete(["a"])])
@@ -294,6 +300,7 @@ def test_broadcast_reflection_and_divergence_check(tmp_path):
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     for i, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 1, out
+        assert f"placed (8, 2) [{4 * i}] True" in out, out  # each process built its own 4 rows
         assert "broadcast {'from': 0, 'text': 'ééé'}" in out, out
         assert "replies ['process 0: a', 'process 0: b'] [True]" in out, out
         assert "error endpoint down" in out and "same" in out and "not reached" not in out, out
@@ -314,7 +321,7 @@ from fst_jax import parallel
 from fst_jax.checkpoint import Checkpointer
 workdir, out = sys.argv[3], sys.argv[4]
 meta = ocp.StandardCheckpointer().metadata(workdir + "/checkpoints/4/state")
-meta = getattr(meta, "item_metadata", meta)
+meta = meta.item_metadata.tree
 mesh = parallel.make_mesh({{"fsdp": -1}})  # 8 devices over both processes
 spec = lambda a: P("fsdp") if len(a.shape) and a.shape[0] % 8 == 0 else P()
 target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec(a))), meta)
