@@ -348,3 +348,18 @@ def test_one_process_checkpoint_restores_into_two(one_process, tmp_path):
     assert got["sums"] == pytest.approx(params_checksum(one_process, 4), rel=1e-6)
     rows = [json.loads(line) for line in (one_process / "metrics.jsonl").read_text().splitlines()]
     assert got["population"] == [r for r in rows if r["kind"] == "gepa_cycle"][-1]["population"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_processes=2", "--process_id=1"], "--num_processes/--process_id need --coordinator_address=HOST:PORT"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2"], "--coordinator_address needs --num_processes=N "
+                                                                 "and --process_id=I"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2 is not in [0, "),
+    (["--coordinator_address=nohost", "--num_processes=2", "--process_id=0"], "must be HOST:PORT"),
+])
+def test_bad_process_flags_are_one_line_errors(flags, message, tmp_path):
+    out = subprocess.run([PYTHON, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "fst_tiny.py"),
+                          "--workdir", str(tmp_path / "w"), *flags], cwd=ROOT, env=_env(1, str(tmp_path)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "w").exists()
