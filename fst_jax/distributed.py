@@ -160,7 +160,9 @@ class OneReplyForAll:
     def __init__(self, inner):
         self.inner = inner
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # the wrapped client's other attributes (to_dict, model ...)
+        if name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def complete(self, prompts: list[str]) -> list[str]:
