@@ -241,7 +241,8 @@ def test_hosted_reflection_is_asked_once_and_adopted_everywhere(compile_cache, t
     try:
         os.environ["FST_TEST_KEY"] = "sk-test"
         finish(launch(workdir, compile_cache, script=launcher, extra=[
-            "--config.total_steps=2", "--config.gepa.reflection.kind=openai",
+            "--config.total_steps=2", "--config.eval.at_start=false", "--config.eval.kl_prompts=0",
+            "--config.gepa.reflection.kind=openai",
             f"--config.gepa.reflection.base_url=http://127.0.0.1:{server.server_port}/v1",
             "--config.gepa.reflection.model=standin", "--config.gepa.reflection.api_key_env=FST_TEST_KEY"]))
     finally:
