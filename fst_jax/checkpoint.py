@@ -322,6 +322,10 @@ class Checkpointer:
         self.wait()
         self._manager.reload()
         steps = sorted(self._manager.all_steps(), reverse=True)
+        if jax.process_count() > 1:  # a shared file system can list late on some hosts: process 0's list rules
+            from fst_jax.distributed import broadcast_json
+
+            steps = broadcast_json(steps)
         if not steps:
             return None
         target = abstract_like(abstract_state)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fst_jax import evals, parallel, plan
+from fst_jax import distributed, evals, parallel, plan
 from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
 from fst_jax.data import ProblemStream, load_splits
@@ -113,6 +113,8 @@ class FSTRunner:
         self.reflection_lm = self._make_reflection_lm()
         if hasattr(self.reflection_lm, "preflight"):
             self.reflection_lm.preflight()
+        if config.gepa.reflection.kind != "local":  # a hosted LM: process 0 asks, every process adopts its reply
+            self.reflection_lm = distributed.OneReplyForAll(self.reflection_lm)
         self.mesh = parallel.make_mesh(plan.mesh_config(config))
         checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
@@ -199,6 +201,8 @@ class FSTRunner:
                     bar.update(1)
                 self.counters.cycles += 1
                 step = self.counters.rl_steps
+                distributed.check_same(f"the end of cycle {self.counters.cycles} (RL step {step})",
+                                       population=self.population, data_cursor=stream.get_state())
                 if step == total or (c.eval.every and step - max(last_eval_step, 0) >= c.eval.every):
                     last_eval, last_eval_step = self._evaluate(task_name), step
                 if self.counters.cycles % c.checkpoint.every_cycles == 0 or step == total:

@@ -139,19 +139,20 @@ def batch_size_multiple(mesh: Mesh) -> int:
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree of host arrays [B, ...] with B split over (data, fsdp).
 
-    Single-process: `device_put` of the global batch. Multi-process: each process passes its own slice and
-    the global array is assembled with `make_array_from_process_local_data`.
+    Every process passes the same global batch; each builds only the rows its own devices hold (with several
+    processes, `make_array_from_callback` asks for exactly this process's shards), so nothing is copied to
+    devices of other hosts and the global array is the one a single process would build.
     """
     multiple = batch_size_multiple(mesh)
 
     def place(x):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, max(x.ndim, 1))
-        if jax.process_count() > 1:
-            return jax.make_array_from_process_local_data(sharding, x)
         if x.shape[0] % multiple:
             raise ValueError(f"batch dim {x.shape[0]} is not a multiple of the mesh's batch axes "
                              f"(data × fsdp = {multiple}); pad the batch or change config.mesh")
+        sharding = batch_sharding(mesh, max(x.ndim, 1))
+        if jax.process_count() > 1:
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
         return jax.device_put(x, sharding)
 
     return jax.tree.map(place, tree)

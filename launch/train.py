@@ -7,8 +7,9 @@
 
 Re-running the same command with the same --workdir resumes from its latest checkpoint. Metrics go to
 WORKDIR/metrics.jsonl (and TensorBoard event files); `python launch/plot.py WORKDIR...` draws them.
-Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a scheduler
-jax.distributed.initialize() detects) and start the same command on every host.
+Several processes (README "Several hosts"): start the same command on every host with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or under a scheduler JAX detects (SLURM,
+Open MPI, TPU pods) without them. config.mesh sizes are global: the mesh spans every process's devices.
 
 Failures are one line on stderr and a non-zero exit (FST_JAX_TRACEBACK=1 shows the traceback): 2 for a bad
 command line, 1 for a bad config, workdir, data, reward or a failed checkpoint write (the checkpoints already
@@ -34,15 +35,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<c
 _PLOT = flags.DEFINE_bool("plot", True, "draw WORKDIR/plot.png from the metrics at the end")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "plan the run without weights: compile every program from abstract "
                              "shapes, print per-device memory, write WORKDIR/plan.json; exit 3 if it does not fit")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a run over "
+                                   "several processes (default: JAX's detection of SLURM/Open MPI/TPU pods)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (with --coordinator_address)")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 60, "a process silent this long is declared dead and "
+                                  "the others exit")
 flags.mark_flags_as_required(["config"])
 
 
-def _maybe_initialize_distributed() -> None:
-    import jax
+def _initialize_distributed() -> None:
+    from fst_jax import distributed
 
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_s=_HEARTBEAT.value)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _dry_run(config, workdir: str) -> None:
@@ -97,10 +107,11 @@ def main(argv) -> None:
         config = _CONFIG.value
         name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         _dry_run(config, _WORKDIR.value or os.path.join("runs", f"{name}-{config.method}"))
-    _maybe_initialize_distributed()
+    _initialize_distributed()  # before anything touches a device
     import jax
 
     from fst_jax.checkpoint import CheckpointError
+    from fst_jax.distributed import exit_when_a_peer_fails
     from fst_jax.storage_errors import QuietTeardownStderr
     from fst_jax.fst import FSTRunner
 
@@ -118,8 +129,9 @@ def main(argv) -> None:
     runner = None
     try:
         _preflight(config, workdir)
-        runner = FSTRunner(config, workdir)
-        result = runner.run()
+        with exit_when_a_peer_fails():
+            runner = FSTRunner(config, workdir)
+            result = runner.run()
     except KeyboardInterrupt:
         if runner is None:
             _exit("interrupted during start-up; rerun the same command to resume", 130)
