@@ -58,6 +58,7 @@ def test_from_hf_reads_every_field(tmp_path):
     ({"head_dim": 7}, "even"),
     ({"hidden_size": 0}, "positive integer"),
     ({"remat": "sometimes"}, "remat"),
+    ({"attention": "flash"}, "attention must be one of"),
     ({"dtype": "float8"}, "unknown dtype"),
 ])
 def test_config_validation(change, message):

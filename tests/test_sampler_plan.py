@@ -70,8 +70,8 @@ def test_sampler_weights_are_held_in_the_compute_dtype(tiny):
     leaves = jax.tree.leaves(weights)
     assert len(leaves) == 3 + 11 * TINY.num_layers
     assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
-    # the values are the fp32 parameters rounded once, in the decode layout ([out, in] projections)
-    q0 = np.asarray(tiny.layers.q_proj[...][0], np.float32).reshape(TINY.hidden_size, -1).T
+    # the values are the fp32 parameters rounded once, in the decode layout (q_proj [D, N, H] → [N, H, D])
+    q0 = np.asarray(tiny.layers.q_proj[...][0], np.float32).transpose(1, 2, 0)
     np.testing.assert_array_equal(np.asarray(weights["layers"][0]["q_proj"], np.float32),
                                   np.asarray(jnp.asarray(q0).astype(jnp.bfloat16), np.float32))
 
@@ -87,8 +87,8 @@ def test_abstract_sampling_weights_match_the_real_layout(tiny, mesh_config):
         assert (r.shape, r.dtype) == (a.shape, a.dtype)
         if mesh is not None:
             assert r.sharding.is_equivalent_to(a.sharding, r.ndim), (r.sharding, a.sharding)
-    if mesh_config and "tensor" in mesh_config:  # q_proj [N·H, D]: the heads split by tensor
-        assert abstract["layers"][0]["q_proj"].sharding.spec == jax.sharding.PartitionSpec("tensor", None)
+    if mesh_config and "tensor" in mesh_config:  # q_proj [N, H, D]: the heads split by tensor
+        assert abstract["layers"][0]["q_proj"].sharding.spec == jax.sharding.PartitionSpec("tensor", None, None)
 
 
 def test_row_bucket():
@@ -137,7 +137,7 @@ def test_qwen3_8b_programs_lower_without_allocating():
     params = _abstract_params(config, mesh)
     weights = abstract_sampling_weights(config, params, mesh)
     assert {leaf.dtype for leaf in jax.tree.leaves(weights)} == {jnp.dtype(jnp.bfloat16)}
-    assert weights["unembed_vd"].shape == (151936, 4096) and weights["layers"][35]["o_proj"].shape == (4096, 4096)
+    assert weights["unembed_vd"].shape == (151936, 4096) and weights["layers"][35]["o_proj"].shape == (4096, 32, 128)
     nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(weights))
     assert nbytes == 2 * config.num_params()  # bf16, whole on each device under SAMPLE_RULES
     programs = lower_sampler_programs(config, params, mesh=mesh, rows=100, prompt_len=300, max_new_tokens=64)

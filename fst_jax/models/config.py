@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+ATTENTION_KERNELS = ("xla", "dot_product")
 
 
 def canonical_dtype(dtype: Any) -> jnp.dtype:
@@ -29,6 +30,9 @@ class Qwen3Config:
     `head_dim` is independent of `hidden_size / num_heads` (Qwen3-0.6B: hidden 1024, 16 heads of 128).
     `dtype` is the computation dtype, `param_dtype` the storage dtype; RMSNorm, RoPE and softmax always run
     in float32. `remat` picks a `jax.checkpoint` policy for each decoder layer during training.
+    `attention` picks the kernel for blocks of several queries (training, prefill): "xla" (einsums, softmax
+    in float32) or "dot_product" (`jax.nn.dot_product_attention`: fused cuDNN attention on GPU where it
+    applies, XLA elsewhere). Single-token decode steps always use the einsums.
     """
 
     vocab_size: int = 151936
@@ -45,6 +49,7 @@ class Qwen3Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -60,6 +65,8 @@ class Qwen3Config:
             raise ValueError(f"Qwen3Config.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Qwen3Config.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"Qwen3Config.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         canonical_dtype(self.dtype)
         canonical_dtype(self.param_dtype)
 

@@ -4,6 +4,13 @@ Every parameter carries its logical axes (`logical_axes` metadata); `fst_jax.par
 axes. The decoder layers' parameters are stacked along a leading `layers` axis and the forward pass scans over
 them, so tracing and compile time stay flat as depth grows.
 
+One decoder layer, `decoder_layer`, serves training (no cache), prefill and decode (a KV cache). It is
+parameterised by a `Layout`: the model's own token-major layout ([B, T, D] activations, [in, ..., out]
+weights), or the feature-major one the sampler decodes with ([D, B, T] activations, [out, ..., in] weights
+applied weight-first: for the few tokens of a decode step XLA:CPU streams the weights ~1.6x faster that way).
+The layout only names the axes of each contraction; the math is written once. `Qwen3Config.attention`
+picks the attention kernel for query blocks of more than one token (training, prefill).
+
 Shape letters: B batch, T query tokens, S key slots (cache length), D hidden, N query heads, K kv heads,
 G queries per kv head (N = K·G), H head dim, F MLP width, V vocab, L layers.
 """
@@ -18,7 +25,8 @@ from flax import nnx
 
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 
-__all__ = ["Qwen3", "Qwen3Config", "Qwen3Output", "KVCache", "init_cache", "rms_norm", "apply_rope"]
+__all__ = ["Qwen3", "Qwen3Config", "Qwen3Output", "KVCache", "Layout", "TOKEN_MAJOR", "FEATURE_MAJOR",
+           "decoder_layer", "step_masks", "init_cache", "rms_norm", "apply_rope"]
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked pad rows stay NaN-free
 
@@ -26,15 +34,22 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-maske
 class KVCache(NamedTuple):
     """Decode state. Slots fill left to right; all rows share `index` (prompts are left-padded).
 
-    k, v: [L, B, S, K, H]; key_mask: [B, S] which slots hold real tokens; index: next slot to write
-    (int32 scalar); next_position: [B] the RoPE position of each row's next real token.
+    k, v: each layer's [B, K, S, H] buffer (kv heads before slots: attention reads a head's keys
+    contiguously), stacked as [L, B, K, S, H] for `Qwen3.forward`'s scan, or a tuple of L arrays (the
+    sampler's decode loop updates each in place); key_mask: [B, S] which slots hold real tokens; index: next
+    slot to write (int32 scalar); next_position: [B] the RoPE position of each row's next real token.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple
+    v: jax.Array | tuple
     key_mask: jax.Array
     index: jax.Array
     next_position: jax.Array
+
+    def advanced(self, k, v, key_mask_bs: jax.Array, mask_bt: jax.Array) -> "KVCache":
+        """The cache after T new tokens (`mask_bt` real) were written at slots [index, index + T)."""
+        return KVCache(k=k, v=v, key_mask=key_mask_bs, index=self.index + mask_bt.shape[1],
+                       next_position=self.next_position + mask_bt.sum(axis=1, dtype=jnp.int32))
 
 
 class Qwen3Output(NamedTuple):
@@ -45,19 +60,21 @@ class Qwen3Output(NamedTuple):
 
 
 def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generation)."""
+    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generation), layers stacked."""
     dtype = canonical_dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((batch,), jnp.int32))
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x / sqrt(mean(x²) + eps) · weight, the statistics in float32 whatever x's dtype."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """x / sqrt(mean(x²) + eps) · weight over `axis`, the statistics in float32 whatever x's dtype."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(x.dtype) * weight.astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return normed.astype(x.dtype) * weight.astype(x.dtype).reshape(shape)
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -70,6 +87,126 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.
     x1, x2 = x32[..., :half], x32[..., half:]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_btnh.dtype)
+
+
+# ---------------------------------------------------------------------------------------- the decoder layer
+
+class Layout(NamedTuple):
+    """How one decoder layer's activations and weights are stored, as einsum subscripts.
+
+    x: the residual stream ("btd" token-major, "dbt" feature-major; the MLP's hidden activations are x with
+    f for d). The weights: q_proj (d → n h), kv_proj (k_proj and v_proj, d → k h), o_proj (n h → d),
+    up_proj (gate_proj and up_proj, d → f), down_proj (f → d). weight_first: the weight is the left operand
+    of each projection's dot (the output's weight dims lead, so the weight streams row by row).
+    """
+
+    x: str
+    q_proj: str
+    kv_proj: str
+    o_proj: str
+    up_proj: str
+    down_proj: str
+    weight_first: bool
+
+
+# The model's parameters (`DecoderStack`, one layer's slice) and `Qwen3.forward`.
+TOKEN_MAJOR = Layout(x="btd", q_proj="dnh", kv_proj="dkh", o_proj="nhd", up_proj="df", down_proj="fd",
+                     weight_first=False)
+# The sampler's decode weights (`fst_jax.sampling.sampling_weights`): every projection [out..., in].
+FEATURE_MAJOR = Layout(x="dbt", q_proj="nhd", kv_proj="khd", o_proj="dnh", up_proj="fd", down_proj="df",
+                       weight_first=True)
+
+
+def _project(layout: Layout, x: jax.Array, x_axes: str, w: jax.Array, w_axes: str, out_axes: str) -> jax.Array:
+    if layout.weight_first:
+        return jnp.einsum(f"{w_axes},{x_axes}->{out_axes}", w, x)
+    return jnp.einsum(f"{x_axes},{w_axes}->{out_axes}", x, w)
+
+
+def step_masks(mask_bt: jax.Array, cache: KVCache | None):
+    """(positions [B, T], key_mask [B, S], allowed [B, T, S]) for T new tokens (`mask_bt`: real ones).
+
+    Positions count the real tokens before each one (left padding takes no position). Without a cache,
+    attention is causal over the T tokens; with one, the tokens sit at slots [index, index + T) and attend to
+    every real token already cached and to each other causally.
+    """
+    B, T = mask_bt.shape
+    before_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
+    if cache is None:
+        slot_t = jnp.arange(T)
+        return before_bt, mask_bt, mask_bt[:, None, :] & (slot_t[None, :, None] >= slot_t[None, None, :])
+    S = cache.key_mask.shape[1]
+    key_mask_bs = jax.lax.dynamic_update_slice(cache.key_mask, mask_bt, (0, cache.index))
+    query_slot_t = cache.index + jnp.arange(T)
+    allowed_bts = key_mask_bs[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slot_t[None, :, None])
+    return cache.next_position[:, None] + before_bt, key_mask_bs, allowed_bts
+
+
+def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, positions_bt: jax.Array,
+                  allowed_bts: jax.Array, kv: tuple | None = None, index: jax.Array | None = None):
+    """One Qwen3 decoder layer on B·T tokens: (x after the layer, the updated (k, v) cache or None).
+
+    `p`: the layer's weights in `layout`; `x`: the residual stream in `layout.x`. With `kv` (two [B, K, S, H]
+    buffers), the tokens' keys and values are written at slot `index` and attention reads the cache;
+    without, it reads the T tokens themselves (`allowed_bts` [B, T, S] says which keys each query sees).
+    Norms, RoPE and softmax run in float32, the rest in `config.dtype`.
+    """
+    c = config
+    dtype = canonical_dtype(c.dtype)
+    p = {name: w.astype(dtype) for name, w in p.items()}
+    features = layout.x.index("d")
+    hidden = layout.x.replace("d", "f")
+
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps, axis=features)
+    with jax.named_scope("qkv"):
+        q_btnh = _project(layout, h, layout.x, p["q_proj"], layout.q_proj, "btnh")
+        k_btkh = _project(layout, h, layout.x, p["k_proj"], layout.kv_proj, "btkh")
+        v_btkh = _project(layout, h, layout.x, p["v_proj"], layout.kv_proj, "btkh")
+        q_btnh = rms_norm(q_btnh, p["q_norm"], c.rms_norm_eps)
+        k_btkh = rms_norm(k_btkh, p["k_norm"], c.rms_norm_eps)
+    with jax.named_scope("rope"):
+        q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
+        k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
+    if kv is None:
+        keys, values, kv_axes = k_btkh, v_btkh, "bskh"
+    else:
+        with jax.named_scope("cache_update"):
+            k_cache, v_cache = kv
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                                   (0, 0, index, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                   (0, 0, index, 0))
+            kv = (k_cache, v_cache)
+        keys, values, kv_axes = k_cache.astype(dtype), v_cache.astype(dtype), "bksh"
+    with jax.named_scope("attention"):
+        attn_btnh = _attention(c, q_btnh, keys, values, kv_axes, allowed_bts)
+        x = x + _project(layout, attn_btnh, "btnh", p["o_proj"], layout.o_proj, layout.x)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps, axis=features)
+        gate = _project(layout, h, layout.x, p["gate_proj"], layout.up_proj, hidden)
+        up = _project(layout, h, layout.x, p["up_proj"], layout.up_proj, hidden)
+        x = x + _project(layout, jax.nn.silu(gate) * up, hidden, p["down_proj"], layout.down_proj, layout.x)
+    return x, kv
+
+
+def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts) -> jax.Array:
+    """Grouped-query attention [B, T, N, H] of the queries over `keys`/`values` ("bskh" or "bksh").
+
+    Query head n reads kv head n // G. With `config.attention == "dot_product"` and more than one query, the
+    fused `jax.nn.dot_product_attention` (cuDNN on GPU where it applies, XLA elsewhere); otherwise einsums.
+    Rows with no allowed key (left padding) give finite values that nothing reads.
+    """
+    B, T, N, H = q_btnh.shape
+    K, G = c.num_kv_heads, c.queries_per_kv
+    if c.attention == "dot_product" and T > 1:
+        if kv_axes == "bksh":
+            keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+        return jax.nn.dot_product_attention(q_btnh, keys, values, mask=allowed_bts[:, None], scale=H ** -0.5)
+    q_btkgh = q_btnh.reshape(B, T, K, G, H)
+    scores = jnp.einsum(f"btkgh,{kv_axes}->bkgts", q_btkgh, keys).astype(jnp.float32) * H ** -0.5
+    scores = jnp.where(allowed_bts[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_btnh.dtype)
+    return jnp.einsum(f"bkgts,{kv_axes}->btkgh", probs, values).reshape(B, T, N, H)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, std: float | None = 0.02) -> nnx.Param:
@@ -140,110 +277,46 @@ class Qwen3(nnx.Module):
                 output_hidden_states: bool = False, compute_logits: bool = True) -> Qwen3Output:
         """Run the decoder on `input_ids` [B, T].
 
-        Without a cache, attention is causal over the T tokens. With a cache, the T tokens are written at
-        slots [index, index + T) and attend to every real token already in the cache and to each other
-        causally; the returned cache has advanced by T.
+        Without a cache, attention is causal over the T tokens. With a cache (`init_cache`), the T tokens are
+        written at slots [index, index + T) and attend to every real token already in the cache and to each
+        other causally; the returned cache has advanced by T. See `step_masks`.
         """
         c = self.config
         dtype = canonical_dtype(c.dtype)
         B, T = input_ids.shape
         mask_bt = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
-        if positions is None:
-            start_b = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
-            positions = start_b[:, None] + jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
+        default_positions, key_mask_bs, allowed_bts = step_masks(mask_bt, cache)
+        positions = default_positions if positions is None else positions
 
         with jax.named_scope("embed"):
             x_btd = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
         x_btd = _constrain_batch(x_btd)
 
-        if cache is None:
-            key_mask_bs = mask_bt
-            slot_t = jnp.arange(T)
-            allowed_bts = key_mask_bs[:, None, :] & (slot_t[None, :, None] >= slot_t[None, None, :])
-        else:
-            S = cache.k.shape[2]
-            slots = jnp.arange(S)
-            new_in_window = (slots >= cache.index) & (slots < cache.index + T)
-            written = jax.lax.dynamic_update_slice(jnp.zeros((B, S), bool), mask_bt, (0, cache.index))
-            key_mask_bs = jnp.where(new_in_window[None, :], written, cache.key_mask)
-            query_slot_t = cache.index + jnp.arange(T)
-            allowed_bts = key_mask_bs[:, None, :] & (slots[None, None, :] <= query_slot_t[None, :, None])
+        def layer(x_btd, layer_in):
+            p, kv = layer_in if cache is not None else (layer_in, None)
+            x_btd, kv = decoder_layer(c, TOKEN_MAJOR, p, x_btd, positions, allowed_bts, kv,
+                                      None if cache is None else cache.index)
+            x_btd = _constrain_batch(x_btd)
+            return x_btd, (x_btd if output_hidden_states else None, kv)
 
-        layer_fn = self._layer_fn(positions, allowed_bts, cache, output_hidden_states)
         if c.remat != "none":
-            layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[c.remat], prevent_cse=False)
+            layer = jax.checkpoint(layer, policy=_REMAT[c.remat], prevent_cse=False)
         xs = self.layers.stacked()
         if cache is not None:
-            xs = (xs, cache.k, cache.v)
-        x_btd, (layer_out_lbtd, k_new, v_new) = jax.lax.scan(
-            layer_fn, x_btd, xs)
+            xs = (xs, (cache.k, cache.v))
+        x_btd, (layer_out_lbtd, kv) = jax.lax.scan(layer, x_btd, xs)
 
         hidden_states = None
         if output_hidden_states:
             hidden_states = jnp.concatenate([jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)[None],
                                              layer_out_lbtd], axis=0)
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(k=k_new, v=v_new, key_mask=key_mask_bs, index=cache.index + T,
-                                next_position=cache.next_position + mask_bt.sum(axis=1, dtype=jnp.int32))
+        new_cache = None if cache is None else cache.advanced(*kv, key_mask_bs, mask_bt)
         last_hidden = rms_norm(x_btd, self.final_norm[...], c.rms_norm_eps)
         logits = None
         if compute_logits:
             with jax.named_scope("unembed"):
                 logits = jnp.einsum("btd,dv->btv", last_hidden, self.unembed_matrix())
         return Qwen3Output(logits=logits, last_hidden=last_hidden, hidden_states=hidden_states, cache=new_cache)
-
-    def _layer_fn(self, positions_bt, allowed_bts, cache, keep_hidden: bool):
-        c = self.config
-        dtype = canonical_dtype(c.dtype)
-        scale = c.head_dim ** -0.5
-
-        def layer(x_btd, layer_in):
-            if cache is None:
-                p, k_cache, v_cache = layer_in, None, None
-            else:
-                p, k_cache, v_cache = layer_in
-            p = {name: w.astype(dtype) for name, w in p.items()}
-            B, T, _ = x_btd.shape
-
-            h_btd = rms_norm(x_btd, p["attn_norm"], c.rms_norm_eps)
-            with jax.named_scope("qkv"):
-                q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, p["q_proj"])
-                k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, p["k_proj"])
-                v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, p["v_proj"])
-                q_btnh = rms_norm(q_btnh, p["q_norm"], c.rms_norm_eps)
-                k_btkh = rms_norm(k_btkh, p["k_norm"], c.rms_norm_eps)
-            with jax.named_scope("rope"):
-                q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
-                k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
-
-            if cache is not None:
-                with jax.named_scope("cache_update"):
-                    idx = (0, cache.index, 0, 0)
-                    k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), idx)
-                    v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), idx)
-                keys, values = k_cache.astype(dtype), v_cache.astype(dtype)
-            else:
-                keys, values = k_btkh, v_btkh
-
-            with jax.named_scope("attention"):
-                q_btkgh = q_btnh.reshape(B, T, c.num_kv_heads, c.queries_per_kv, c.head_dim)
-                scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, keys).astype(jnp.float32) * scale
-                scores = jnp.where(allowed_bts[:, None, None, :, :], scores, _MASK_VALUE)
-                probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-                attn_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, values)
-                attn_btnh = attn_btkgh.reshape(B, T, c.num_heads, c.head_dim)
-                x_btd = x_btd + jnp.einsum("btnh,nhd->btd", attn_btnh, p["o_proj"])
-
-            with jax.named_scope("mlp"):
-                h_btd = rms_norm(x_btd, p["mlp_norm"], c.rms_norm_eps)
-                gate_btf = jnp.einsum("btd,df->btf", h_btd, p["gate_proj"])
-                up_btf = jnp.einsum("btd,df->btf", h_btd, p["up_proj"])
-                x_btd = x_btd + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, p["down_proj"])
-            x_btd = _constrain_batch(x_btd)
-            return x_btd, (x_btd if keep_hidden else None, k_cache, v_cache)
-
-        return layer
 
 
 def _constrain_batch(x: jax.Array) -> jax.Array:
