@@ -16,9 +16,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fst_jax.gepa.reflection import ReflectionLMError
 from fst_jax.sampling import SampleOutput, Sampler, row_bucket
 
-__all__ = ["SharedSampler", "SamplerView"]
+__all__ = ["SharedSampler", "SamplerView", "PromptTooLongForReflection"]
+
+
+class PromptTooLongForReflection(ReflectionLMError, ValueError):
+    """A local reflection prompt longer than `gepa.reflection.max_prompt_tokens`."""
 
 
 class SharedSampler:
@@ -68,7 +73,9 @@ class SamplerView:
         limit, field = self.shared.prompt_limits[self.weights]
         longest = max((len(p) for p in prompts), default=0)
         if longest > limit:
-            raise ValueError(f"a prompt of {longest} tokens exceeds {field}={limit}, the longest prompt this run "
+            # reflection (base weights): GEPA rejects that iteration's proposals, logs why, and goes on
+            error = PromptTooLongForReflection if self.weights == "base" else ValueError
+            raise error(f"a prompt of {longest} tokens exceeds {field}={limit}, the longest prompt this run "
                              f"is planned for; raise {field} (and check the plan: launch/train.py --dry_run)")
         self.shared.load(self.params)
         sampler = self.shared.sampler

@@ -80,6 +80,11 @@ def test_prompt_longer_than_planned_is_an_error():
     shared = SharedSampler(None, {}, {"policy": (128, "config.sampling.max_prompt_tokens")})
     with pytest.raises(ValueError, match=r"prompt of 129 tokens exceeds config.sampling.max_prompt_tokens=128"):
         shared.view("policy").generate([[1] * 129], max_new_tokens=4)
+    from fst_jax.gepa.reflection import ReflectionLMError
+
+    shared = SharedSampler(None, {}, {"base": (64, "config.gepa.reflection.max_prompt_tokens")})
+    with pytest.raises(ReflectionLMError, match="gepa.reflection.max_prompt_tokens=64"):  # GEPA rejects, goes on
+        shared.view("base").generate([[1] * 65], max_new_tokens=4)
 
 
 class _Compiles:
