@@ -119,7 +119,7 @@ def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base
     # position t predicts token t+1, so the loss mask shifts left by one
     loss_mask = np.pad(batch.loss_mask, pad)
     response = np.concatenate([loss_mask[:, 1:], np.zeros_like(loss_mask[:, :1])], axis=1)
-    diff = np.asarray(diff, np.float64)[:len(response)]
+    diff = parallel.to_host(diff).astype(np.float64)[:len(response)]
     return float((diff * response).sum() / max(response.sum(), 1.0))
 
 

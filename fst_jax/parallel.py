@@ -158,6 +158,15 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, tree)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array's value on the host of every process: gathered across processes when this one does not
+    hold all of it (a batch split over several hosts), else read directly."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def reshard(tree: Any, shardings: Any) -> Any:
     """Move a pytree to new shardings (e.g. training layout → sampling layout) in one transfer."""
     return jax.device_put(tree, shardings)

@@ -348,7 +348,7 @@ class Sampler:
                                     self._place(np.arange(Bp * n, dtype=np.int32)), np.uint32(seed % 2**32),
                                     np.float32(temperature), np.float32(top_p), np.int32(top_k), stops,
                                     np.int32(pad_id), **decode_static)
-        tokens, logprobs, lengths, finished = (_to_host(x) for x in result)
+        tokens, logprobs, lengths, finished = (parallel.to_host(x) for x in result)
         return SampleOutput(tokens=[tokens[r, :lengths[r]].tolist() for r in range(B * n)],
                             logprobs=[logprobs[r, :lengths[r]].copy() for r in range(B * n)],
                             finished=[bool(f) for f in finished[:B * n]])
@@ -393,8 +393,3 @@ def _mesh_context(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

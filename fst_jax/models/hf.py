@@ -198,10 +198,7 @@ def _tensor(located, key):
 
 
 def _host_value(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+    return parallel.to_host(x)
 
 
 def save_pretrained(model: Qwen3, path: str | os.PathLike, *, dtype=None, tokenizer=None,
