@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fst_jax.models.config import Qwen3Config, canonical_dtype
@@ -118,9 +119,18 @@ FEATURE_MAJOR = Layout(x="dbt", q_proj="nhd", kv_proj="khd", o_proj="dnh", up_pr
 
 
 def _project(layout: Layout, x: jax.Array, x_axes: str, w: jax.Array, w_axes: str, out_axes: str) -> jax.Array:
-    if layout.weight_first:
-        return jnp.einsum(f"{w_axes},{x_axes}->{out_axes}", w, x)
-    return jnp.einsum(f"{x_axes},{w_axes}->{out_axes}", x, w)
+    if not layout.weight_first:
+        return jnp.einsum(f"{x_axes},{w_axes}->{out_axes}", x, w)
+    # Weight-first as one 2-D matmul [out, in] @ [in, tokens], the weight stored outputs-first so that it is a
+    # free reshape: given 3-D operands, XLA:CPU chose to transpose (copy) the whole weight every decode step.
+    contracted = [a for a in w_axes if a in x_axes]
+    w_free, x_free = [a for a in w_axes if a not in x_axes], [a for a in x_axes if a not in w_axes]
+    size = dict(zip(w_axes, w.shape)) | dict(zip(x_axes, x.shape))
+    prod = lambda axes: int(np.prod([size[a] for a in axes]))  # noqa: E731
+    w_2d = w.transpose([w_axes.index(a) for a in w_free + contracted]).reshape(prod(w_free), prod(contracted))
+    x_2d = x.transpose([x_axes.index(a) for a in contracted + x_free]).reshape(prod(contracted), prod(x_free))
+    y = (w_2d @ x_2d).reshape([size[a] for a in w_free + x_free])
+    return y.transpose([(w_free + x_free).index(a) for a in out_axes])
 
 
 def step_masks(mask_bt: jax.Array, cache: KVCache | None):
