@@ -45,10 +45,9 @@ def get_config():
     c.rl.logprob_chunk_size = 512          # never build [B, T, 151936] fp32 logits
     c.sampling.max_new_tokens = 4096
     c.sampling.max_prompt_tokens = 1024    # CodeIO prompts (system + program + input); longer ones are errors
-    # GEPA's window scoring and mean@k in calls of ≤ 128 rows: 256-row prefills at 1024 prompt tokens need
-    # ≈ 31 GB/device of attention temporaries on top of the 24 GB cache (the rollout's 256 rows prefill only
-    # its 128 distinct prompts, then copy the cache for the G/K = 2 samples each).
-    c.sampling.max_rows = 128
+    # Rollouts, GEPA's window scoring and mean@k in calls of ≤ 64 rows: the plan puts a 128-row prefill of
+    # distinct 1024-token prompts at ≈ 36 GB/device of temporaries (79 GB peak); 64 rows halve it.
+    c.sampling.max_rows = 64
     c.eval.max_new_tokens = 4096
     c.gepa.reflection.kind = "local"       # the frozen base; the paper used a hosted model ("openai")
     c.total_steps = 200

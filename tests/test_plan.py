@@ -39,8 +39,9 @@ def test_qwen3_8b_plan_fits_on_8x80gb(tmp_path):
     assert report["resident"]["optimizer_state"] == pytest.approx(2 * 8.19 * 4 / 8, abs=0.02)
     assert report["resident"]["base_params"] == pytest.approx(8.19 * 2 / 8, abs=0.01)
     assert report["resident"]["sampler_weights"] == pytest.approx(8.19 * 2, abs=0.02)
-    # 256 rollouts × (1024 + 4096) slots × 36 layers × 8 kv heads × 128 × (k, v) × bf16, split 8 ways
-    assert report["resident"]["rollout_kv_cache"] == pytest.approx(256 * 5120 * 36 * 8 * 128 * 2 * 2 / 8 / 1e9, rel=1e-3)
+    # a rollout call of sampling.max_rows = 64 rows × (1024 + 4096) slots × 36 layers × 8 kv heads × 128 × (k, v)
+    # × bf16, split 8 ways
+    assert report["resident"]["rollout_kv_cache"] == pytest.approx(64 * 5120 * 36 * 8 * 128 * 2 * 2 / 8 / 1e9, rel=1e-3)
     assert "fits: peak" in result.stdout
 
 
