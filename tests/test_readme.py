@@ -59,6 +59,11 @@ class Row:
 
 
 ROWS = (
+    # commands that only run as a group or on a cluster (first: they would also match the rows below)
+    Row(r"--coordinator_address=127\.0\.0\.1", skip="one of the two processes of the README's 2-process run: "
+        "tests/test_multihost.py starts both together (a single one waits for its peer)"),
+    Row(r"^srun |/shared/|/mnt/shared/", skip="a SLURM job / TPU-pod worker command: needs the cluster"),
+    Row(r"--dry_run", skip="the 8B plan: tests/test_plan.py runs this command (test_qwen3_8b_plan_fits_on_8x80gb)"),
     Row(r"launch/train\.py --config configs/fst_tiny\.py$", extra=SMALL_TRAINING + ("--noplot",)),
     # other runs of the tiny config (e.g. another task): their own workdir, as the first run above used the
     # default one ({index} is the command's position in the README)
@@ -82,6 +87,8 @@ ROWS = (
     Row(r"launch/compare\.py", skip="five full training runs (≈20 minutes on 2 CPU cores)"),
     Row(r"launch/make_tiny_model\.py", skip="trains the tiny model for 52 minutes and would overwrite assets/"),
     Row(r"launch/bench\.py sampler --gpu", skip="needs an accelerator"),
+    Row(r"launch/bench\.py gpu", skip="needs an accelerator (tests/test_bench_gpu.py runs it with --allow-cpu on "
+                                      "tiny shapes)"),
     Row(r"launch/bench\.py", skip="a benchmark against transformers at a 151,936-word vocabulary: minutes of "
                                   "CPU, and its numbers are measured, not asserted"),
 )
