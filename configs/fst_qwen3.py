@@ -1,9 +1,10 @@
-"""The paper's recipe (RECIPE.md) on Qwen3-8B: CodeIO, 8 GPUs, bf16, remat.
+"""The paper's recipe on Qwen3-8B: Math (Polaris) and CodeIO, 8 GPUs, bf16, remat.
 
-    python launch/train.py --config configs/fst_qwen3.py \\
-        --config.model.path=~/models/Qwen3-8B \\
+    python launch/train.py --config configs/fst_qwen3.py --config.model.path=~/models/Qwen3-8B \\
+        --config.tasks.math.train_files=~/data/polaris/train.jsonl             # Math (the default task)
+    python launch/train.py --config configs/fst_qwen3.py --config.task=codeio \\
         --config.tasks.codeio.train_files=~/data/codeio/train.jsonl \\
-        --config.tasks.codeio.val_files=~/data/codeio/val.jsonl
+        --config.tasks.codeio.val_files=~/data/codeio/val.jsonl                 # CodeIO
     python launch/train.py --config configs/fst_qwen3.py --config.method=rl         # RL-only baseline
     python launch/train.py --config configs/fst_qwen3.py \\
         --config.gepa.reflection.kind=openai --config.gepa.reflection.model=<name> \\
@@ -39,7 +40,7 @@ def get_config():
                               fields={"question": "prompt", "answer": "output"}, options={})}
     c.task = "math"                        # --config.task=codeio trains CodeIO
 
-    # Paper (RECIPE.md §Cycle, §Slow weights): T=6, B=32, G=8, K=4, CISPO τ=4, KL 1e-3, AdamW lr 1e-6,
+    # The paper's cycle and slow-weight recipe: T=6, B=32, G=8, K=4, CISPO τ=4, KL 1e-3, AdamW lr 1e-6,
     # 10 warm-up steps, GEPA 960 rollouts per cycle — all kept at default_config()'s values.
     c.rl.micro_batch_size = 8              # 256 rollouts per step in 32 micro-batches (memory, not maths)
     c.rl.logprob_chunk_size = 512          # never build [B, T, 151936] fp32 logits

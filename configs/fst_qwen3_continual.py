@@ -1,5 +1,7 @@
 """The paper's continual-learning run: one FST run on Qwen3-8B through HoVer-hard → CodeIO → Physics, 200 RL
-steps each, every task starting again from the task-agnostic seed prompt (configs/fst_qwen3.py's recipe).
+steps each, from a task-agnostic seed prompt (configs/fst_qwen3.py's recipe). The prompt population carries
+over each task switch, so GEPA finds out by itself that the task changed; `--config.gepa.reset_on_task_switch=True`
+restarts every task from the seed prompt instead (the ablation).
 
     python launch/train.py --config configs/fst_qwen3_continual.py --config.model.path=~/models/Qwen3-8B
     python launch/train.py --config configs/fst_qwen3_continual.py --config.method=rl   # the RL-only baseline
@@ -32,5 +34,5 @@ def get_config():
     c.total_steps = 600
     c.task = "hover"
     c.forgetting_tasks = "hover,codeio,physics"
-    c.gepa.seed_prompt = SEED_PROMPT  # task-agnostic: the population restarts from it at every task switch
+    c.gepa.seed_prompt = SEED_PROMPT  # task-agnostic: the run starts from it (and restarts, if reset_on_task_switch)
     return c

@@ -1,6 +1,6 @@
 """Checkpoints: everything a run needs to continue exactly, in `WORKDIR/checkpoints/<step>/`.
 
-Each step is one orbax composite (PLATFORM.md §5):
+Each step is one orbax composite:
 - `state/` — the array pytree (params, optimizer state, step, RNG key; any jax pytree incl. `nnx.State`),
   `StandardSave`; restored into abstract targets carrying the *current* shardings, so a run can resume on
   a different mesh.

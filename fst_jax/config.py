@@ -1,4 +1,5 @@
-"""The run configuration: one `ml_collections.ConfigDict` whose defaults are the paper's recipe (RECIPE.md).
+"""The run configuration: one `ml_collections.ConfigDict` whose defaults are the paper's recipe ("Learning, Fast and
+Slow", arXiv 2605.12484; README "Training").
 
 `configs/*.py` files start from `default_config()` and change what differs (the checkpoint, the data, the
 mesh, sizes). Every field is read by `fst_jax.fst` or the modules it configures; `validate` checks the
@@ -61,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.max_rows = ml_collections.config_dict.placeholder(int)
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.loss = "cispo"                 # paper (RECIPE.md §Slow weights) from here to warmup_steps
+    c.rl.loss = "cispo"                 # paper (the slow-weight recipe) from here to warmup_steps
     c.rl.tau = 4.0
     c.rl.eps_low = 0.2
     c.rl.eps_high = 0.28

@@ -1,6 +1,6 @@
 """Evaluations: validation mean@k with a given system prompt, and token-level KL(π_θ ‖ π_base).
 
-mean@k (RECIPE.md §Tasks and evaluation): k samples per problem at temperature 0.6, top-p 0.95; the score of a
+mean@k (the paper's validation metric): k samples per problem at temperature 0.6, top-p 0.95; the score of a
 problem is the mean reward of its k samples, the score of the set the mean over problems.
 
 KL to base: responses are sampled from the current policy on held-out prompts; for each response token the

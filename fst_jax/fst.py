@@ -1,4 +1,4 @@
-"""The FST cycle loop (DESIGN.md §2); methods `fst`, `rl` and `gepa` share it.
+"""The FST cycle loop (README "Training"); methods `fst`, `rl` and `gepa` share it.
 
 Each cycle looks ahead at the next T batches of problems (the window). `fst` and `gepa` first run GEPA on that
 window, seeded with the current population, and take the top-K of its Pareto front as the new population;

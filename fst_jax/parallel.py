@@ -3,7 +3,7 @@
 A mesh has three named axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded) and
 `tensor` (Megatron-style model parallel). Parameters name their dims with *logical* axes (`embed`, `mlp`,
 `q_heads`...); a rules table maps each logical axis to mesh axes. Two tables ship: one for training (FSDP
-over `embed`) and one for sampling (weights replicated over the batch axes), the two layouts of DESIGN.md.
+over `embed`) and one for sampling (weights replicated over the batch axes), the two layouts the README's "Meshes and shardings" describes.
 Meshes are built with Auto axis types so GSPMD propagates shardings through ordinary NNX code.
 """
 

@@ -1,5 +1,5 @@
 """Run FST, RL-only and GEPA-only on identical data and seeds (and a continual schedule), then print the
-comparison table of RECIPE.md §Tasks and evaluation. A benchmark that prints numbers, not a test.
+comparison the paper reports. A benchmark that prints numbers, not a test.
 
     python launch/compare.py                                   # configs/fst_tiny.py, runs under runs/compare
     python launch/compare.py --config configs/fst_tiny.py --out runs/compare --skip-continual

@@ -9,7 +9,7 @@ prompt for every method, so FST, RL and GEPA-only share the conditioning; `--kl 
 under each run's best prompt instead). A continual run (its records' `task`
 changes) also gets `<out stem>_stages.png`: the reward per stage, against steps since the stage began.
 
-Printed, per run (RECIPE.md §Tasks and evaluation): final and peak reward; the steps and rollouts it needs to
+Printed, per run (the paper's measures): final and peak reward; the steps and rollouts it needs to
 reach the reference run's running peak (the run whose `method` is "rl", or `--reference`); and the asymptote
 A of the 4-parameter sigmoid R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) fitted to reward against steps.
 """

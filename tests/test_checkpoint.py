@@ -302,7 +302,7 @@ def test_meta_must_be_json(tmp_path):
         ckpt.save(1, make_state(), meta={"gepa": {"obj": object()}})
 
 
-# -- two processes (PLATFORM.md §4): orbax coordinates, process 0 alone writes JSON, both fall back together.
+# -- two processes: orbax coordinates, process 0 alone writes JSON, both fall back together.
 _WORKER = r'''
 import json, sys
 import jax

@@ -9,7 +9,7 @@ divided once at the end, so any micro-batch size gives the full-batch gradient),
 the model's final hidden state by `losses.token_logprobs` (chunked: no [B, T, V] logits when
 `logprob_chunk_size` is set), KL(π_θ ‖ π_base) against a forward pass of the frozen base parameters.
 
-`fst_step(state, population, batch, ...)` is the coupled step of DESIGN.md §2: rollouts split evenly over the
+`fst_step(state, population, batch, ...)` is the coupled step of one FST cycle: rollouts split evenly over the
 population's prompts, sampled, scored on the host, normalised per problem over all G rollouts, then `update`.
 A population of one prompt is the RL-only baseline.
 
@@ -46,7 +46,7 @@ __all__ = ["RLConfig", "TrainState", "make_optimizer", "learning_rate_schedule",
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Knobs of the slow-weight step (defaults: RECIPE.md §Slow weights and §Cycle).
+    """Knobs of the slow-weight step (defaults: the paper's slow-weight recipe).
 
     Optimizer: AdamW(learning_rate, b1, b2, weight_decay) after an optional clip to `max_grad_norm` (None =
     off); the learning rate warms up linearly over `warmup_steps` updates (lr·(n+1)/warmup at update n), then
@@ -486,7 +486,7 @@ def fst_step(
     user_message: Callable[[Mapping[str, Any]], str] = question_field,
     stop_token_ids: Sequence[int] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
-    """One coupled FST step: sample with the population, score, and update the weights (DESIGN.md §2).
+    """One coupled FST step: sample with the population, score, and update the weights.
 
     For each problem in `batch`, its G = config.rollouts_per_problem rollouts are split evenly over the K
     prompts of `prompt_population` (G/K each, in population order — not random): the chat
