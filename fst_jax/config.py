@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.remat = "dots_saveable"
+    c.model.attention = "xla"           # xla (einsums) | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
     c.model.enable_thinking = False     # Qwen3 chat template switch
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -222,11 +223,12 @@ def _choices() -> dict[str, tuple[str, ...]]:
     """path → allowed values, read from the modules that implement them (imported here, not at the top, so
     that config files stay cheap to import)."""
     from fst_jax.gepa.selection import SELECTORS
-    from fst_jax.models.config import REMAT_POLICIES
+    from fst_jax.models.config import ATTENTION_KERNELS, REMAT_POLICIES
     from fst_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
     dtypes = ("float32", "bfloat16", "float16")
     return {"model.dtype": dtypes, "model.param_dtype": dtypes, "model.remat": REMAT_POLICIES,
+            "model.attention": tuple(ATTENTION_KERNELS),
             "rl.loss": tuple(POLICY_LOSSES), "rl.kl_estimator": tuple(KL_ESTIMATORS), "rl.aggregation": AGGREGATIONS,
             "gepa.selection": SELECTORS, "gepa.reflection.kind": ("local", "openai")}
 

@@ -118,7 +118,8 @@ class FSTRunner:
         self.mesh = parallel.make_mesh(plan.mesh_config(config))
         checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype, remat=config.model.remat)
+                                param_dtype=config.model.param_dtype, remat=config.model.remat,
+                                attention=config.model.attention)
         self.tokenizer = load_tokenizer(checkpoint)
         self.graphdef, params = nnx.split(model, nnx.Param)
         del model

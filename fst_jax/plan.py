@@ -146,7 +146,7 @@ def model_config(config) -> Qwen3Config:
     """Qwen3 shapes from `config.json` at `config.model.path`, else from `config.model.preset`."""
     m = config.model
     numerics = dict(dtype=canonical_dtype(m.dtype).name, param_dtype=canonical_dtype(m.param_dtype).name,
-                    remat=m.remat)
+                    remat=m.remat, attention=m.get("attention", "xla"))
     path = os.path.expanduser(m.path or "")
     if path and os.path.isfile(os.path.join(path, "config.json")):
         return Qwen3Config.from_hf(path, **numerics)
