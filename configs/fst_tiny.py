@@ -42,7 +42,8 @@ def get_config():
         "stage3": _rule_task(CONTINUAL_RULES[2]),
         "copy": dict(task="skill", options={"skill": "copy"}, num_train=64, num_val=32, train_files=""),
         "count": dict(task="skill", options={"skill": "count"}, num_train=64, num_val=32, train_files=""),
-        # --config.task=star: a small star graph (3 arms, paths of 3 nodes, 36 labels), exact-match reward
+        # --config.task=star --config.sampling.max_prompt_tokens=256: a small star graph (3 arms, paths of 3
+        # nodes, 36 labels; its prompts are ~165 characters), exact-match reward
         "star": dict(task="star_graph", options={"degree": 3, "path_length": 3, "num_nodes": 36, "reward": "exact",
                                                  "instruction": "Give the path after the source in \\boxed{}."},
                      num_train=512, num_val=32, train_files=""),

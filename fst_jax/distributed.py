@@ -165,6 +165,24 @@ class OneReplyForAll:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def preflight(self) -> None:
+        """The wrapped client's start-up check, made by process 0 alone; its failure stops every process."""
+        from fst_jax.gepa.reflection import ReflectionLMError
+
+        if not hasattr(self.inner, "preflight"):
+            return
+        if not is_multiprocess():
+            return self.inner.preflight()
+        error = None
+        if jax.process_index() == 0:
+            try:
+                self.inner.preflight()
+            except ReflectionLMError as e:
+                error = str(e)
+        error = broadcast_json(error)
+        if error is not None:
+            raise ReflectionLMError(error)
+
     def complete(self, prompts: list[str]) -> list[str]:
         from fst_jax.gepa.reflection import Completion, ReflectionLMError
 

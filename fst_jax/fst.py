@@ -111,10 +111,10 @@ class FSTRunner:
         os.makedirs(self.workdir, exist_ok=True)
         # Before the weights load: a hosted reflector that cannot be reached fails now, in one line.
         self.reflection_lm = self._make_reflection_lm()
-        if hasattr(self.reflection_lm, "preflight"):
-            self.reflection_lm.preflight()
         if config.gepa.reflection.kind != "local":  # a hosted LM: process 0 asks, every process adopts its reply
             self.reflection_lm = distributed.OneReplyForAll(self.reflection_lm)
+        if hasattr(self.reflection_lm, "preflight"):
+            self.reflection_lm.preflight()
         self.mesh = parallel.make_mesh(plan.mesh_config(config))
         checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,

@@ -242,6 +242,8 @@ def test_hosted_reflection_is_asked_once_and_adopted_everywhere(compile_cache, t
         os.environ["FST_TEST_KEY"] = "sk-test"
         finish(launch(workdir, compile_cache, script=launcher, extra=[
             "--config.total_steps=2", "--config.eval.at_start=false", "--config.eval.kl_prompts=0",
+            # room for proposals after the seeds' pass: 8 seed + 2 × 6 minibatch + 2 × 8 full-window calls
+            "--config.gepa.budget_rollouts=40",
             "--config.gepa.reflection.kind=openai",
             f"--config.gepa.reflection.base_url=http://127.0.0.1:{server.server_port}/v1",
             "--config.gepa.reflection.model=standin", "--config.gepa.reflection.api_key_env=FST_TEST_KEY"]))
@@ -250,8 +252,11 @@ def test_hosted_reflection_is_asked_once_and_adopted_everywhere(compile_cache, t
         server.shutdown()
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     asked = [r for r in rows if r["kind"] == "gepa" and r.get("event") == "proposal" and r["status"] != "skipped"]
-    # one request per reflected proposal: process 1 never asked (two processes asking would double it)
-    assert asked and len(_Endpoint.requests) == len(asked)
+    # one request per reflected proposal, plus process 0's start-up check: process 1 never asked (two
+    # processes asking would double it)
+    preflights = [r for r in _Endpoint.requests if r == "Reply with OK."]
+    assert len(preflights) == 1
+    assert asked and len(_Endpoint.requests) - len(preflights) == len(asked)
     population = [r for r in rows if r["kind"] == "gepa_cycle"][-1]["population"]
     # both processes adopted the same population (else the end-of-cycle check stops the run), and it holds
     # the endpoint's replies
