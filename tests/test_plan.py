@@ -115,7 +115,7 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
 
     config = get_config()
     config.total_steps = 4
-    config.gepa.budget_rollouts = 64
+    config.gepa.budget_rollouts = 96  # the window (32) once for the seed, then proposals and a full evaluation
     config.eval.every = 4
     config.log.tensorboard = config.log.progress = False
     with _Compiles() as planned:

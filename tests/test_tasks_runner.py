@@ -91,7 +91,8 @@ def test_star_hover_physics_run_through_fst_runner(tiny_checkpoint, tmp_path):
     c.cycle.rl_steps, c.cycle.problems_per_step, c.cycle.rollouts_per_problem, c.cycle.population_size = 2, 2, 2, 2
     c.sampling.max_new_tokens = 4
     c.rl.learning_rate, c.rl.warmup_steps = 1e-2, 0
-    c.gepa.budget_rollouts, c.gepa.proposals_per_iteration, c.gepa.minibatch_size = 8, 1, 2
+    # the seed on the 4-problem window, then a proposal (2 + 2 minibatch calls) and its full evaluation
+    c.gepa.budget_rollouts, c.gepa.proposals_per_iteration, c.gepa.minibatch_size = 16, 1, 2
     c.gepa.reflection.max_new_tokens = 4
     c.eval.at_start, c.eval.every, c.eval.k, c.eval.max_new_tokens, c.eval.kl_prompts = False, 0, 1, 4, 0
     c.checkpoint.async_save = False
