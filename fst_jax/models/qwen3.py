@@ -216,7 +216,10 @@ def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts) 
     scores = jnp.einsum(f"btkgh,{kv_axes}->bkgts", q_btkgh, keys).astype(jnp.float32) * H ** -0.5
     scores = jnp.where(allowed_bts[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_btnh.dtype)
-    return jnp.einsum(f"bkgts,{kv_axes}->btkgh", probs, values).reshape(B, T, N, H)
+    # Probabilities as the left operand, output in its natural order, then the (small) transpose: asked for
+    # btkgh directly, XLA:CPU swapped the operands and read the values cache across its slot axis (~4x slower).
+    attn_bkgth = jnp.einsum(f"bkgts,{kv_axes}->bkgth", probs, values)
+    return attn_bkgth.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, *, std: float | None = 0.02) -> nnx.Param:
