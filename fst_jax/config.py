@@ -49,6 +49,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.cycle.problems_per_step = 32      # B
     c.cycle.rollouts_per_problem = 8    # G
     c.cycle.population_size = 4         # K (must divide G)
+    # GEPA's evaluation rollouts of (window problem, population prompt) pairs stand in for RL rollouts of the
+    # same pairs in the cycle's steps (off by default); one sampled more than `reuse_max_staleness` updates
+    # before the step that would use it is not reused (CISPO's importance ratio corrects what is reused).
+    c.cycle.reuse_gepa_rollouts = False
+    c.cycle.reuse_max_staleness = 3
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.temperature = 1.0        # rollouts (RL and GEPA evaluations)
@@ -178,6 +183,7 @@ _RANGES = (
     ("cycle.problems_per_step", 1, None, dict(integer=True)),
     ("cycle.rollouts_per_problem", 1, None, dict(integer=True)),
     ("cycle.population_size", 1, None, dict(integer=True)),
+    ("cycle.reuse_max_staleness", 0, None, dict(integer=True)),
     ("sampling.temperature", 0, None, {}),
     ("sampling.top_p", 0, 1, dict(low_open=True)),
     ("sampling.top_k", 0, None, dict(integer=True)),
