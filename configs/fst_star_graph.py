@@ -19,6 +19,7 @@ import fst_qwen3  # noqa: E402
 def get_config():
     c = fst_qwen3.get_config()
     c.model.path = "~/models/Qwen3-4B-Instruct-2507"
+    c.model.preset = "4B"                  # its shapes, for --dry_run without the checkpoint on disk
     c.model.enable_thinking = False        # an instruct (non-thinking) model
     c.tasks = {"star": dict(task="star_graph", options={"degree": 25, "path_length": 20, "num_nodes": 500,
                                                         "reward": "exact"},

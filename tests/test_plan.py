@@ -126,3 +126,24 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
         runner.run()
     assert runner.counters.rl_steps == 4 and runner.counters.reflection_calls > 0
     assert run.names == []
+
+
+@pytest.mark.parametrize("name", ["fst_qwen3", "fst_qwen3_math", "fst_qwen3_hover", "fst_qwen3_continual",
+                                  "fst_star_graph", "fst_qwen3_1gpu"])
+def test_paper_configs_plan_the_model_they_name(name):
+    """A config's `model.preset` (what --dry_run plans when the checkpoint is not on disk) is the size its
+    checkpoint path names, and the config validates for a dry run: planning Qwen3-8B for a 4B run would
+    report a fit (or a failure) for the wrong model."""
+    import importlib.util
+    import re
+
+    from fst_jax.config import validate
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    size = re.search(r"Qwen3-(\d+(?:\.\d+)?B)", config.model.path)
+    assert size, config.model.path
+    assert config.model.preset == size.group(1)
+    validate(config, require_checkpoint=False)

@@ -65,6 +65,8 @@ ROWS = (
     Row(r"^srun |/shared/|/mnt/shared/", skip="a SLURM job / TPU-pod worker command: needs the cluster"),
     Row(r"--dry_run", skip="the 8B plan: tests/test_plan.py runs this command (test_qwen3_8b_plan_fits_on_8x80gb)"),
     Row(r"launch/train\.py --config configs/fst_tiny\.py$", extra=SMALL_TRAINING + ("--noplot",)),
+    Row(r"launch/train\.py --config configs/fst_tiny_coupling\.py", extra=SMALL_TRAINING + (
+        "--noplot", "--workdir=runs/readme-{index}")),
     # other runs of the tiny config (e.g. another task): their own workdir, as the first run above used the
     # default one ({index} is the command's position in the README)
     Row(r"launch/train\.py --config configs/fst_tiny\.py ", extra=SMALL_TRAINING + (
@@ -84,7 +86,7 @@ ROWS = (
                                                 "--config.tasks.math.val_files=" + MATH, "--noplot")),
     Row(r"launch/plot\.py "),
     Row(r"launch/load_example\.py", replace=(("~/models/Qwen3-8B", TINY_MODEL),)),
-    Row(r"launch/compare\.py", skip="five full training runs (≈20 minutes on 2 CPU cores)"),
+    Row(r"launch/compare\.py", skip="eighteen training runs (≈2 hours on 2 CPU cores)"),
     Row(r"launch/make_tiny_model\.py", skip="trains the tiny model for 52 minutes and would overwrite assets/"),
     Row(r"launch/bench\.py sampler --gpu", skip="needs an accelerator"),
     Row(r"launch/bench\.py gpu", skip="needs an accelerator (tests/test_bench_gpu.py runs it with --allow-cpu on "

@@ -1,0 +1,55 @@
+"""`cycle.reuse_gepa_rollouts`: GEPA's evaluation rollouts stand in for RL rollouts of the same (problem,
+prompt) pairs, through the CLI on the tiny model the project ships."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(workdir, *flags):
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"),
+           f"--config={os.path.join(ROOT, 'configs', 'fst_tiny.py')}", f"--workdir={workdir}",
+           "--config.total_steps=2", "--config.cycle.rl_steps=2", "--config.cycle.problems_per_step=4",
+           "--config.cycle.rollouts_per_problem=8", "--config.cycle.population_size=2",
+           "--config.gepa.budget_rollouts=24", "--config.gepa.proposals_per_iteration=2",
+           "--config.gepa.minibatch_size=2", "--config.eval.k=1", "--config.eval.num_problems=2",
+           "--config.eval.kl_prompts=0", "--config.eval.at_start=false", "--config.forgetting_tasks=",
+           "--config.log.progress=false", "--noplot", *flags]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("staleness", [0, 3])
+def test_gepa_rollouts_replace_rl_rollouts_of_the_same_prompts(tmp_path, staleness):
+    steps = _train(tmp_path / "reuse", "--config.cycle.reuse_gepa_rollouts=true",
+                   f"--config.cycle.reuse_max_staleness={staleness}")
+    first, second = steps
+    assert first["rollouts_this_step"] == 32
+    assert first["groups_kept_fraction"] > 0  # some groups carry signal: the update sees the rollouts
+    # GEPA scored the carried-over population on the whole window (4 problems per step): each population
+    # prompt's pair has at least one rollout to give
+    assert 4 <= first["reused_rollouts"] <= 32
+    # Sampled at the weights of the first update: their stored log-probs are the policy's own, so the
+    # importance weights stay 1 — a rollout filed under the wrong prompt would move them far from it
+    assert first["importance_weight_max"] == pytest.approx(1.0, abs=2e-3)
+    assert first["importance_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    if staleness == 0:  # one update later the window's rollouts are too stale: fresh samples only
+        assert second["reused_rollouts"] == 0
+    else:  # reused one update after they were sampled: CISPO's ratio is no longer 1 but stays finite
+        assert second["reused_rollouts"] >= 4
+        assert second["importance_weight_mean"] != pytest.approx(1.0, abs=1e-6)
+        assert 0 < second["importance_weight_max"] < float("inf")
+
+
+def test_reuse_off_samples_every_rollout(tmp_path):
+    steps = _train(tmp_path / "plain")
+    assert [s["reused_rollouts"] for s in steps] == [0, 0]
+    assert [s["rollouts_this_step"] for s in steps] == [32, 32]
