@@ -158,8 +158,23 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
         fractions.append(sum(r["reused_rollouts"] for r in train) / total if total else None)
         a, b = _cycle_seconds(run), _cycle_seconds(plain)
         saved.append(None if a is None or not b else 1.0 - a / b)
+    # the reuse run's reward at each evaluation against the range the runs without reuse span there
+    inside, points = 0, 0
+    for run in reuse_runs:
+        for step, reward in zip(*plot.series(run.records, "val/reward")):
+            others = [y for p in plain_runs for x, y in zip(*plot.series(p.records, "val/reward")) if x == step]
+            if others:
+                points += 1
+                inside += min(others) - 1e-9 <= reward <= max(others) + 1e-9
     return {"fraction": _mean(fractions), "fraction_per_seed": fractions, "wall_time_saved": _mean(saved),
-            "wall_time_saved_per_seed": saved, "final": [_final(r) for r in reuse_runs]}
+            "wall_time_saved_per_seed": saved, "final": [_final(r) for r in reuse_runs],
+            "evaluations_inside_the_seed_range": [inside, points]}
+
+
+def _span_seconds(run: plot.Run) -> float:
+    """Seconds from a run's first to its last record: its wall time when it ran without interruption."""
+    times = [r["time"] for r in run.records if plot._number(r.get("time")) is not None]
+    return max(times) - min(times) if times else 0.0
 
 
 def continual_measures(runs: dict[str, list[plot.Run]]) -> dict:
@@ -209,6 +224,14 @@ def targets(methods: dict) -> dict:
     out["kl_at_matched_30pct_lower"] = {"fst": kl_fst, "rl": kl_rl,
                                         "met": bool(kl_fst is not None and kl_rl and kl_fst <= 0.7 * kl_rl)}
     return out
+
+
+def continual_target(continual: dict) -> dict:
+    """Continual FST (population kept) ≥ RL on every stage after the first."""
+    stages = {stage: {"fst": _mean(continual["fst"][stage]), "rl": _mean(continual["rl"][stage])}
+              for stage in STAGES[1:]}
+    met = all(v["fst"] is not None and v["rl"] is not None and v["fst"] >= v["rl"] for v in stages.values())
+    return {"stages": stages, "met": met}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -269,12 +292,19 @@ def markdown(report: dict) -> str:
                   "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for stage in STAGES:
             lines.append(f"| {stage} | " + " | ".join(_ms(report["continual"][n][stage]) for n in names) + " |")
+        ct = t.get("continual_fst_at_least_rl")
+        if ct:
+            lines += ["", "- continual: FST ≥ RL on every stage after the first: " + ", ".join(
+                f"{stage} {_fmt(v['fst'])} vs {_fmt(v['rl'])}" for stage, v in ct["stages"].items())
+                + f" — **{'met' if ct['met'] else 'missed'}**"]
     if report.get("reuse"):
         r = report["reuse"]
         lines += ["", f"GEPA-rollout reuse: {_fmt(r['fraction'], '.1%')} of RL rollouts reused; wall time per cycle "
                       f"saved {_fmt(r['wall_time_saved'], '.1%')} (per seed: "
                       f"{', '.join(_fmt(x, '.1%') for x in r['wall_time_saved_per_seed'])}); final reward "
-                      f"{_ms(r['final'])} vs {_ms(m['fst']['final'])} without reuse."]
+                      f"{_ms(r['final'])} vs {_ms(m['fst']['final'])} without reuse; at "
+                      f"{r['evaluations_inside_the_seed_range'][0]} of {r['evaluations_inside_the_seed_range'][1]} "
+                      "evaluations its reward lies within the range of the runs without reuse."]
     if report.get("decomposition"):
         d = report["decomposition"]
         lines += ["", f"Weights × prompt (FST, seed {report['seeds'][0]}, mean@k):", "",
@@ -282,8 +312,8 @@ def markdown(report: dict) -> str:
                   f"| base | {d['base/seed']:.3f} | {d['base/learned']:.3f} |",
                   f"| trained (FST) | {d['trained/seed']:.3f} | {d['trained/learned']:.3f} |",
                   "", f"Learned prompt: `{d['learned_prompt']}`"]
-    lines += ["", f"Made by `{report['command']}` in {report['wall_time_s'] / 60:.0f} min (runs already finished "
-                  "are not rerun, so a resumed invocation reports less)."]
+    lines += ["", f"Made by `{report['command']}` on 2 CPU cores: {report['wall_time_s'] / 60:.0f} min (the runs' "
+                  "own wall times, summed, and the report)."]
     return "\n".join(lines) + "\n"
 
 
@@ -409,9 +439,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-reuse", action="store_true")
     ap.add_argument("--skip-decomposition", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: report on the runs already in --out")
     ap.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run (after --)")
     args = ap.parse_args(argv)
-    started = time.time()
     command = "python launch/compare.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
 
     common = ([f"--config.total_steps={args.steps}"] if args.steps else []) + args.overrides
@@ -437,9 +467,10 @@ def main(argv=None) -> int:
             for name, method, extra in CONTINUAL_RUNS:
                 plan.append((f"continual_{name}_s{seed}", [f"--config.method={method}", f"--config.seed={seed}",
                                                           *schedule, *extra, *args.overrides]))
-    for i, (label, overrides) in enumerate(plan, 1):
+    for i, (label, overrides) in enumerate([] if args.report_only else plan, 1):
         train(args.config, os.path.join(args.out, label), overrides, f"[{i}/{len(plan)}] {label}")
 
+    report_started = time.time()
     load = lambda name: [plot.load_run(os.path.join(args.out, f"{name}_s{s}"), name) for s in args.seeds]  # noqa: E731
     rl_runs = load("rl")
     names = [name for name, _ in variants]
@@ -449,7 +480,7 @@ def main(argv=None) -> int:
     config = _load_config(args.config)
     _apply_overrides(config, [o for o in common if o.startswith("--config.")])
     spec = config.tasks[parse_schedule(config)[0][0]]
-    report = {"task": f"{spec.task}: {dict(spec.options)}", "config": os.path.relpath(args.config, ROOT),
+    report = {"task": f"{spec.task}: " + ", ".join(f"{k} = {v!r}" for k, v in dict(spec.options).items()), "config": os.path.relpath(args.config, ROOT),
               "seeds": args.seeds, "steps": int(config.total_steps), "overrides": args.overrides,
               "methods": {name: method_measures(runs[name], rl_runs) for name in names if name != "fst_reuse"}}
     report["targets"] = targets(report["methods"])
@@ -464,17 +495,21 @@ def main(argv=None) -> int:
             {name: [plot.load_run(os.path.join(args.out, f"continual_{name}_s{s}")) for s in continual_seeds]
              for name, _, _ in CONTINUAL_RUNS})
         report["continual_seeds"] = continual_seeds
+        report["targets"]["continual_fst_at_least_rl"] = continual_target(report["continual"])
     if not args.skip_decomposition:
         report["decomposition"] = decomposition(
             args.config, os.path.join(args.out, f"fst_s{args.seeds[0]}"),
             [f"--config.method=fst", f"--config.seed={args.seeds[0]}", *common])
     report["command"] = command.strip()
-    report["wall_time_s"] = time.time() - started
+    # every run's own span (a run resumed later counts its recorded time), then this invocation's report
+    spans = [_span_seconds(plot.load_run(os.path.join(args.out, label))) for label, _ in plan]
+    report["run_seconds"] = dict(zip([label for label, _ in plan], spans))
+    report["wall_time_s"] = sum(spans) + (time.time() - report_started)
 
     os.makedirs(args.docs, exist_ok=True)
     table = markdown(report)
     with open(os.path.join(args.docs, "compare.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(report, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
     with open(os.path.join(args.docs, "compare.md"), "w") as f:
         f.write(table)
     band_plot(report, os.path.join(args.docs, "compare.png"))
