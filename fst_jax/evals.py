@@ -23,7 +23,7 @@ from fst_jax.models.hf import render_chat
 from fst_jax.rl import losses
 from fst_jax.rl.rollouts import build_rollouts, length_bucket
 from fst_jax.sampling import Sampler, bucket_length
-from fst_jax.tasks.base import Task
+from fst_jax.tasks.base import Task, checked_score
 
 __all__ = ["render_prompts", "mean_at_k", "kl_to_base", "sequence_logprobs", "kl_sequence_length",
            "lower_kl_program"]
@@ -50,7 +50,8 @@ def mean_at_k(sampler: Sampler, tokenizer, task: Task, problems: Sequence[Mappin
     out = sampler.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, stop_token_ids=_stops(tokenizer), num_samples=k,
                            pad_id=_pad(tokenizer))
-    rewards = np.array([task.score(problems[i // k], tokenizer.decode(toks, skip_special_tokens=True)).reward
+    # checked: a broken reward names the task, the problem and the completion here as in training
+    rewards = np.array([checked_score(task, problems[i // k], tokenizer.decode(toks, skip_special_tokens=True)).reward
                         for i, toks in enumerate(out.tokens)], np.float64).reshape(len(problems), k)
     return {"mean_at_k": float(rewards.mean()), "pass_at_k": float((rewards.max(axis=1) >= 1.0).mean()),
             "response_length": float(np.mean([len(t) for t in out.tokens]))}

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from fst_jax.config import default_config, validate
@@ -84,6 +85,9 @@ class _Task:
 
     def __init__(self, reward=None, exc=None):
         self.reward, self.exc = reward, exc
+
+    def format_problem(self, problem):
+        return problem["question"]
 
     def score(self, problem, completion):
         if self.exc:
@@ -324,3 +328,22 @@ def test_ctrl_c_exits_130_in_one_line_naming_the_step(env, tmp_path):
     assert errors[0] == (f"interrupted at step {step}; rerun the same command to resume (from the checkpoint at "
                          f"step {saved})")
     assert step >= saved >= 1
+
+
+def test_a_bad_reward_in_an_evaluation_names_the_problem_too():
+    """mean@k scores through the same check as training: a NaN at evaluation is a RewardError naming the task's
+    problem, not a NaN in the metrics."""
+    from fst_jax import evals
+    from fst_jax.models.char_tokenizer import make_char_tokenizer
+    from fst_jax.sampling import SampleOutput
+
+    class _Sampler:
+        def generate(self, prompts, *, num_samples, **_):
+            n = len(prompts) * num_samples
+            return SampleOutput(tokens=[[70, 71]] * n, logprobs=[np.zeros(2, np.float32)] * n, finished=[True] * n)
+
+    problems = [{"id": "val.jsonl:3", "question": "q"}]
+    with pytest.raises(RewardError, match=r"task 'demo', problem val.jsonl:3.*reward nan is not a finite"):
+        evals.mean_at_k(_Sampler(), make_char_tokenizer(), _Task(math.nan), problems, "Be exact.", k=2)
+    good = evals.mean_at_k(_Sampler(), make_char_tokenizer(), _Task(0.5), problems, "Be exact.", k=2)
+    assert good["mean_at_k"] == 0.5
