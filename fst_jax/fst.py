@@ -13,14 +13,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import os
 import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fst_jax import distributed, evals, parallel, plan
@@ -31,8 +29,9 @@ from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, ReflectionLMError, 
 from fst_jax.metrics import MetricsWriter, progress, read_metrics
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
 from fst_jax.rl.step import TrainState, fst_step, rl_config_from_run
+from fst_jax.rollout_reuse import RolloutPool
 from fst_jax.run_sampler import SharedSampler
-from fst_jax.sampling import SampleOutput, Sampler
+from fst_jax.sampling import Sampler
 from fst_jax.tasks import get_task
 from fst_jax.tasks.base import RewardError, checked_score
 
@@ -148,10 +147,9 @@ class FSTRunner:
             self.tasks[name], self.val[name] = task, val
             self.streams[name] = ProblemStream(train, c.cycle.problems_per_step, seed=_seed(c.seed, len(train)))
         self.population = [c.gepa.seed_prompt]
-        # GEPA's rollouts of this cycle, by rendered prompt, for `cycle.reuse_gepa_rollouts`; rebuilt by every
-        # fast phase, so a run resumed at a cycle boundary rebuilds the same ones
-        self._reusable: dict[tuple, list] = {}
-        self._reusable_from = 0
+        # GEPA's rollouts of this cycle for `cycle.reuse_gepa_rollouts`; refilled by every fast phase, so a run
+        # resumed at a cycle boundary refills it with the same ones
+        self.reuse_pool = RolloutPool(c.cycle.reuse_max_staleness)
         self.current_task = self.schedule[0][0]
         self.counters = Counters()
 
@@ -254,7 +252,7 @@ class FSTRunner:
         items = [problem for batch in window for problem in batch]  # ids = window positions (repeats allowed)
         task = self.tasks[task_name]
         self.sampler.set_params(self.state.params)
-        self._reusable, self._reusable_from = {}, self.counters.rl_steps
+        self.reuse_pool.reset(self.counters.rl_steps)
         calls = [0]
         # Sampling seeds derive from (cycle, call number within this cycle's search): a resumed run, which
         # restarts the cycle's search from its checkpoint at the cycle boundary, draws the same ones.
@@ -269,8 +267,7 @@ class FSTRunner:
             out = self._generate(self.sampler, prompts, temperature=c.sampling.temperature,
                                  seed=_seed(c.seed, self.counters.cycles, calls[0], 1))
             if c.cycle.reuse_gepa_rollouts:  # sampled at this cycle's weights: RL rollouts of the same pairs
-                for prompt, toks, logprobs, finished in zip(prompts, out.tokens, out.logprobs, out.finished):
-                    self._reusable.setdefault(tuple(prompt), []).append((toks, logprobs, finished))
+                self.reuse_pool.add(prompts, out)
             results = []
             for (_, item), user, toks in zip(pairs, users, out.tokens):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -371,23 +368,16 @@ class FSTRunner:
 
         reused = [0]
 
-        def sample(params, prompts, num_samples, kwargs):
-            self.sampler.set_params(params)
-            return self._generate(self.sampler, prompts, temperature=kwargs["temperature"], seed=kwargs["seed"],
-                                  max_new_tokens=kwargs["max_new_tokens"], num_samples=num_samples)
-
         def generate(graphdef, params, prompts, **kwargs):
-            n = kwargs["num_samples"]
-            taken = self._take_reusable(prompts, n)
-            reused[0] = sum(map(len, taken))
-            if not reused[0]:
-                return sample(params, prompts, n, kwargs)
-            # GEPA's rollouts first, then fresh samples for the rest of each prompt's n (one request)
-            need = [i for i, got in enumerate(taken) for _ in range(n - len(got))]
-            out = sample(params, [prompts[i] for i in need], 1, kwargs) if need else None
-            fresh = iter(zip(out.tokens, out.logprobs, out.finished) if out else ())
-            rows = [row for i, got in enumerate(taken) for row in got + [next(fresh) for _ in range(n - len(got))]]
-            return SampleOutput(*map(list, zip(*rows)))
+            def sample(prompts, num_samples):
+                self.sampler.set_params(params)
+                return self._generate(self.sampler, prompts, temperature=kwargs["temperature"], seed=kwargs["seed"],
+                                      max_new_tokens=kwargs["max_new_tokens"], num_samples=num_samples)
+
+            if not (self.config.cycle.reuse_gepa_rollouts and self.config.method == "fst"):
+                return sample(prompts, kwargs["num_samples"])
+            out, reused[0] = self.reuse_pool.generate(prompts, kwargs["num_samples"], self.counters.rl_steps, sample)
+            return out
 
         self.state, m = fst_step(self.state, self.population, batch, tokenizer=self.tokenizer,
                                  reward_fn=lambda p, text: checked_score(task, p, text, task_name=task_name),
@@ -403,20 +393,6 @@ class FSTRunner:
         self.metrics.write(self.counters.rl_steps + 1, "train", m, task=task_name,
                            **{"train/reward": m["reward_mean"]}, **dataclasses.asdict(self.counters),
                            total_rollouts=self.counters.rl_rollouts + self.counters.gepa_rollouts)
-
-    def _take_reusable(self, prompts, n: int) -> list[list[tuple]]:
-        """Up to n of GEPA's rollouts of each rendered prompt (each used once), when reuse is on and they were
-        sampled at most `cycle.reuse_max_staleness` updates ago; [] per prompt otherwise."""
-        c = self.config
-        stale = self.counters.rl_steps - self._reusable_from > c.cycle.reuse_max_staleness
-        if not c.cycle.reuse_gepa_rollouts or stale or c.method != "fst":
-            return [[] for _ in prompts]
-        taken = []
-        for prompt in prompts:
-            pool = self._reusable.get(tuple(prompt), [])
-            taken.append(pool[:n])
-            del pool[:n]
-        return taken
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
