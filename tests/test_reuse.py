@@ -53,3 +53,35 @@ def test_reuse_off_samples_every_rollout(tmp_path):
     steps = _train(tmp_path / "plain")
     assert [s["reused_rollouts"] for s in steps] == [0, 0]
     assert [s["rollouts_this_step"] for s in steps] == [32, 32]
+
+
+def test_the_pool_hands_each_rollout_out_once_in_request_order():
+    """RolloutPool.generate: stored rollouts first, then one fresh request for the rest, prompt-major as a
+    sampler returns them; nothing once the rollouts are more than max_staleness updates old."""
+    import numpy as np
+
+    from fst_jax.rollout_reuse import RolloutPool
+    from fst_jax.sampling import SampleOutput
+
+    def out(tokens):
+        return SampleOutput(tokens=[list(t) for t in tokens], logprobs=[np.full(len(t), -1.0) for t in tokens],
+                            finished=[True] * len(tokens))
+
+    pool = RolloutPool(max_staleness=1)
+    pool.reset(update_step=10)
+    pool.add([[1], [2], [1]], out([[11], [21], [12]]))  # prompt [1] twice, prompt [2] once
+    requests = []
+
+    def sample(prompts, num_samples):
+        requests.append((prompts, num_samples))
+        return out([[100 + p[0]] for p in prompts for _ in range(num_samples)])
+
+    got, reused = pool.generate([[1], [2], [3]], 2, update_step=10, sample=sample)
+    assert reused == 3
+    assert got.tokens == [[11], [12], [21], [102], [103], [103]]
+    assert requests == [([[2], [3], [3]], 1)]
+    # each stored rollout went out once: the pool is empty now, so the request is sampled whole
+    got, reused = pool.generate([[1]], 2, update_step=11, sample=sample)
+    assert reused == 0 and got.tokens == [[101], [101]] and requests[-1] == ([[1]], 2)
+    pool.add([[1]], out([[13]]))
+    assert pool.take([[1]], 2, update_step=12) == [[]]  # two updates after the search: too stale
