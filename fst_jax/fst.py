@@ -207,7 +207,10 @@ class FSTRunner:
                 step = self.counters.rl_steps
                 distributed.check_same(f"the end of cycle {self.counters.cycles} (RL step {step})",
                                        population=self.population, data_cursor=stream.get_state())
-                if step == total or (c.eval.every and step - max(last_eval_step, 0) >= c.eval.every):
+                # at the end, and with eval.every > 0 every eval.every steps and at the end of each stage of a
+                # continual schedule (the final accuracy on the task it leaves)
+                stage_ends = bool(c.eval.every) and steps == steps_left_in_stage and len(self.schedule) > 1
+                if step == total or stage_ends or (c.eval.every and step - max(last_eval_step, 0) >= c.eval.every):
                     last_eval, last_eval_step = self._evaluate(task_name), step
                 if self.counters.cycles % c.checkpoint.every_cycles == 0 or step == total:
                     self._save()

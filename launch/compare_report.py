@@ -122,9 +122,11 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
 
 
 def span_seconds(run: plot.Run) -> float:
-    """Seconds from a run's first to its last record: its wall time when it ran without interruption."""
-    times = [r["time"] for r in run.records if plot._number(r.get("time")) is not None]
-    return max(times) - min(times) if times else 0.0
+    """Seconds from a run's first record to its last train or eval record: its wall time when it ran without
+    interruption (rerunning a finished run, as a repeated compare.py does, only adds a "config" record)."""
+    timed = [r for r in run.records if plot._number(r.get("time")) is not None]
+    ends = [r["time"] for r in timed if r.get("kind") != "config"]
+    return max(ends) - min(r["time"] for r in timed) if ends else 0.0
 
 
 def continual_measures(runs: dict[str, list[plot.Run]]) -> dict:
@@ -237,9 +239,12 @@ def markdown(report: dict) -> str:
               f"**{'met' if t['kl_at_matched_30pct_lower']['met'] else 'missed'}**"]
     if report.get("continual"):
         names = list(report["continual"])
-        lines += ["", "Continual schedule (final validation reward of each stage; population kept across task "
-                      "switches unless `reset`):", "",
-                  "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        titles = {"fst": "FST, population kept", "fst_reset": "FST, reset at each switch",
+                  "gepa": "GEPA-only, kept", "gepa_reset": "GEPA-only, reset", "rl": "RL"}
+        lines += ["", f"Continual schedule ({' → '.join(STAGES)}, held-out rules; seed "
+                      f"{', '.join(map(str, report.get('continual_seeds', [])))}): validation reward at the end of "
+                      "each stage.", "",
+                  "| stage | " + " | ".join(titles.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
         for stage in STAGES:
             lines.append(f"| {stage} | " + " | ".join(_ms(report["continual"][n][stage]) for n in names) + " |")
         ct = t.get("continual_fst_at_least_rl")
