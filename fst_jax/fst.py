@@ -355,9 +355,10 @@ class FSTRunner:
 
     # ---- slow weights -------------------------------------------------------------------------------
 
-    def _generate(self, sampler, prompts, *, temperature, seed, max_new_tokens=None, num_samples=1, top_p=None):
+    def _generate(self, sampler, prompts, *, temperature, seed, max_new_tokens=None, num_samples=1, top_p=None,
+                  call_kind=""):
         c, t0 = self.config, time.perf_counter()
-        out = sampler.generate(prompts, max_new_tokens=max_new_tokens or c.sampling.max_new_tokens,
+        out = sampler.generate(prompts, max_new_tokens=max_new_tokens or c.sampling.max_new_tokens, call_kind=call_kind,
                                temperature=temperature, top_p=c.sampling.top_p if top_p is None else top_p,
                                top_k=c.sampling.top_k, seed=seed, num_samples=num_samples,
                                stop_token_ids=[t for t in (self.tokenizer.eos_token_id,) if t is not None],
@@ -372,10 +373,11 @@ class FSTRunner:
         reused = [0]
 
         def generate(graphdef, params, prompts, **kwargs):
-            def sample(prompts, num_samples):
+            def sample(prompts, num_samples, rest=False):
                 self.sampler.set_params(params)
                 return self._generate(self.sampler, prompts, temperature=kwargs["temperature"], seed=kwargs["seed"],
-                                      max_new_tokens=kwargs["max_new_tokens"], num_samples=num_samples)
+                                      max_new_tokens=kwargs["max_new_tokens"], num_samples=num_samples,
+                                      call_kind="reuse" if rest else "")
 
             if not (self.config.cycle.reuse_gepa_rollouts and self.config.method == "fst"):
                 return sample(prompts, kwargs["num_samples"])

@@ -99,7 +99,9 @@ class SamplerCall:
     """One kind of sampler call of a run, at its largest: `prompts` prompts (padded to this many rows by the
     run) of up to `prompt_tokens` tokens, `num_samples` completions each of up to `max_new_tokens`. `weights`:
     "policy" (the trained params) or "base" (the frozen base: local reflection). `release_after`: drop the
-    sampling weights after the call (the rollouts: the update comes next and changes the params anyway)."""
+    sampling weights after the call (the rollouts: the update comes next and changes the params anyway).
+    `kind`: calls with a kind serve only requests that name it (the rest of a partly reused rollout batch);
+    `exact_rows`: run exactly `prompts` rows, not the power-of-two bucket (`sampling.row_bucket`)."""
 
     prompts: int
     num_samples: int
@@ -107,6 +109,12 @@ class SamplerCall:
     max_new_tokens: int
     weights: str = "policy"
     release_after: bool = False
+    kind: str = ""
+    exact_rows: bool = False
+
+    def rows(self, mesh) -> int:
+        """The prompt rows the sampler runs for this call."""
+        return sampling.row_bucket(self.prompts, mesh, exact=self.exact_rows)
 
 
 def sampler_calls(config) -> dict[str, SamplerCall]:
@@ -116,7 +124,9 @@ def sampler_calls(config) -> dict[str, SamplerCall]:
     rollout: B·K prompts × G/K samples (RL-only: B × G), in calls of at most `sampler_rows` rows. gepa_minibatch: a GEPA iteration's parents or
     children on their minibatches (proposals × minibatch size). gepa: GEPA's window scoring, in calls of at
     most `sampler_rows` rows. reflection: the local reflection LM on the base weights. eval: mean@k, k samples
-    of up to `sampler_rows` // k prompts. kl_sample: the KL evaluation's responses.
+    of up to `sampler_rows` // k prompts. kl_sample: the KL evaluation's responses. rollout_rest_{n}: with
+    `cycle.reuse_gepa_rollouts`, the rollouts GEPA did not supply, one sample per row, at exactly ¼, ½, ¾ and
+    all of the rollout rows (power-of-two buckets would run 44 rows as 64 and save nothing).
     """
     c = config
     B, G, K = int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem), int(c.cycle.population_size)
@@ -127,6 +137,11 @@ def sampler_calls(config) -> dict[str, SamplerCall]:
     if c.method != "gepa":
         calls["rollout"] = SamplerCall(min(B * K, max(1, max_rows // (G // K))), G // K, prompt, new,
                                        release_after=True)
+        if c.method == "fst" and c.cycle.get("reuse_gepa_rollouts"):
+            rows = min(B * G, max_rows)
+            for n in sorted({max(1, rows * q // 4) for q in (1, 2, 3, 4)}):
+                calls[f"rollout_rest_{n}"] = SamplerCall(n, 1, prompt, new, release_after=True, kind="reuse",
+                                                         exact_rows=True)
     if c.method != "rl":
         window = B * int(c.cycle.rl_steps)
         calls["gepa_minibatch"] = SamplerCall(min(proposals * int(c.gepa.minibatch_size), max_rows), 1, prompt, new)
@@ -403,13 +418,14 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
             for bucket in prompt_buckets(c, call.prompt_tokens):
                 programs = sampling.lower_sampler_programs(model_cfg, params, mesh=mesh, rows=call.prompts,
                                                            prompt_len=bucket, max_new_tokens=call.max_new_tokens,
-                                                           num_samples=call.num_samples)
+                                                           num_samples=call.num_samples,
+                                                           exact_rows=call.exact_rows)
                 if bucket < sampling.bucket_length(call.prompt_tokens):
                     smaller.append((f"{name}@{bucket}", programs))
                     continue
                 kv = f"{name}_kv_cache"
                 resident[kv] = _bytes(programs["prefill"].out_info[0])
-                log(f"plan: {name}: {sampling.row_bucket(call.prompts, mesh)} prompt rows × {call.num_samples} "
+                log(f"plan: {name}: {call.rows(mesh)} prompt rows × {call.num_samples} "
                     f"samples, prompt bucket {bucket}, {call.max_new_tokens} new tokens, KV cache "
                     f"{resident[kv] / GB:.2f} GB/device")
                 lowered[f"{name}_prefill"] = (programs["prefill"], state_items + ("sampler_weights",))

@@ -50,13 +50,15 @@ class RolloutPool:
     def generate(self, prompts: Sequence[Sequence[int]], n: int, update_step: int,
                  sample: Callable[[list, int], SampleOutput]) -> tuple[SampleOutput, int]:
         """n completions of each prompt, prompt-major as a sampler returns them: the pool's first, the rest
-        from `sample(prompts, num_samples)` in one call. Returns (the completions, how many were reused)."""
+        from `sample(prompts, num_samples)` in one call, or, when some were reused, from
+        `sample(rest, 1, rest=True)`, one row per missing completion. Returns (the completions, how many were
+        reused)."""
         taken = self.take(prompts, n, update_step)
         reused = sum(map(len, taken))
         if not reused:
             return sample(list(prompts), n), 0
         need = [i for i, got in enumerate(taken) for _ in range(n - len(got))]
-        out = sample([prompts[i] for i in need], 1) if need else None
+        out = sample([prompts[i] for i in need], 1, rest=True) if need else None
         fresh = iter(zip(out.tokens, out.logprobs, out.finished) if out else ())
         rows = [row for got in taken for row in got + [next(fresh) for _ in range(n - len(got))]]
         return SampleOutput(*map(list, zip(*rows))), reused

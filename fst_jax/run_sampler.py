@@ -68,8 +68,9 @@ class SamplerView:
         self.params = params
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, num_samples: int = 1,
-                 **kwargs) -> SampleOutput:
-        """`Sampler.generate` on this view's weights, split and padded to the planned calls (see module doc)."""
+                 call_kind: str = "", **kwargs) -> SampleOutput:
+        """`Sampler.generate` on this view's weights, split and padded to the planned calls (see module doc).
+        `call_kind`: use only the planned calls of that kind (`plan.SamplerCall.kind`)."""
         limit, field = self.shared.prompt_limits[self.weights]
         longest = max((len(p) for p in prompts), default=0)
         if longest > limit:
@@ -79,23 +80,25 @@ class SamplerView:
                              f"is planned for; raise {field} (and check the plan: launch/train.py --dry_run)")
         self.shared.load(self.params)
         sampler = self.shared.sampler
-        planned = [c for c in self.shared.calls.values() if c.weights == self.weights
-                   and c.num_samples == num_samples and c.max_new_tokens == max_new_tokens]
-        sizes = sorted(c.prompts for c in planned)
-        if not sizes:  # not a planned call (e.g. a test's own request): as asked
+        planned = sorted((c for c in self.shared.calls.values() if c.weights == self.weights and c.kind == call_kind
+                          and c.num_samples == num_samples and c.max_new_tokens == max_new_tokens),
+                         key=lambda c: c.prompts)
+        if not planned:  # not a planned call (e.g. a test's own request): as asked
             return sampler.generate(prompts, max_new_tokens=max_new_tokens, num_samples=num_samples, **kwargs)
-        outputs = []
-        for chunk, start in enumerate(range(0, len(prompts), sizes[-1])):
-            piece = list(prompts[start:start + sizes[-1]])
-            rows = _padded_count(len(piece), next(s for s in sizes if s >= len(piece)), sampler.mesh)
+        outputs, release = [], False
+        for chunk, start in enumerate(range(0, len(prompts), planned[-1].prompts)):
+            piece = list(prompts[start:start + planned[-1].prompts])
+            call = next(c for c in planned if c.prompts >= len(piece))
+            rows = _padded_count(len(piece), call, sampler.mesh)
             if chunk:  # a sample's noise follows its index in the call: later calls need their own seed
                 kwargs["seed"] = int(np.random.SeedSequence([kwargs.get("seed", 0), chunk]).generate_state(1)[0])
             out = sampler.generate(piece + [piece[-1]] * (rows - len(piece)), max_new_tokens=max_new_tokens,
-                                   num_samples=num_samples, **kwargs)
+                                   num_samples=num_samples, exact_rows=call.exact_rows, **kwargs)
             keep = len(piece) * num_samples
             outputs.append(SampleOutput(tokens=out.tokens[:keep], logprobs=out.logprobs[:keep],
                                         finished=out.finished[:keep]))
-        if any(c.release_after for c in planned):
+            release |= call.release_after
+        if release:
             self.shared.release()
         if len(outputs) == 1:
             return outputs[0]
@@ -104,7 +107,8 @@ class SamplerView:
                             finished=[f for o in outputs for f in o.finished])
 
 
-def _padded_count(n: int, planned: int, mesh) -> int:
-    """The fewest prompts ≥ n that the sampler runs in the same row bucket as `planned` prompts."""
-    target = row_bucket(planned, mesh)
-    return next(m for m in range(n, planned + 1) if row_bucket(m, mesh) == target) if n <= planned else n
+def _padded_count(n: int, call, mesh) -> int:
+    """The fewest prompts ≥ n that the sampler runs in the same rows as the planned `call`."""
+    target = call.rows(mesh)
+    bucket = lambda m: row_bucket(m, mesh, exact=call.exact_rows)  # noqa: E731
+    return next(m for m in range(n, call.prompts + 1) if bucket(m) == target) if n <= call.prompts else n

@@ -230,20 +230,22 @@ def _statics(cache_dtype: str, bucket: int, max_new_tokens: int, num_samples: in
             dict(max_new_tokens=max_new_tokens))
 
 
-def row_bucket(n_rows: int, mesh: Mesh | None = None) -> int:
+def row_bucket(n_rows: int, mesh: Mesh | None = None, *, exact: bool = False) -> int:
     """The number of prompt rows a `generate` call of `n_rows` prompts runs: the rows per batch shard rounded
     up to a power of two, times the mesh's batch multiple (data × fsdp). A run thus compiles a few programs
-    (one per power of two), all known in advance; the extra rows are inactive and change no real row."""
+    (one per power of two), all known in advance; the extra rows are inactive and change no real row.
+    `exact`: only rounded up to the batch multiple (for calls whose sizes the run plans itself)."""
     if not (isinstance(n_rows, (int, np.integer)) and n_rows >= 1):
         raise ValueError(f"the number of rows must be a positive integer, got {n_rows!r}")
     multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
     per_shard = -(-int(n_rows) // multiple)
-    return (1 << (per_shard - 1).bit_length()) * multiple
+    return (per_shard if exact else 1 << (per_shard - 1).bit_length()) * multiple
 
 
 def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | None = None,
                            rules: parallel.Rules = parallel.SAMPLE_RULES, rows: int, prompt_len: int,
-                           max_new_tokens: int, num_samples: int = 1, cache_dtype=None) -> dict:
+                           max_new_tokens: int, num_samples: int = 1, cache_dtype=None,
+                           exact_rows: bool = False) -> dict:
     """Lower, without any array, the two programs `Sampler(model, mesh=mesh, rules=rules,
     cache_dtype=cache_dtype).generate` runs for `rows` prompts whose longest has `prompt_len` tokens:
     {"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}.
@@ -256,7 +258,7 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
     n = num_samples
     shardings = _program_shardings(config, mesh, hashable_rules(rules))
     weights = abstract_sampling_weights(config, abstract_params, mesh, rules)
-    Bp, bucket = row_bucket(rows, mesh), bucket_length(prompt_len)
+    Bp, bucket = row_bucket(rows, mesh, exact=exact_rows), bucket_length(prompt_len)
     cache_dtype = canonical_dtype(cache_dtype or config.dtype).name
     prefill_static, decode_static = _statics(cache_dtype, bucket, max_new_tokens, n)
     prefill_jit, decode_jit = _programs(config, shardings)
@@ -313,18 +315,19 @@ class Sampler:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_token_ids: Sequence[int] = (),
-                 num_samples: int = 1, pad_id: int = 0) -> SampleOutput:
+                 num_samples: int = 1, pad_id: int = 0, exact_rows: bool = False) -> SampleOutput:
         """Sample `num_samples` completions of each prompt (token ids). See `SampleOutput` for the result.
 
         temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. None of these, nor the seed,
         the stop tokens or pad_id, is compiled in: only the row bucket (`row_bucket`), the prompt bucket
         (`bucket_length`), max_new_tokens and num_samples select a program (`lower_sampler_programs` lowers
-        the same programs ahead of time).
+        the same programs ahead of time). `exact_rows`: run exactly as many rows as prompts (rounded up to the
+        mesh's batch multiple) instead of the power-of-two bucket, for callers that plan their sizes.
         """
         _check_request(prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
         n = num_samples
         B = len(prompts)
-        Bp = row_bucket(B, self.mesh)
+        Bp = row_bucket(B, self.mesh, exact=exact_rows)
         bucket = bucket_length(max(len(p) for p in prompts))
         ids = np.full((Bp, bucket), pad_id, np.int32)
         mask = np.zeros((Bp, bucket), bool)

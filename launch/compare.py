@@ -9,7 +9,9 @@ numbers with their spread. A benchmark that prints numbers, not a test.
 Every run is `launch/train.py` in its own workdir under `--out`, one at a time, each with its progress bar;
 re-running the same command resumes an interrupted run and skips finished ones instantly. The runs:
 
-- `{fst,rl,gepa}_s{seed}`: the three methods on the config's task, one per seed.
+- `{fst,rl,gepa}_s{seed}`: the three methods on the config's task, one per seed; RL alone runs `--rl-steps`
+  (default 4× the others) so that its curve has flattened: FST is measured against RL's plateau, not against
+  RL cut off while still climbing.
 - `fst_dominated_s{seed}` (ablation): FST with the population topped up with dominated prompts when the
   Pareto front holds fewer than K (`gepa.population_fill=dominated`) instead of repeating front members.
 - `fst_reuse_s{seed}`: FST with GEPA's evaluation rollouts standing in for RL rollouts
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-seeds", type=int, nargs="*", default=None,
                     help="seeds of the GEPA-rollout reuse runs (default: all of --seeds)")
     ap.add_argument("--steps", type=int, help="RL steps of each run (default: the config's total_steps)")
+    ap.add_argument("--rl-steps", type=int, help="RL steps of the RL-alone runs, long enough for RL to plateau "
+                    "(default: 4 × --steps)")
     ap.add_argument("--stage-steps", type=int, default=16, help="RL steps per stage of the continual schedule")
     ap.add_argument("--skip-continual", action="store_true")
     ap.add_argument("--skip-ablation", action="store_true")
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
     command = "python launch/compare.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
 
     common = ([f"--config.total_steps={args.steps}"] if args.steps else []) + args.overrides
+    config = _load_config(args.config)
+    _apply_overrides(config, [o for o in common if o.startswith("--config.")])
+    rl_steps = args.rl_steps or 4 * int(config.total_steps)
     plan = []  # (label, workdir, overrides)
     variants = [("fst", []), ("rl", []), ("gepa", [])]  # (name, extra flags); run seed-major within each
     if not args.skip_ablation:
@@ -152,8 +159,10 @@ def main(argv=None) -> int:
     order += [[(name, extra, seed) for seed in (reuse_seeds if name == "fst_reuse" else args.seeds)]
               for name, extra in variants[3:]]
     for name, extra, seed in (entry for group in order for entry in group):
+        flags = common if name != "rl" else [f"--config.total_steps={rl_steps}", *(
+            o for o in common if not o.startswith("--config.total_steps="))]
         plan.append((f"{name}_s{seed}", [f"--config.method={name.split('_')[0]}", f"--config.seed={seed}", *extra,
-                                          *common]))
+                                          *flags]))
     continual_seeds = args.seeds[:1] if args.continual_seeds is None else args.continual_seeds
     if not args.skip_continual:
         n = args.stage_steps
@@ -172,11 +181,9 @@ def main(argv=None) -> int:
     runs = {name: load(name) for name in names if name != "fst_reuse"}
     if "fst_reuse" in names:  # reuse against the same seeds' FST runs
         runs["fst_reuse"] = [plot.load_run(os.path.join(args.out, f"fst_reuse_s{s}")) for s in reuse_seeds]
-    config = _load_config(args.config)
-    _apply_overrides(config, [o for o in common if o.startswith("--config.")])
     spec = config.tasks[parse_schedule(config)[0][0]]
     report = {"task": f"{spec.task}: " + ", ".join(f"{k} = {v!r}" for k, v in dict(spec.options).items()), "config": os.path.relpath(args.config, ROOT),
-              "seeds": args.seeds, "steps": int(config.total_steps), "overrides": args.overrides,
+              "seeds": args.seeds, "steps": int(config.total_steps), "rl_steps": rl_steps, "overrides": args.overrides,
               "methods": {name: method_measures(runs[name], rl_runs) for name in names if name != "fst_reuse"}}
     report["targets"] = targets(report["methods"])
     if not args.skip_reuse:

@@ -12,6 +12,7 @@ import plot  # launch/plot.py (launch/ is on sys.path: compare.py puts it there)
 LABELS = {"fst": "FST", "rl": "RL", "gepa": "GEPA-only", "fst_dominated": "FST, population topped up (ablation)",
           "fst_reuse": "FST, GEPA rollouts reused"}
 STAGES = ("stage1", "stage2", "stage3")
+PLATEAU = 0.15  # RL has plateaued when its last third gained at most this fraction of its whole run's gain
 
 
 # ------------------------------------------------------------------------------------------ per-run measures
@@ -69,6 +70,16 @@ def _cycle_seconds(run: plot.Run) -> float | None:
     return (r["time_gepa"] + r["time_rl_sampling"] + r["time_update"]) / r["cycles"]
 
 
+def _last_third_gain(run: plot.Run) -> float | None:
+    """Validation reward gained over the last third of the run (final − the first evaluation at or after ⅔ of
+    the last evaluated step): ≈ 0 once the curve has flattened."""
+    evals = _evals(run)
+    if len(evals) < 2:
+        return None
+    cut = next(r for r in evals if r["step"] >= 2 * evals[-1]["step"] / 3)
+    return evals[-1]["val/reward"] - cut["val/reward"]
+
+
 def _curve(run: plot.Run) -> dict[str, list]:
     xs, ys = plot.series(run.records, "val/reward")
     _, kl = plot.series(run.records, "kl_to_base")
@@ -78,7 +89,8 @@ def _curve(run: plot.Run) -> dict[str, list]:
 def method_measures(runs: list[plot.Run], rl_runs: list[plot.Run]) -> dict:
     """Per-seed measures of one method's runs, against the same seeds' RL runs."""
     out = {k: [] for k in ("final", "peak", "steps_to_rl_peak", "rollouts_to_rl_peak", "kl_at_matched_reward",
-                           "final_kl", "final_kl_best_prompt", "final_seed_prompt", "cycle_seconds")}
+                           "final_kl", "final_kl_best_prompt", "final_seed_prompt", "cycle_seconds",
+                           "last_third_gain", "total_gain")}
     out["forgetting"], out["gepa_per_cycle"], out["curves"] = [], [], []
     for run, rl in zip(runs, rl_runs):
         rl_peak = _peak(rl)
@@ -92,6 +104,9 @@ def method_measures(runs: list[plot.Run], rl_runs: list[plot.Run]) -> dict:
         out["final_kl_best_prompt"].append(_final(run, "kl_to_base_best"))
         out["final_seed_prompt"].append(_final(run, "val/reward_seed"))
         out["cycle_seconds"].append(_cycle_seconds(run))
+        out["last_third_gain"].append(_last_third_gain(run))
+        evals = _evals(run)
+        out["total_gain"].append(evals[-1]["val/reward"] - evals[0]["val/reward"] if evals else None)
         out["forgetting"].append(_forgetting(run))
         out["gepa_per_cycle"].append(_gepa_cycles(run))
         out["curves"].append(_curve(run))
@@ -101,13 +116,15 @@ def method_measures(runs: list[plot.Run], rl_runs: list[plot.Run]) -> dict:
 def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> dict:
     """Fraction of RL rollouts taken from GEPA's evaluations, and the wall time per cycle saved against the same
     seeds' FST runs without reuse (GEPA + sampling + update seconds, evaluations excluded)."""
-    fractions, saved = [], []
+    fractions, saved, sampling_saved = [], [], []
     for run, plain in zip(reuse_runs, plain_runs):
         train = [r for r in run.records if r.get("kind") == "train" and "reused_rollouts" in r]
         total = sum(r["rollouts_this_step"] for r in train)
         fractions.append(sum(r["reused_rollouts"] for r in train) / total if total else None)
         a, b = _cycle_seconds(run), _cycle_seconds(plain)
         saved.append(None if a is None or not b else 1.0 - a / b)
+        a, b = _final(run, "time_rl_sampling"), _final(plain, "time_rl_sampling")
+        sampling_saved.append(None if a is None or not b else 1.0 - a / b)
     # the reuse run's reward at each evaluation against the range the runs without reuse span there
     inside, points = 0, 0
     for run in reuse_runs:
@@ -117,7 +134,8 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
                 points += 1
                 inside += min(others) - 1e-9 <= reward <= max(others) + 1e-9
     return {"fraction": _mean(fractions), "fraction_per_seed": fractions, "wall_time_saved": _mean(saved),
-            "wall_time_saved_per_seed": saved, "final": [_final(r) for r in reuse_runs],
+            "wall_time_saved_per_seed": saved, "rl_sampling_time_saved": _mean(sampling_saved),
+            "rl_sampling_time_saved_per_seed": sampling_saved, "final": [_final(r) for r in reuse_runs],
             "evaluations_inside_the_seed_range": [inside, points]}
 
 
@@ -172,6 +190,9 @@ def targets(methods: dict) -> dict:
     out["steps_to_rl_peak_half"] = {"fst": steps_fst, "rl": steps_rl,
                                     "met": bool(all_reached and steps_fst is not None and steps_rl
                                                 and steps_fst <= 0.5 * steps_rl)}
+    gain, total = _mean(rl["last_third_gain"]), _mean(rl["total_gain"])
+    out["rl_plateaued"] = {"last_third_gain": gain, "total_gain": total, "threshold": PLATEAU,
+                           "met": bool(gain is not None and total and gain <= PLATEAU * total)}
     kl_fst, kl_rl = _mean(fst["kl_at_matched_reward"]), _mean(rl["kl_at_matched_reward"])
     out["kl_at_matched_30pct_lower"] = {"fst": kl_fst, "rl": kl_rl,
                                         "met": bool(kl_fst is not None and kl_rl and kl_fst <= 0.7 * kl_rl)}
@@ -191,8 +212,10 @@ def continual_target(continual: dict) -> dict:
 def markdown(report: dict) -> str:
     m = report["methods"]
     cols = [k for k in ("fst", "rl", "gepa", "fst_dominated", "fst_reuse") if k in m]
-    lines = [f"Task: `{report['task']}`; seeds {report['seeds']}; {report['steps']} RL steps per run. "
-             "Mean ± std over seeds.", "",
+    rl_steps = report.get("rl_steps", report["steps"])
+    lines = [f"Task: `{report['task']}`; seeds {report['seeds']}; {report['steps']} RL steps per run, RL alone "
+             f"{rl_steps} (to its plateau). Mean ± std over seeds; every method's final is at the end of its "
+             "own run.", "",
              "| | " + " | ".join(LABELS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     rows = (("final validation reward (mean@k, best prompt)", "final", ".3f"),
             ("peak validation reward", "peak", ".3f"),
@@ -202,6 +225,7 @@ def markdown(report: dict) -> str:
             ("KL to base at matched reward, seed prompt", "kl_at_matched_reward", ".4f"),
             ("final KL to base, seed prompt", "final_kl", ".4f"),
             ("final KL to base, best prompt", "final_kl_best_prompt", ".4f"),
+            ("reward gained over the last third of the run", "last_third_gain", ".3f"),
             ("wall seconds per cycle (GEPA + RL sampling + update)", "cycle_seconds", ".1f"))
     for title, key, spec in rows:
         lines.append(f"| {title} | " + " | ".join(_ms(m[k][key], spec) for k in cols) + " |")
@@ -225,7 +249,13 @@ def markdown(report: dict) -> str:
         per_seed.append(f"| {seed} | " + " | ".join(_ms([m[k]["final"][i]]) for k in full) + " |")
     lines += per_seed
     t = report["targets"]
-    lines += ["", "Targets:", "",
+    p = t.get("rl_plateaued")
+    lines += ["", "Targets:", ""]
+    if p:
+        lines.append(f"- RL alone has plateaued (its last third gained ≤ {p['threshold']:.0%} of its whole run's "
+                     f"gain): {_fmt(p['last_third_gain'])} of {_fmt(p['total_gain'])} over {rl_steps} steps — "
+                     f"**{'met' if p['met'] else 'missed'}**")
+    lines += [
               f"- final reward FST > max(RL, GEPA-only) by more than the largest seed std: FST "
               f"{t['final_above_both']['fst']:.3f}, best other {t['final_above_both']['best_other']:.3f}, margin "
               f"{t['final_above_both']['margin']:+.3f} vs std {t['final_above_both']['largest_std']:.3f} — "
@@ -256,7 +286,8 @@ def markdown(report: dict) -> str:
         r = report["reuse"]
         lines += ["", f"GEPA-rollout reuse: {_fmt(r['fraction'], '.1%')} of RL rollouts reused; wall time per cycle "
                       f"saved {_fmt(r['wall_time_saved'], '.1%')} (per seed: "
-                      f"{', '.join(_fmt(x, '.1%') for x in r['wall_time_saved_per_seed'])}); final reward "
+                      f"{', '.join(_fmt(x, '.1%') for x in r['wall_time_saved_per_seed'])}), RL sampling time "
+                      f"saved {_fmt(r.get('rl_sampling_time_saved'), '.1%')}; final reward "
                       f"{_ms(r['final'])} vs {_ms(m['fst']['final'])} without reuse; at "
                       f"{r['evaluations_inside_the_seed_range'][0]} of {r['evaluations_inside_the_seed_range'][1]} "
                       "evaluations its reward lies within the range of the runs without reuse."]

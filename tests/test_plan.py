@@ -108,7 +108,8 @@ class _Compiles:
 def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     """The shapes the plan compiles are the shapes the run calls: after `make_plan`, a short FST run of
     configs/fst_tiny.py (GEPA with local reflection, RL steps, mean@k and KL evaluations) compiles no sampler,
-    KL or update program."""
+    KL or update program. GEPA's rollouts are reused for the first two steps (then too stale), so both the
+    exact-size calls for the rest of a partly reused batch and the plain rollout calls run."""
     sys.path.insert(0, ROOT)
     from configs.fst_tiny import get_config
     from fst_jax.fst import FSTRunner
@@ -118,6 +119,7 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     config.gepa.budget_rollouts = 96  # the window (32) once for the seed, then proposals and a full evaluation
     config.eval.every = 4
     config.log.tensorboard = config.log.progress = False
+    config.cycle.reuse_gepa_rollouts, config.cycle.reuse_max_staleness = True, 1
     with _Compiles() as planned:
         report = plan.make_plan(config, log=lambda *_: None)
     assert report.fits and set(planned.names) == set(PROGRAMS)
@@ -125,6 +127,9 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
         runner = FSTRunner(config, str(tmp_path))
         runner.run()
     assert runner.counters.rl_steps == 4 and runner.counters.reflection_calls > 0
+    with open(tmp_path / "metrics.jsonl") as f:
+        reused = [r["reused_rollouts"] for r in map(json.loads, f) if r["kind"] == "train"]
+    assert all(n > 0 for n in reused[:2]) and reused[2:] == [0, 0]
     assert run.names == []
 
 

@@ -72,16 +72,16 @@ def test_the_pool_hands_each_rollout_out_once_in_request_order():
     pool.add([[1], [2], [1]], out([[11], [21], [12]]))  # prompt [1] twice, prompt [2] once
     requests = []
 
-    def sample(prompts, num_samples):
-        requests.append((prompts, num_samples))
+    def sample(prompts, num_samples, rest=False):
+        requests.append((prompts, num_samples, rest))
         return out([[100 + p[0]] for p in prompts for _ in range(num_samples)])
 
     got, reused = pool.generate([[1], [2], [3]], 2, update_step=10, sample=sample)
     assert reused == 3
     assert got.tokens == [[11], [12], [21], [102], [103], [103]]
-    assert requests == [([[2], [3], [3]], 1)]
+    assert requests == [([[2], [3], [3]], 1, True)]  # the rest: a call of its own kind
     # each stored rollout went out once: the pool is empty now, so the request is sampled whole
     got, reused = pool.generate([[1]], 2, update_step=11, sample=sample)
-    assert reused == 0 and got.tokens == [[101], [101]] and requests[-1] == ([[1]], 2)
+    assert reused == 0 and got.tokens == [[101], [101]] and requests[-1] == ([[1]], 2, False)
     pool.add([[1]], out([[13]]))
     assert pool.take([[1]], 2, update_step=12) == [[]]  # two updates after the search: too stale
