@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fst_jax import evals, parallel, sampling
