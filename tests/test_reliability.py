@@ -308,7 +308,7 @@ def test_sigkill_during_an_async_checkpoint_write_resumes_from_the_previous_one(
 def test_ctrl_c_exits_130_in_one_line_naming_the_step(env, tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "launch/train.py", "--config", TINY, "--workdir", str(workdir), "--config.method=rl",
-           *SMALL[1:], "--config.total_steps=40"]
+           *SMALL[1:], "--config.total_steps=400"]  # never ends first
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600
