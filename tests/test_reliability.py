@@ -309,7 +309,10 @@ def test_ctrl_c_exits_130_in_one_line_naming_the_step(env, tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "launch/train.py", "--config", TINY, "--workdir", str(workdir), "--config.method=rl",
            *SMALL[1:], "--config.total_steps=400"]  # never ends first
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a terminal delivers SIGINT to a process whose disposition is the default; a test runner's worker may have
+    # it ignored, and an ignored signal is inherited across exec (Python then installs no KeyboardInterrupt)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 600
         while not _complete_steps(workdir) and proc.poll() is None and time.time() < deadline:
