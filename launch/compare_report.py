@@ -113,10 +113,23 @@ def method_measures(runs: list[plot.Run], rl_runs: list[plot.Run]) -> dict:
     return out
 
 
+def _sampling_seconds_per_step(run: plot.Run) -> float | None:
+    """Median seconds of one RL step's rollout sampling: the step-to-step increments of the run's cumulative
+    `time_rl_sampling`. The median leaves out the steps that compiled a program (seconds, not tenths) and is
+    little moved by a busy machine's slow steps, so runs whose GEPA searches took different paths compare."""
+    times = [r["time_rl_sampling"] for r in run.records
+             if r.get("kind") == "train" and plot._number(r.get("time_rl_sampling")) is not None]
+    steps = np.diff([0.0, *times])
+    return float(np.median(steps)) if len(steps) else None
+
+
 def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> dict:
     """Fraction of RL rollouts taken from GEPA's evaluations, and the wall time per cycle saved against the same
-    seeds' FST runs without reuse (GEPA + sampling + update seconds, evaluations excluded)."""
-    fractions, saved, sampling_saved = [], [], []
+    seeds' FST runs without reuse (GEPA + sampling + update seconds, evaluations excluded). Because the two runs'
+    searches take different paths, their cycle times differ for reasons of their own; so also: the share of a
+    cycle that RL sampling takes without reuse (reuse can save at most fraction × share of it) and the median
+    RL sampling seconds per step with and without reuse."""
+    fractions, saved, sampling_saved, share, per_step, per_step_plain = [], [], [], [], [], []
     for run, plain in zip(reuse_runs, plain_runs):
         train = [r for r in run.records if r.get("kind") == "train" and "reused_rollouts" in r]
         total = sum(r["rollouts_this_step"] for r in train)
@@ -125,6 +138,13 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
         saved.append(None if a is None or not b else 1.0 - a / b)
         a, b = _final(run, "time_rl_sampling"), _final(plain, "time_rl_sampling")
         sampling_saved.append(None if a is None or not b else 1.0 - a / b)
+        cycles = _final(plain, "cycles")
+        share.append(None if b is None or not cycles or not _cycle_seconds(plain)
+                     else b / cycles / _cycle_seconds(plain))
+        per_step.append(_sampling_seconds_per_step(run))
+        per_step_plain.append(_sampling_seconds_per_step(plain))
+    step_saved = [None if a is None or not b else 1.0 - a / b for a, b in zip(per_step, per_step_plain)]
+    fraction, rl_share = _mean(fractions), _mean(share)
     # the reuse run's reward at each evaluation against the range the runs without reuse span there
     inside, points = 0, 0
     for run in reuse_runs:
@@ -135,16 +155,32 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
                 inside += min(others) - 1e-9 <= reward <= max(others) + 1e-9
     return {"fraction": _mean(fractions), "fraction_per_seed": fractions, "wall_time_saved": _mean(saved),
             "wall_time_saved_per_seed": saved, "rl_sampling_time_saved": _mean(sampling_saved),
-            "rl_sampling_time_saved_per_seed": sampling_saved, "final": [_final(r) for r in reuse_runs],
+            "rl_sampling_time_saved_per_seed": sampling_saved,
+            "rl_sampling_share_of_cycle": rl_share, "rl_sampling_share_of_cycle_per_seed": share,
+            "wall_time_saved_ceiling": None if fraction is None or rl_share is None else fraction * rl_share,
+            "rl_sampling_s_per_step": {"reuse": per_step, "plain": per_step_plain},
+            "rl_sampling_per_step_saved": _mean(step_saved), "rl_sampling_per_step_saved_per_seed": step_saved,
+            "final": [_final(r) for r in reuse_runs],
             "evaluations_inside_the_seed_range": [inside, points]}
 
 
 def span_seconds(run: plot.Run) -> float:
-    """Seconds from a run's first record to its last train or eval record: its wall time when it ran without
-    interruption (rerunning a finished run, as a repeated compare.py does, only adds a "config" record)."""
-    timed = [r for r in run.records if plot._number(r.get("time")) is not None]
-    ends = [r["time"] for r in timed if r.get("kind") != "config"]
-    return max(ends) - min(r["time"] for r in timed) if ends else 0.0
+    """A run's wall time: for each session of it (from a "config" record, which every start or resumption writes,
+    to the last train or eval record before the next one), the seconds from its first to its last record,
+    summed. So the hours between an interrupted run and its resumption do not count, and rerunning a finished
+    run, as a repeated compare.py does, adds nothing."""
+    total, start, end = 0.0, None, None
+    for r in run.records:
+        t = plot._number(r.get("time"))
+        if t is None:
+            continue
+        if r.get("kind") == "config":
+            total += (end - start) if end is not None else 0.0
+            start, end = t, None
+        else:
+            start = t if start is None else start
+            end = t
+    return total + ((end - start) if end is not None else 0.0)
 
 
 def continual_measures(runs: dict[str, list[plot.Run]]) -> dict:
@@ -287,7 +323,10 @@ def markdown(report: dict) -> str:
         lines += ["", f"GEPA-rollout reuse: {_fmt(r['fraction'], '.1%')} of RL rollouts reused; wall time per cycle "
                       f"saved {_fmt(r['wall_time_saved'], '.1%')} (per seed: "
                       f"{', '.join(_fmt(x, '.1%') for x in r['wall_time_saved_per_seed'])}), RL sampling time "
-                      f"saved {_fmt(r.get('rl_sampling_time_saved'), '.1%')}; final reward "
+                      f"saved {_fmt(r.get('rl_sampling_time_saved'), '.1%')} over a run, compiles included, and "
+                      f"{_fmt(r.get('rl_sampling_per_step_saved'), '.1%')} per step (median, steady state). "
+                      f"Without reuse, RL sampling is {_fmt(r.get('rl_sampling_share_of_cycle'), '.1%')} of a cycle, "
+                      f"so reuse can save at most {_fmt(r.get('wall_time_saved_ceiling'), '.1%')} of it here; final reward "
                       f"{_ms(r['final'])} vs {_ms(m['fst']['final'])} without reuse; at "
                       f"{r['evaluations_inside_the_seed_range'][0]} of {r['evaluations_inside_the_seed_range'][1]} "
                       "evaluations its reward lies within the range of the runs without reuse."]

@@ -1,0 +1,88 @@
+"""The measures of `launch/compare.py` on metrics records written the way a run writes them: a run's wall time
+across a resumption, the plateau test, and what GEPA-rollout reuse saved."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import compare_report
+        import plot
+        yield compare_report, plot
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+
+
+def _write(workdir: Path, records: list[dict]) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _eval(step, t, reward, **extra):
+    return {"step": step, "kind": "eval", "time": t, "val/reward": reward, **extra}
+
+
+def test_a_resumed_runs_wall_time_leaves_out_the_gap_and_a_rerun_of_a_finished_run(report, tmp_path):
+    compare_report, plot = report
+    _write(tmp_path / "run", [
+        {"step": 0, "kind": "config", "time": 1000.0, "resumed": False},
+        _eval(0, 1010.0, 0.1), {"step": 4, "kind": "train", "time": 1050.0},
+        _eval(8, 1100.0, 0.2),                                          # first session: 100 s, then killed
+        {"step": 8, "kind": "config", "time": 9000.0, "resumed": True},  # resumed hours later
+        {"step": 12, "kind": "train", "time": 9030.0}, _eval(16, 9040.0, 0.3),  # 40 s
+        {"step": 16, "kind": "config", "time": 20000.0, "resumed": True},  # a rerun of the finished run
+    ])
+    assert compare_report.span_seconds(plot.load_run(str(tmp_path / "run"))) == pytest.approx(140.0)
+
+
+def test_rl_plateau_is_judged_on_the_last_third_of_its_evaluations(report):
+    compare_report, plot = report
+    flat = plot.Run("rl", "rl", [_eval(s, s, r) for s, r in ((0, 0.0), (8, 0.3), (16, 0.38), (24, 0.4))])
+    climbing = plot.Run("rl", "rl", [_eval(s, s, r) for s, r in ((0, 0.0), (8, 0.1), (16, 0.2), (24, 0.4))])
+    assert compare_report._last_third_gain(flat) == pytest.approx(0.02)  # 0.4 - 0.38 (step 16 ≥ ⅔·24)
+    assert compare_report._last_third_gain(climbing) == pytest.approx(0.2)
+    fst = plot.Run("fst", "fst", [_eval(0, 0, 0.0, kl_to_base=0.0), _eval(8, 8, 0.9, kl_to_base=0.1)])
+    for rl, met in ((flat, True), (climbing, False)):
+        methods = {"fst": compare_report.method_measures([fst], [rl]),
+                   "rl": compare_report.method_measures([rl], [rl]),
+                   "gepa": compare_report.method_measures([fst], [rl])}
+        t = compare_report.targets(methods)["rl_plateaued"]
+        assert t["met"] is met and t["total_gain"] == pytest.approx(0.4)
+
+
+def _cycle_run(plot, per_step_sampling, reused, cycles=2, gepa=10.0, update=20.0):
+    """A run's train records (cumulative sampling time) and a final evaluation with its cumulative timers."""
+    records, total = [], 0.0
+    for step, (dt, k) in enumerate(zip(per_step_sampling, reused), 1):
+        total += dt
+        records.append({"step": step, "kind": "train", "time": float(step), "time_rl_sampling": total,
+                        "rollouts_this_step": 8, "reused_rollouts": k})
+    records.append(_eval(len(reused), 99.0, 0.5, cycles=cycles, time_gepa=gepa, time_update=update,
+                         time_rl_sampling=total))
+    return plot.Run("r", "fst", records)
+
+
+def test_reuse_measures_the_fraction_reused_and_what_it_can_save(report):
+    compare_report, plot = report
+    # without reuse: 4 steps of 1.0 s sampling (the first compiles: 5 s) → 8 s over 2 cycles of 10+8+20 s
+    plain = _cycle_run(plot, [5.0, 1.0, 1.0, 1.0], [0, 0, 0, 0])
+    # with reuse: a quarter of the rollouts reused, sampling 0.75 s per step after its own compile
+    reuse = _cycle_run(plot, [5.0, 0.75, 0.75, 0.75], [2, 2, 2, 2])
+    r = compare_report.reuse_measures([reuse], [plain])
+    assert r["fraction"] == pytest.approx(0.25)
+    assert r["rl_sampling_share_of_cycle"] == pytest.approx(8.0 / 38.0)
+    assert r["wall_time_saved_ceiling"] == pytest.approx(0.25 * 8.0 / 38.0)
+    assert r["rl_sampling_s_per_step"] == {"reuse": [0.75], "plain": [1.0]}
+    assert r["rl_sampling_per_step_saved"] == pytest.approx(0.25)
+    assert r["wall_time_saved"] == pytest.approx(1.0 - (10 + 7.25 + 20) / 38.0)
+    assert r["evaluations_inside_the_seed_range"] == [1, 1]
