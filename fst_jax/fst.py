@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fst_jax import distributed, evals, parallel, plan
+from fst_jax import distributed, evals, parallel, run_shapes
 from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
 from fst_jax.data import ProblemStream, load_splits
@@ -115,7 +115,7 @@ class FSTRunner:
             self.reflection_lm = distributed.OneReplyForAll(self.reflection_lm)
         if hasattr(self.reflection_lm, "preflight"):
             self.reflection_lm.preflight()
-        self.mesh = parallel.make_mesh(plan.mesh_config(config))
+        self.mesh = parallel.make_mesh(run_shapes.mesh_config(config))
         checkpoint = os.path.expanduser(config.model.path)
         model = load_pretrained(checkpoint, mesh=self.mesh, dtype=config.model.dtype,
                                 param_dtype=config.model.param_dtype, remat=config.model.remat,
@@ -124,13 +124,13 @@ class FSTRunner:
         self.graphdef, params = nnx.split(model, nnx.Param)
         del model
         c = config
-        self.rl_config = rl_config_from_run(c, sequence_length=plan.update_length(c))
+        self.rl_config = rl_config_from_run(c, sequence_length=run_shapes.update_length(c))
         self.state = TrainState.create((self.graphdef, params), self.rl_config, seed=c.seed)
         # The frozen base, held once: in the compute dtype (the model casts every weight to it anyway),
         # FSDP-sharded like the params. It serves the KL term and, swapped into the one sampler, local reflection.
         self.base_params = _in_dtype(params, config.model.dtype)
         del params
-        shared = SharedSampler(Sampler((self.graphdef, self.state.params), mesh=self.mesh), plan.sampler_calls(c),
+        shared = SharedSampler(Sampler((self.graphdef, self.state.params), mesh=self.mesh), run_shapes.sampler_calls(c),
                                {"policy": (c.sampling.max_prompt_tokens, "config.sampling.max_prompt_tokens"),
                                 "base": (c.gepa.reflection.max_prompt_tokens,
                                          "config.gepa.reflection.max_prompt_tokens")}, loaded=self.state.params)

@@ -4,7 +4,7 @@ Nothing is read or allocated but shapes: the model's shapes come from `config.js
 it exists, else from `config.model.preset`; parameters are `nnx.eval_shape`d and given the shardings the run
 gives them on the configured mesh (fake CPU devices stand in for accelerators:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`). Each program is lowered with the exact abstract arguments
-the run passes (the shapes come from the same functions the run calls: `sampler_rows`, `update_length`,
+the run passes (the shapes come from the same functions the run calls, `fst_jax.run_shapes`, and
 `sampling.bucket_length`, `rl.step.abstract_state`) and compiled; `compiled.memory_analysis()` gives its
 temporaries, per device.
 
@@ -41,119 +41,15 @@ from fst_jax.config import validate
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 from fst_jax.rl import step as rl_step
-from fst_jax.rl.rollouts import Rollouts, length_bucket
+from fst_jax.rl.rollouts import Rollouts
+from fst_jax.run_shapes import kl_length, mesh_config, prompt_buckets, sampler_calls, update_length
 
-__all__ = ["Plan", "SamplerCall", "make_plan", "run_dry", "model_config", "mesh_config", "sampler_calls",
-           "sampler_rows", "update_length", "kl_length", "HEADROOM", "EXIT_DOES_NOT_FIT"]
+__all__ = ["Plan", "make_plan", "run_dry", "model_config", "HEADROOM", "EXIT_DOES_NOT_FIT"]
 
 GB = 1e9
 HEADROOM = 0.10          # the peak must stay under (1 − HEADROOM) × device memory
 EXIT_DOES_NOT_FIT = 3
 DEFAULT_DEVICE_MEMORY_GB = 80.0
-
-
-# ------------------------------------------------------------------------------- shapes shared with the run
-
-def mesh_config(config) -> dict[str, int]:
-    """The mesh axis sizes of `config.mesh` (its other fields, e.g. device_memory_gb, are not axes)."""
-    return {axis: int(config.mesh[axis]) for axis in parallel.MESH_AXES if axis in config.mesh}
-
-
-def sampler_rows(config) -> int:
-    """Most rows (prompts × samples) in one sampler call: `sampling.max_rows`, default B·G (the rollout batch).
-    The run splits bigger requests (GEPA's window scoring, evaluations) into calls of at most this many."""
-    c = config
-    return int(c.sampling.max_rows or c.cycle.problems_per_step * c.cycle.rollouts_per_problem)
-
-
-def update_length(config) -> int:
-    """The update's sequence length: every rollout batch is padded to it, so the run compiles one update."""
-    return length_bucket(sampling.bucket_length(int(config.sampling.max_prompt_tokens))
-                         + int(config.sampling.max_new_tokens))
-
-
-def kl_length(config) -> int:
-    """The KL evaluation's sequence length: what `evals.kl_to_base` pads to for prompts in the largest bucket."""
-    return evals.kl_sequence_length(sampling.bucket_length(int(config.sampling.max_prompt_tokens)),
-                                    int(config.eval.kl_max_new_tokens))
-
-
-def prompt_buckets(config, max_prompt_tokens: int) -> list[int]:
-    """The prompt buckets (`sampling.bucket_length`) a call kind can run at, smallest first: from the bucket of
-    `sampling.min_prompt_tokens` (None: only the largest) to that of `max_prompt_tokens`. The plan accounts
-    memory at the largest (memory grows with the bucket) and compiles the others, so a run whose prompts are
-    never shorter than `min_prompt_tokens` compiles nothing the plan did not."""
-    top = sampling.bucket_length(int(max_prompt_tokens))
-    low = config.sampling.get("min_prompt_tokens")
-    bucket = top if not low else min(top, sampling.bucket_length(int(low)))
-    buckets = []
-    while bucket < top:
-        buckets.append(bucket)
-        bucket *= 2
-    return buckets + [top]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerCall:
-    """One kind of sampler call of a run, at its largest: `prompts` prompts (padded to this many rows by the
-    run) of up to `prompt_tokens` tokens, `num_samples` completions each of up to `max_new_tokens`. `weights`:
-    "policy" (the trained params) or "base" (the frozen base: local reflection). `release_after`: drop the
-    sampling weights after the call (the rollouts: the update comes next and changes the params anyway).
-    `kind`: calls with a kind serve only requests that name it (the rest of a partly reused rollout batch);
-    `exact_rows`: run exactly `prompts` rows, not the power-of-two bucket (`sampling.row_bucket`)."""
-
-    prompts: int
-    num_samples: int
-    prompt_tokens: int
-    max_new_tokens: int
-    weights: str = "policy"
-    release_after: bool = False
-    kind: str = ""
-    exact_rows: bool = False
-
-    def rows(self, mesh) -> int:
-        """The prompt rows the sampler runs for this call."""
-        return sampling.row_bucket(self.prompts, mesh, exact=self.exact_rows)
-
-
-def sampler_calls(config) -> dict[str, SamplerCall]:
-    """Every kind of sampler call the run makes, at the shapes it makes them (the run pads each call's rows to
-    its kind's `prompts`, splitting bigger requests; `fst.FSTRunner` uses this table too).
-
-    rollout: B·K prompts × G/K samples (RL-only: B × G), in calls of at most `sampler_rows` rows. gepa_minibatch: a GEPA iteration's parents or
-    children on their minibatches (proposals × minibatch size). gepa: GEPA's window scoring, in calls of at
-    most `sampler_rows` rows. reflection: the local reflection LM on the base weights. eval: mean@k, k samples
-    of up to `sampler_rows` // k prompts. kl_sample: the KL evaluation's responses. rollout_rest_{n}: with
-    `cycle.reuse_gepa_rollouts`, the rollouts GEPA did not supply, one sample per row, at exactly ¼, ½, ¾ and
-    all of the rollout rows (power-of-two buckets would run 44 rows as 64 and save nothing).
-    """
-    c = config
-    B, G, K = int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem), int(c.cycle.population_size)
-    K = 1 if c.method == "rl" else K
-    max_rows, prompt, new = sampler_rows(c), int(c.sampling.max_prompt_tokens), int(c.sampling.max_new_tokens)
-    proposals = int(c.gepa.proposals_per_iteration)
-    calls = {}
-    if c.method != "gepa":
-        calls["rollout"] = SamplerCall(min(B * K, max(1, max_rows // (G // K))), G // K, prompt, new,
-                                       release_after=True)
-        if c.method == "fst" and c.cycle.get("reuse_gepa_rollouts"):
-            rows = min(B * G, max_rows)
-            for n in sorted({max(1, rows * q // 4) for q in (1, 2, 3, 4)}):
-                calls[f"rollout_rest_{n}"] = SamplerCall(n, 1, prompt, new, release_after=True, kind="reuse",
-                                                         exact_rows=True)
-    if c.method != "rl":
-        window = B * int(c.cycle.rl_steps)
-        calls["gepa_minibatch"] = SamplerCall(min(proposals * int(c.gepa.minibatch_size), max_rows), 1, prompt, new)
-        calls["gepa"] = SamplerCall(min(max_rows, window * proposals), 1, prompt, new)
-        if c.gepa.reflection.kind == "local":
-            calls["reflection"] = SamplerCall(min(proposals, max_rows), 1, int(c.gepa.reflection.max_prompt_tokens),
-                                              int(c.gepa.reflection.max_new_tokens), weights="base")
-    k = int(c.eval.k)
-    calls["eval"] = SamplerCall(max(1, max_rows // k), k, prompt, int(c.eval.max_new_tokens))
-    if c.eval.kl_prompts:
-        calls["kl_sample"] = SamplerCall(min(int(c.eval.kl_prompts), max_rows), 1, prompt,
-                                         int(c.eval.kl_max_new_tokens))
-    return calls
 
 
 def model_config(config) -> Qwen3Config:

@@ -4,7 +4,7 @@ GEPA, evaluations) and the frozen base (local reflection), and every call made a
 A run used to hold two `Sampler`s, each with a full replicated copy of the weights. Here one `Sampler` holds
 whichever weights the last call needed; a `SamplerView` names the weights it samples from and swaps them in
 (one relayout) only when they differ from those loaded. Each call is also fitted to the planned calls of
-`fst_jax.plan.sampler_calls`: the prompts are checked against their length limit, a request bigger than the
+`fst_jax.run_shapes.sampler_calls`: the prompts are checked against their length limit, a request bigger than the
 largest planned call of its kind is split, and a smaller one is padded (by repeating its last prompt; the extra
 completions are dropped) to the row bucket of the planned call, so the run compiles no program the dry run
 did not.
@@ -29,7 +29,7 @@ class PromptTooLongForReflection(ReflectionLMError, ValueError):
 class SharedSampler:
     """A `Sampler` whose weights are swapped between parameter sets on demand.
 
-    `calls`: the run's planned sampler calls (`plan.sampler_calls(config)`); `prompt_limits`: the longest
+    `calls`: the run's planned sampler calls (`run_shapes.sampler_calls(config)`); `prompt_limits`: the longest
     prompt for each weights kind ("policy", "base") and the config field that sets it, {kind: (tokens, field)};
     `loaded`: the params the sampler was built with.
     """
@@ -70,7 +70,7 @@ class SamplerView:
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, num_samples: int = 1,
                  call_kind: str = "", **kwargs) -> SampleOutput:
         """`Sampler.generate` on this view's weights, split and padded to the planned calls (see module doc).
-        `call_kind`: use only the planned calls of that kind (`plan.SamplerCall.kind`)."""
+        `call_kind`: use only the planned calls of that kind (`run_shapes.SamplerCall.kind`)."""
         limit, field = self.shared.prompt_limits[self.weights]
         longest = max((len(p) for p in prompts), default=0)
         if longest > limit:

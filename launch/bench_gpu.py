@@ -118,13 +118,13 @@ def _sampler(config, args, bandwidth, tiny, jax, jnp, nnx, Qwen3) -> None:
 def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
     from configs.fst_qwen3 import get_config
 
-    from fst_jax import plan
+    from fst_jax import run_shapes
     from fst_jax.rl.rollouts import Rollouts
     from fst_jax.rl.step import TrainState, rl_config_from_run, update
 
     run = get_config()
     rows = 8 if tiny else int(run.rl.micro_batch_size)
-    T = 64 if tiny else plan.update_length(run)
+    T = 64 if tiny else run_shapes.update_length(run)
     config = config.replace(param_dtype="float32", remat="none" if tiny else run.model.remat)
     graphdef, params = _random_params(config, jax, jnp, nnx, Qwen3)
     rl_config = rl_config_from_run(run, micro_batch_size=rows, sequence_length=None)
