@@ -59,7 +59,10 @@ def train(config: str, workdir: str, overrides: list[str], label: str) -> None:
     cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--config={config}", f"--workdir={workdir}",
            "--noplot", *overrides]
     print(f"\n== {label}\n$ {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
+    code = subprocess.run(cmd).returncode
+    if code:  # train.py has said why in its own line; the runs finished so far stay finished
+        print(f"compare: {label} stopped (exit {code}); rerun the same command to resume", file=sys.stderr)
+        sys.exit(code)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -223,4 +226,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("compare: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

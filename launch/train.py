@@ -13,7 +13,9 @@ Open MPI, TPU pods) without them. config.mesh sizes are global: the mesh spans e
 
 Failures are one line on stderr and a non-zero exit (FST_JAX_TRACEBACK=1 shows the traceback): 2 for a bad
 command line, 1 for a bad config, workdir, data, reward or a failed checkpoint write (the checkpoints already
-written stay intact), 130 for Ctrl-C ("interrupted at step N; rerun the same command to resume").
+written stay intact), 130 for Ctrl-C or SIGINT ("interrupted at step N; rerun the same command to resume"),
+143 for SIGTERM (a scheduler's stop: "terminated at step N; …"). Both are honoured even when the run was
+started with them ignored (`nohup cmd &` from a script ignores SIGINT, and the ignore is inherited).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags
@@ -101,6 +104,25 @@ def _preflight(config, workdir: str) -> None:
     check_writable_dir(workdir, "--workdir")  # last: it creates the directory
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, like Ctrl-C's KeyboardInterrupt: it unwinds the same way (metrics and
+    checkpoints closed; the last complete checkpoint is where a rerun resumes)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _install_stop_signals() -> None:
+    """Ctrl-C / SIGINT raise KeyboardInterrupt and SIGTERM raises `Terminated`, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _stopped(e: KeyboardInterrupt) -> tuple[str, int]:
+    return ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
 def main(argv) -> None:
     del argv
     if _DRY_RUN.value:
@@ -132,12 +154,13 @@ def main(argv) -> None:
         with exit_when_a_peer_fails():
             runner = FSTRunner(config, workdir)
             result = runner.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what, code = _stopped(e)
         if runner is None:
-            _exit("interrupted during start-up; rerun the same command to resume", 130)
+            _exit(f"{what} during start-up; rerun the same command to resume", code)
         saved = runner.checkpointer.complete_steps()
         since = f" (from the checkpoint at step {saved[-1]})" if saved else " (no checkpoint yet: from the start)"
-        _exit(f"interrupted at step {runner.counters.rl_steps}; rerun the same command to resume{since}", 130)
+        _exit(f"{what} at step {runner.counters.rl_steps}; rerun the same command to resume{since}", code)
     except (ValueError, OSError, CheckpointError, ReflectionLMError) as e:  # config, paths, data, rewards, disk,
         # an unreachable reflector: one line
         if os.environ.get("FST_JAX_TRACEBACK"):
@@ -227,7 +250,9 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+    _install_stop_signals()
     try:
         app.run(main, flags_parser=_parse_flags)
-    except KeyboardInterrupt:  # before main's own handler is in place (imports, flag parsing)
-        _exit("interrupted during start-up; rerun the same command to resume", 130)
+    except KeyboardInterrupt as e:  # before main's own handler is in place (imports, flag parsing)
+        what, code = _stopped(e)
+        _exit(f"{what} during start-up; rerun the same command to resume", code)

@@ -305,30 +305,38 @@ def test_sigkill_during_an_async_checkpoint_write_resumes_from_the_previous_one(
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_in_one_line_naming_the_step(env, tmp_path):
+@pytest.mark.parametrize("sig, code, what", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["sigint", "sigterm"])
+def test_a_stop_signal_exits_in_one_line_naming_the_step(env, tmp_path, sig, code, what):
+    """Ctrl-C (SIGINT) and a scheduler's SIGTERM stop the run with one line and the checkpoint to resume from.
+    The run starts with both ignored, as `nohup train.py &` from a script leaves them (an ignored signal is
+    inherited across exec): train.py installs its own handlers."""
     workdir = tmp_path / "run"
     cmd = [sys.executable, "launch/train.py", "--config", TINY, "--workdir", str(workdir), "--config.method=rl",
            *SMALL[1:], "--config.total_steps=400"]  # never ends first
-    # a terminal delivers SIGINT to a process whose disposition is the default; a test runner's worker may have
-    # it ignored, and an ignored signal is inherited across exec (Python then installs no KeyboardInterrupt)
+
+    def ignore_stop_signals():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=ignore_stop_signals)
     try:
         deadline = time.time() + 600
         while not _complete_steps(workdir) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert _complete_steps(workdir), "no checkpoint appeared"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     errors = [line for line in err.splitlines() if line.strip() and line[:1] not in "IW"]
     assert len(errors) == 1 and "Traceback" not in err, err
-    step = int(errors[0].split("interrupted at step ")[1].split(";")[0])
+    step = int(errors[0].split(f"{what} at step ")[1].split(";")[0])
     saved = _complete_steps(workdir)[-1]
-    assert errors[0] == (f"interrupted at step {step}; rerun the same command to resume (from the checkpoint at "
+    assert errors[0] == (f"{what} at step {step}; rerun the same command to resume (from the checkpoint at "
                          f"step {saved})")
     assert step >= saved >= 1
 
