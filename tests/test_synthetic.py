@@ -67,6 +67,10 @@ def test_rule_task_score_and_feedback():
     assert task.score(problem, "").reward == 0.0
     full = get_task("rule", rule="reverse", feedback="full").score(problem, "dcxa")
     assert full.feedback == "input: abcd; want: dcba; got: dcxa (75% of characters right)"
+    exact = get_task("rule", rule="reverse", reward="exact", feedback="full")
+    assert exact.score(problem, "dcba").reward == 1.0
+    near = exact.score(problem, "dcxa")  # no partial credit; the same text
+    assert (near.reward, near.feedback) == (0.0, full.feedback)
 
 
 def test_rule_task_options_are_checked():
@@ -74,6 +78,8 @@ def test_rule_task_options_are_checked():
         get_task("rule", rule="turn it around")
     with pytest.raises(ValueError, match="feedback"):
         get_task("rule", feedback="long")
+    with pytest.raises(ValueError, match="reward must be 'dense' or 'exact'"):
+        get_task("rule", reward="binary")
     with pytest.raises(ValueError, match="min_len"):
         get_task("rule", min_len=6, max_len=5)
     with pytest.raises(ValueError, match="no option"):

@@ -16,8 +16,9 @@ rule computing the same function on `PROBE_INPUTS`) never appear in its training
 Tasks (`get_task(name, **options)`):
   "rule"   `SyntheticRuleTask(rule=...)`: the user message is only the input string; the rule is hidden (the
            system prompt must find it). Dense reward: position-wise fraction of characters right over the
-           longer of answer and completion (so length errors cost), 1.0 iff exact. Feedback: "correct" or
-           "want: <answer>" (`feedback="full"`: "input: …; want: …; got: …").
+           longer of answer and completion (so length errors cost), 1.0 iff exact; `reward="exact"`: 1.0 or
+           0.0 (the feedback text is the same either way). Feedback: "correct" or "want: <answer>"
+           (`feedback="full"`: "input: …; want: …; got: …").
   "skill"  `SkillTask(skill=...)`: general skills that measure forgetting (copy, count, last, add); the
            instruction is in the user message ("count: abcde" → "5"), exact-match reward.
 Both make their own problems deterministically: `task.make_problems(n, seed)`, records with the task's
@@ -163,14 +164,18 @@ def _extract(completion: str) -> str:
 class SyntheticRuleTask:
     """A hidden string rule: the user message is the input, the answer `apply_rule(rule, input)`.
 
-    Options: `rule` (the hidden rule text), input lengths `min_len`/`max_len` for `make_problems`, and
-    `feedback` "short" ("want: <answer>", the tiny model's format) or "full" (input, want, got).
+    Options: `rule` (the hidden rule text), input lengths `min_len`/`max_len` for `make_problems`,
+    `feedback` "short" ("want: <answer>", the tiny model's format) or "full" (input, want, got), and `reward`
+    "dense" (characters right, position by position: partial credit a policy can climb) or "exact" (1 or 0:
+    only a whole right answer counts, so a policy that never produces one gets no signal from the reward,
+    while the feedback text still shows what was wanted).
     """
 
     rule: str = IN_FAMILY_RL_RULES[0]
     min_len: int = 5
     max_len: int = 8
     feedback: str = "short"
+    reward: str = "dense"
     name: str = field(default="rule", init=False)
     fields: Any = field(init=False, repr=False, default_factory=lambda: {
         "input": Field((str,), description="the string to transform (the whole user message)"),
@@ -185,6 +190,8 @@ class SyntheticRuleTask:
             raise ValueError(f"rule task: need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
         if self.feedback not in ("short", "full"):
             raise ValueError(f"rule task: feedback must be 'short' or 'full', got {self.feedback!r}")
+        if self.reward not in ("dense", "exact"):
+            raise ValueError(f"rule task: reward must be 'dense' or 'exact', got {self.reward!r}")
 
     def make_problems(self, n: int, seed: int) -> list[dict[str, Any]]:
         """`n` problems from `seed` (same seed, same problems); distinct inputs while there are enough."""
@@ -203,13 +210,13 @@ class SyntheticRuleTask:
 
     def score(self, problem: Problem, completion: str) -> Score:
         answer, got = str(problem["answer"]), _extract(completion)
-        reward = dense_reward(answer, got)
+        reward = dense_reward(answer, got) if self.reward == "dense" else 0.0
         if got == answer:
             return Score(1.0, "correct", got)
         if self.feedback == "short":
             return Score(reward, f"want: {answer}", got)
         return Score(reward, f"input: {problem['input']}; want: {answer}; got: {shorten(got, 80)} "
-                             f"({reward:.0%} of characters right)", got)
+                             f"({dense_reward(answer, got):.0%} of characters right)", got)
 
 
 SKILLS = ("copy", "count", "last", "add")
