@@ -29,6 +29,7 @@ GEPA's window must be the same on every process.
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -184,3 +185,32 @@ def load_splits(task: Task, train_files: PathLike | Sequence[PathLike], fields: 
             raise ValueError("give either val_files or val_fraction, not both")
         return train, load_problems(val_files, task, fields)
     return split_problems(train, val_fraction, seed)
+
+
+def _files(value, field: str):
+    if not value:
+        raise ValueError(f"{field} is empty: point it at local JSONL/Parquet problem files")
+    return [os.path.expanduser(v.strip()) for v in value.split(",")] if isinstance(value, str) else value
+
+
+def configured_problems(name: str, spec: Mapping[str, Any], task: Task, *, seed: int,
+                        generated_seeds: tuple[int, int]) -> tuple[list[dict], list[dict]]:
+    """(train, validation) problems of `config.tasks.<name>` (`spec`): from its local files (`train_files`,
+    `fields`, `val_files` or `val_fraction`, split with `seed`), or, when `train_files` is empty, made by the
+    task itself (synthetic tasks have `make_problems(n, seed)`: `num_train` and `num_val` problems from the
+    two `generated_seeds`)."""
+    if spec.get("train_files"):
+        val_files = spec.get("val_files") or None
+        fields = spec.get("fields")
+        fields = (fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)) if fields else None
+        return load_splits(task, _files(spec["train_files"], f"config.tasks.{name}.train_files"), fields or None,
+                           val_files=val_files, val_fraction=0.0 if val_files else spec.get("val_fraction", 0.0),
+                           seed=seed)
+    if hasattr(task, "make_problems"):
+        num_train, num_val = int(spec.get("num_train", 0)), int(spec.get("num_val", 0))
+        if num_train < 1:
+            raise ValueError(f"config.tasks.{name}: a generated task needs num_train ≥ 1 (and num_val for evals)")
+        train_seed, val_seed = generated_seeds
+        return task.make_problems(num_train, train_seed), task.make_problems(num_val, val_seed) if num_val else []
+    raise ValueError(f"config.tasks.{name}.train_files is empty and task {task.name!r} cannot make its own "
+                     "problems: point train_files at local JSONL/Parquet files")

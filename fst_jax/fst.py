@@ -24,7 +24,7 @@ from flax import nnx
 from fst_jax import distributed, evals, parallel, run_shapes
 from fst_jax.checkpoint import Checkpointer, abstract_like
 from fst_jax.config import parse_schedule, validate
-from fst_jax.data import ProblemStream, load_splits
+from fst_jax.data import ProblemStream, configured_problems
 from fst_jax.gepa import EvalResult, GEPAConfig, GEPAEngine, ReflectionLMError, reflection_lm_from_config
 from fst_jax.metrics import MetricsWriter, progress, read_metrics
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
@@ -78,30 +78,6 @@ def _plain(x) -> dict:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
-def _files(value, field: str):
-    if not value:
-        raise ValueError(f"{field} is empty: point it at local JSONL/Parquet problem files")
-    return [os.path.expanduser(v.strip()) for v in value.split(",")] if isinstance(value, str) else value
-
-
-def _problems(name: str, spec, task, seed: int):
-    """(train, validation) problems of one configured task: from local files, or made by the task itself
-    (synthetic tasks have `make_problems(n, seed)`) when `train_files` is empty."""
-    if spec.get("train_files"):
-        val_files = spec.get("val_files") or None
-        return load_splits(task, _files(spec.train_files, f"config.tasks.{name}.train_files"),
-                           _plain(spec.get("fields")) or None, val_files=val_files,
-                           val_fraction=0.0 if val_files else spec.get("val_fraction", 0.0), seed=seed)
-    if hasattr(task, "make_problems"):
-        num_train, num_val = int(spec.get("num_train", 0)), int(spec.get("num_val", 0))
-        if num_train < 1:
-            raise ValueError(f"config.tasks.{name}: a generated task needs num_train ≥ 1 (and num_val for evals)")
-        val = task.make_problems(num_val, _seed(seed, 12)) if num_val else []
-        return task.make_problems(num_train, _seed(seed, 11)), val
-    raise ValueError(f"config.tasks.{name}.train_files is empty and task {task.name!r} cannot make its own "
-                     "problems: point train_files at local JSONL/Parquet files")
-
-
 class FSTRunner:
     """Builds everything a run needs from the config and runs (or resumes) it in `workdir`."""
 
@@ -143,7 +119,8 @@ class FSTRunner:
         for name in sorted(names):
             spec = c.tasks[name]
             task = get_task(spec.get("task", name), **_plain(spec.get("options")))
-            train, val = _problems(name, spec, task, c.seed)
+            train, val = configured_problems(name, spec, task, seed=c.seed,
+                                             generated_seeds=(_seed(c.seed, 11), _seed(c.seed, 12)))
             self.tasks[name], self.val[name] = task, val
             self.streams[name] = ProblemStream(train, c.cycle.problems_per_step, seed=_seed(c.seed, len(train)))
         self.population = [c.gepa.seed_prompt]
