@@ -1,6 +1,7 @@
 """FST against RL alone and GEPA alone, several seeds each, on identical data: the paper's comparison as
 numbers with their spread. A benchmark that prints numbers, not a test.
 
+    python launch/compare.py --stage-steps 12 --rl-steps 512      # the README's table (≈1.5 h on 2 CPU cores)
     python launch/compare.py                          # configs/fst_tiny_coupling.py, seeds 0 1 2, runs/compare
     python launch/compare.py --seeds 0 --skip-continual --skip-reuse --skip-ablation      # one seed, main runs
     python launch/compare.py --out /tmp/smoke --seeds 0 --steps 4 --stage-steps 2 --docs /tmp/smoke/docs \\
@@ -10,8 +11,10 @@ Every run is `launch/train.py` in its own workdir under `--out`, one at a time, 
 re-running the same command resumes an interrupted run and skips finished ones instantly. The runs:
 
 - `{fst,rl,gepa}_s{seed}`: the three methods on the config's task, one per seed; RL alone runs `--rl-steps`
-  (default 4× the others) so that its curve has flattened: FST is measured against RL's plateau, not against
-  RL cut off while still climbing.
+  (default 4× the others; on the coupling testbed RL finds the rule only after 250-350 steps, hence 512 for
+  the README) so that its curve has flattened: FST is measured against RL's plateau, not against RL cut off
+  while still climbing. Raising `--rl-steps` later resumes the finished RL runs where they stopped (the
+  learning rate is constant after warm-up, so the result is that of one longer run).
 - `fst_dominated_s{seed}` (ablation): FST with the population topped up with dominated prompts when the
   Pareto front holds fewer than K (`gepa.population_fill=dominated`) instead of repeating front members.
 - `fst_reuse_s{seed}`: FST with GEPA's evaluation rollouts standing in for RL rollouts

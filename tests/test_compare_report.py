@@ -86,3 +86,16 @@ def test_reuse_measures_the_fraction_reused_and_what_it_can_save(report):
     assert r["rl_sampling_per_step_saved"] == pytest.approx(0.25)
     assert r["wall_time_saved"] == pytest.approx(1.0 - (10 + 7.25 + 20) / 38.0)
     assert r["evaluations_inside_the_seed_range"] == [1, 1]
+
+
+def test_a_peak_at_the_ceiling_is_also_measured_at_99_percent(report):
+    """RL's peak is 1.000; FST at 0.995 never reaches it exactly, but reaches 99% of it at step 8."""
+    compare_report, plot = report
+    rl = plot.Run("rl", "rl", [_eval(s, s, r) for s, r in ((0, 0.0), (8, 0.2), (16, 0.6), (24, 1.0), (32, 1.0))])
+    fst = plot.Run("fst", "fst", [_eval(s, s, r) for s, r in ((0, 0.0), (8, 0.995), (16, 0.993))])
+    m = compare_report.method_measures([fst], [rl])
+    assert m["steps_to_rl_peak"] == [None] and m["steps_to_99pct_rl_peak"] == [8.0]
+    t = compare_report.targets({"fst": m, "rl": compare_report.method_measures([rl], [rl]),
+                                "gepa": compare_report.method_measures([fst], [rl])})
+    assert t["steps_to_rl_peak_half"]["met"] is False and t["steps_to_rl_peak_half"]["fst_seeds_reaching"] == 0
+    assert t["steps_to_99pct_rl_peak_half"] == {"fst": 8.0, "rl": 24.0, "fst_seeds_reaching": 1, "met": True}
