@@ -49,12 +49,6 @@ def test_gepa_rollouts_replace_rl_rollouts_of_the_same_prompts(tmp_path, stalene
         assert 0 < second["importance_weight_max"] < float("inf")
 
 
-def test_reuse_off_samples_every_rollout(tmp_path):
-    steps = _train(tmp_path / "plain")
-    assert [s["reused_rollouts"] for s in steps] == [0, 0]
-    assert [s["rollouts_this_step"] for s in steps] == [32, 32]
-
-
 def test_the_pool_hands_each_rollout_out_once_in_request_order():
     """RolloutPool.generate: stored rollouts first, then one fresh request for the rest, prompt-major as a
     sampler returns them; nothing once the rollouts are more than max_staleness updates old."""

@@ -74,6 +74,8 @@ def test_fst_runs_logs_and_resumes_exactly(tiny_checkpoint, tmp_path):
         assert sum(share for _, share in r["population_shares"]) == 1 and len(r["population"]) == 2
     train = _records(tmp_path / "full", "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # reuse of GEPA's rollouts is off by default: every RL rollout is sampled
+    assert [(r["reused_rollouts"], r["rollouts_this_step"]) for r in train] == [(0, 8)] * 4
     assert {"reward_mean", "kl", "grad_norm", "reward_prompt_0", "reward_prompt_1"} <= set(train[0])
     evals = _records(tmp_path / "full", "eval")
     assert [r["step"] for r in evals] == [0, 2, 4] and "kl_to_base" in evals[0]
