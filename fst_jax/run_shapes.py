@@ -80,9 +80,9 @@ def sampler_calls(config) -> dict[str, SamplerCall]:
     """Every kind of sampler call the run makes, at the shapes it makes them (the run pads each call's rows to
     its kind's `prompts`, splitting bigger requests; `fst.FSTRunner` uses this table too).
 
-    rollout: B·K prompts × G/K samples (RL-only: B × G), in calls of at most `sampler_rows` rows. gepa_minibatch: a GEPA iteration's parents or
-    children on their minibatches (proposals × minibatch size). gepa: GEPA's window scoring, in calls of at
-    most `sampler_rows` rows. reflection: the local reflection LM on the base weights. eval: mean@k, k samples
+    rollout: B·K prompts × G/K samples (RL-only: B × G), in calls of at most `sampler_rows` rows.
+    gepa_minibatch: a GEPA iteration's parents or children on their minibatches (proposals × minibatch size).
+    gepa: GEPA's window scoring, in calls of at most `sampler_rows` rows. reflection: the local reflection LM on the base weights. eval: mean@k, k samples
     of up to `sampler_rows` // k prompts. kl_sample: the KL evaluation's responses. rollout_rest_{n}: with
     `cycle.reuse_gepa_rollouts`, the rollouts GEPA did not supply, one sample per row, at exactly ¼, ½, ¾ and
     all of the rollout rows (power-of-two buckets would run 44 rows as 64 and save nothing).

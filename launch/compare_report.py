@@ -139,13 +139,13 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
         train = [r for r in run.records if r.get("kind") == "train" and "reused_rollouts" in r]
         total = sum(r["rollouts_this_step"] for r in train)
         fractions.append(sum(r["reused_rollouts"] for r in train) / total if total else None)
-        a, b = _cycle_seconds(run), _cycle_seconds(plain)
-        saved.append(None if a is None or not b else 1.0 - a / b)
-        a, b = _final(run, "time_rl_sampling"), _final(plain, "time_rl_sampling")
-        sampling_saved.append(None if a is None or not b else 1.0 - a / b)
-        cycles = _final(plain, "cycles")
-        share.append(None if b is None or not cycles or not _cycle_seconds(plain)
-                     else b / cycles / _cycle_seconds(plain))
+        cycle, plain_cycle = _cycle_seconds(run), _cycle_seconds(plain)
+        saved.append(None if cycle is None or not plain_cycle else 1.0 - cycle / plain_cycle)
+        sampling, plain_sampling = _final(run, "time_rl_sampling"), _final(plain, "time_rl_sampling")
+        sampling_saved.append(None if sampling is None or not plain_sampling else 1.0 - sampling / plain_sampling)
+        cycles = _final(plain, "cycles")  # RL sampling seconds per cycle over the seconds of a cycle
+        share.append(None if plain_sampling is None or not cycles or not plain_cycle
+                     else plain_sampling / cycles / plain_cycle)
         per_step.append(_sampling_seconds_per_step(run))
         per_step_plain.append(_sampling_seconds_per_step(plain))
     step_saved = [None if a is None or not b else 1.0 - a / b for a, b in zip(per_step, per_step_plain)]
@@ -158,7 +158,7 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
             if others:
                 points += 1
                 inside += min(others) - 1e-9 <= reward <= max(others) + 1e-9
-    return {"fraction": _mean(fractions), "fraction_per_seed": fractions, "wall_time_saved": _mean(saved),
+    return {"fraction": fraction, "fraction_per_seed": fractions, "wall_time_saved": _mean(saved),
             "wall_time_saved_per_seed": saved, "rl_sampling_time_saved": _mean(sampling_saved),
             "rl_sampling_time_saved_per_seed": sampling_saved,
             "rl_sampling_share_of_cycle": rl_share, "rl_sampling_share_of_cycle_per_seed": share,

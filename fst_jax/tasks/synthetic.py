@@ -210,13 +210,14 @@ class SyntheticRuleTask:
 
     def score(self, problem: Problem, completion: str) -> Score:
         answer, got = str(problem["answer"]), _extract(completion)
-        reward = dense_reward(answer, got) if self.reward == "dense" else 0.0
         if got == answer:
             return Score(1.0, "correct", got)
+        right = dense_reward(answer, got)
+        reward = right if self.reward == "dense" else 0.0
         if self.feedback == "short":
             return Score(reward, f"want: {answer}", got)
         return Score(reward, f"input: {problem['input']}; want: {answer}; got: {shorten(got, 80)} "
-                             f"({dense_reward(answer, got):.0%} of characters right)", got)
+                             f"({right:.0%} of characters right)", got)
 
 
 SKILLS = ("copy", "count", "last", "add")
