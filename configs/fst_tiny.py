@@ -6,7 +6,7 @@
     python launch/train.py --config configs/fst_tiny.py \\
         --config.schedule=stage1:24,stage2:24,stage3:24 --config.total_steps=72      # 3 held-out rules in turn
 
-The model (assets/tiny-qwen3, made by launch/make_tiny_model.py) follows string rules stated in its system
+The model (assets/tiny-qwen3, made by tools/make_tiny_model.py) follows string rules stated in its system
 prompt and can write a better rule from failure records. The task hides a composed rule the seed prompt does
 not state; RL must find it in the weights, GEPA in the prompt, FST in both. The reflection LM is the frozen
 base model itself, through our sampler. Every real component runs: HF-format loading, the jitted sampler,

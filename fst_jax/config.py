@@ -2,7 +2,7 @@
 Slow", arXiv 2605.12484; README "Training").
 
 `configs/*.py` files start from `default_config()` and change what differs (the checkpoint, the data, the
-mesh, sizes). Every field is read by `fst_jax.fst` or the modules it configures; `validate` checks the
+mesh, sizes). Every field is read by `fst_jax.trainer.runner` or the modules it configures; `validate` checks the
 fields that code cannot check locally, with messages that name the field.
 """
 

@@ -118,9 +118,9 @@ def _sampler(config, args, bandwidth, tiny, jax, jnp, nnx, Qwen3) -> None:
 def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
     from configs.fst_qwen3 import get_config
 
-    from fst_jax import run_shapes
+    from fst_jax.trainer import shapes as run_shapes
     from fst_jax.rl.rollouts import Rollouts
-    from fst_jax.rl.step import TrainState, rl_config_from_run, update
+    from fst_jax.rl import TrainState, rl_config_from_run, update
 
     run = get_config()
     rows = 8 if tiny else int(run.rl.micro_batch_size)
@@ -161,7 +161,7 @@ def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
 def _cycle(tiny, jax, nnx, Qwen3, Qwen3Config) -> None:
     from configs.fst_tiny import ASSETS, get_config
 
-    from fst_jax.fst import FSTRunner
+    from fst_jax.trainer.runner import FSTRunner
     from fst_jax.models.hf import load_tokenizer, save_pretrained
 
     config = get_config()

@@ -43,12 +43,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
-import plot  # noqa: E402  (launch/plot.py)
-from compare_report import (STAGES, continual_measures, continual_target, markdown, band_plot,  # noqa: E402
-                            method_measures, reuse_measures, targets, update_readme, span_seconds)
-
+from fst_jax.analysis.compare_report import (STAGES, continual_measures, continual_target, markdown,  # noqa: E402
+                                             band_plot, method_measures, reuse_measures, targets, update_readme,
+                                             span_seconds)
+from fst_jax.analysis.runs import load_run  # noqa: E402
 from fst_jax.config import parse_schedule  # noqa: E402
 
 # (name, method, extra flags) of the continual runs
@@ -101,8 +100,8 @@ def _load_config(path: str):
 
 def decomposition(config_path: str, workdir: str, overrides: list[str]) -> dict:
     """mean@k of {base, trained} weights × {seed, learned} prompt, from the run's final checkpoint."""
-    from fst_jax import evals
-    from fst_jax.fst import FSTRunner
+    from fst_jax.trainer import evals
+    from fst_jax.trainer.runner import FSTRunner
 
     config = _load_config(config_path)
     _apply_overrides(config, overrides)  # the run's own settings, or its data streams cannot resume
@@ -181,12 +180,12 @@ def main(argv=None) -> int:
         train(args.config, os.path.join(args.out, label), overrides, f"[{i}/{len(plan)}] {label}")
 
     report_started = time.time()
-    load = lambda name: [plot.load_run(os.path.join(args.out, f"{name}_s{s}"), name) for s in args.seeds]  # noqa: E731
+    load = lambda name: [load_run(os.path.join(args.out, f"{name}_s{s}"), name) for s in args.seeds]  # noqa: E731
     rl_runs = load("rl")
     names = [name for name, _ in variants]
     runs = {name: load(name) for name in names if name != "fst_reuse"}
     if "fst_reuse" in names:  # reuse against the same seeds' FST runs
-        runs["fst_reuse"] = [plot.load_run(os.path.join(args.out, f"fst_reuse_s{s}")) for s in reuse_seeds]
+        runs["fst_reuse"] = [load_run(os.path.join(args.out, f"fst_reuse_s{s}")) for s in reuse_seeds]
     spec = config.tasks[parse_schedule(config)[0][0]]
     report = {"task": f"{spec.task}: " + ", ".join(f"{k} = {v!r}" for k, v in dict(spec.options).items()), "config": os.path.relpath(args.config, ROOT),
               "seeds": args.seeds, "steps": int(config.total_steps), "rl_steps": rl_steps, "overrides": args.overrides,
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
                                                          [rl_runs[args.seeds.index(s)] for s in reuse_seeds])
     if not args.skip_continual:
         report["continual"] = continual_measures(
-            {name: [plot.load_run(os.path.join(args.out, f"continual_{name}_s{s}")) for s in continual_seeds]
+            {name: [load_run(os.path.join(args.out, f"continual_{name}_s{s}")) for s in continual_seeds]
              for name, _, _ in CONTINUAL_RUNS})
         report["continual_seeds"] = continual_seeds
         report["targets"]["continual_fst_at_least_rl"] = continual_target(report["continual"])
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
             ["--config.method=fst", f"--config.seed={args.seeds[0]}", *common])
     report["command"] = command.strip()
     # every run's own span (a run resumed later counts its recorded time), then this invocation's report
-    spans = [span_seconds(plot.load_run(os.path.join(args.out, label))) for label, _ in plan]
+    spans = [span_seconds(load_run(os.path.join(args.out, label))) for label, _ in plan]
     report["run_seconds"] = dict(zip([label for label, _ in plan], spans))
     report["wall_time_s"] = sum(spans) + (time.time() - report_started)
 

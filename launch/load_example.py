@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.char_tokenizer import make_char_tokenizer
 from fst_jax.models.config import Qwen3Config
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat, save_pretrained

@@ -48,7 +48,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def _initialize_distributed() -> None:
-    from fst_jax import distributed
+    from fst_jax.runtime import distributed
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -65,7 +65,7 @@ def _dry_run(config, workdir: str) -> None:
         # fake CPU devices stand in for the mesh (jax reads the flag when its backends start, i.e. later)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={mesh[0] * mesh[1] * mesh[2]}").strip()
-    from fst_jax.plan import run_dry
+    from fst_jax.trainer.dry_run import run_dry
 
     try:
         sys.exit(run_dry(config, workdir))
@@ -89,7 +89,7 @@ def _exit(message: str, code: int) -> None:
 def _preflight(config, workdir: str) -> None:
     """Cheap checks before anything heavy (devices, weights): the config's values, the workdir, and the
     model directory's files — each failure one line naming the path and the config field."""
-    from fst_jax.storage_errors import check_writable_dir
+    from fst_jax.runtime.storage_errors import check_writable_dir
     from fst_jax.config import validate
 
     validate(config)
@@ -132,10 +132,10 @@ def main(argv) -> None:
     _initialize_distributed()  # before anything touches a device
     import jax
 
-    from fst_jax.checkpoint import CheckpointError
-    from fst_jax.distributed import exit_when_a_peer_fails
-    from fst_jax.storage_errors import QuietTeardownStderr
-    from fst_jax.fst import FSTRunner
+    from fst_jax.runtime.checkpoint import CheckpointError
+    from fst_jax.runtime.distributed import exit_when_a_peer_fails
+    from fst_jax.runtime.storage_errors import QuietTeardownStderr
+    from fst_jax.trainer.runner import FSTRunner
 
     sys.stderr = QuietTeardownStderr(sys.stderr)
 

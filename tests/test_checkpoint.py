@@ -15,9 +15,9 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fst_jax.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatchError, abstract_like,
+from fst_jax.runtime.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatchError, abstract_like,
                                 config_snapshot, redact)
-from fst_jax.metrics import MetricsWriter, read_metrics
+from fst_jax.runtime.metrics import MetricsWriter, read_metrics
 
 # orbax leaves un-awaited read coroutines behind when a damaged array fails to load; they are harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -188,7 +188,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, corruption):
     corrupt(tmp_path / "checkpoints" / "3")
 
     ckpt = Checkpointer(tmp_path, max_to_keep=3)
-    with caplog.at_level(logging.WARNING, logger="fst_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fst_jax.runtime.checkpoint"):
         restored = ckpt.restore_latest(abstract_like(make_state()))
     assert restored.step == 2 and restored.meta == {"s": 2} and restored.data == {"next_index": 2}
     assert_trees_equal(restored.state, make_state(seed=2))
@@ -210,11 +210,11 @@ def test_tmp_dir_of_a_killed_async_save_is_ignored(tmp_path, caplog):
     partial = root / "2.orbax-checkpoint-tmp"
     shutil.copytree(root / "1" / "state", partial / "state")
     _truncate_arrays(partial)
-    with caplog.at_level(logging.WARNING, logger="fst_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fst_jax.runtime.checkpoint"):
         ckpt = Checkpointer(tmp_path)
         restored = ckpt.restore_latest(abstract_like(make_state()))
     assert restored.step == 1 and ckpt.all_steps() == [1]
-    assert not [r for r in caplog.records if r.name == "fst_jax.checkpoint"]
+    assert not [r for r in caplog.records if r.name == "fst_jax.runtime.checkpoint"]
     assert ckpt.save(2, make_state(seed=2))
     ckpt.close()
     assert sorted(p.name for p in root.iterdir()) == ["1", "2"]  # the leftover was cleaned up
@@ -272,7 +272,7 @@ def test_no_secret_reaches_any_file(tmp_path, monkeypatch, caplog):
                                 "headers": {"Authorization": f"Bearer {env_secret}"},
                                 "note": f"launched with key {env_secret}"},
               "hf_token": SECRET, "rl": {"max_tokens": 64}}
-    with caplog.at_level(logging.WARNING, logger="fst_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fst_jax.runtime.checkpoint"):
         with Checkpointer(tmp_path) as ckpt:
             ckpt.save(1, make_state(), config=config,
                       meta={"reflection_lm": {"api_key": SECRET}, "population": ["p"]}, data={"api_key": SECRET})
@@ -314,8 +314,8 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from fst_jax.checkpoint import Checkpointer, abstract_like
-from fst_jax.metrics import MetricsWriter, read_metrics
+from fst_jax.runtime.checkpoint import Checkpointer, abstract_like
+from fst_jax.runtime.metrics import MetricsWriter, read_metrics
 
 sharding = NamedSharding(jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,)), P("data"))
 def state(k):  # a global array split over both processes + a host-local step and RNG key

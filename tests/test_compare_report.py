@@ -4,7 +4,6 @@ across a resumption, the plateau test, and what GEPA-rollout reuse saved."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report():
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import compare_report
-        import plot
-        yield compare_report, plot
-    finally:
-        sys.path.remove(str(ROOT / "launch"))
+    from fst_jax.analysis import compare_report, runs
+    return compare_report, runs
 
 
 def _write(workdir: Path, records: list[dict]) -> None:

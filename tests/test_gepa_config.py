@@ -17,7 +17,7 @@ from fst_jax.gepa import (
 from fst_jax.gepa.acceptance import ImprovementOrEqual
 from fst_jax.gepa.engine import GEPAEngine
 from fst_jax.gepa.selection import EpsilonGreedySelector
-from fst_jax.rl.step import RLConfig
+from fst_jax.rl import RLConfig
 from gepa_helpers import ScriptedEvaluate, ScriptedReflection
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fst_jax.metrics import MetricsWriter, progress, read_metrics, to_jsonable
+from fst_jax.runtime.metrics import MetricsWriter, progress, read_metrics, to_jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_truncated_last_line_is_tolerated_and_cut_before_appending(tmp_path, cap
     path = tmp_path / "metrics.jsonl"
     with open(path, "a") as f:
         f.write('{"step": 3, "kind": "tr')  # the writer was killed mid-record
-    with caplog.at_level(logging.WARNING, logger="fst_jax.metrics"):
+    with caplog.at_level(logging.WARNING, logger="fst_jax.runtime.metrics"):
         assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert any("truncated last record" in r.getMessage() for r in caplog.records)
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.config import Qwen3Config
 from fst_jax.models.hf import CheckpointError, load_pretrained, load_tokenizer, render_chat
 from fst_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, save_file

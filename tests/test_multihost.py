@@ -268,11 +268,11 @@ def test_hosted_reflection_is_asked_once_and_adopted_everywhere(compile_cache, t
 HELPERS = """
 import sys
 sys.path.insert(0, {root!r})
-from fst_jax import distributed
+from fst_jax.runtime import distributed
 distributed.initialize("127.0.0.1:" + sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout_s=10)
 import jax, numpy as np
 from jax.experimental import multihost_utils
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.gepa.reflection import CallableReflectionLM, ReflectionLMError
 me = jax.process_index()
 batch = np.arange(16).reshape(8, 2)
@@ -317,14 +317,14 @@ def test_broadcast_reflection_and_divergence_check(tmp_path):
 RESTORE = """
 import json, sys
 sys.path.insert(0, {root!r})
-from fst_jax import distributed
+from fst_jax.runtime import distributed
 distributed.initialize("127.0.0.1:" + sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout_s=10)
 import jax, numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from fst_jax import parallel
-from fst_jax.checkpoint import Checkpointer
+from fst_jax.runtime import parallel
+from fst_jax.runtime.checkpoint import Checkpointer
 workdir, out = sys.argv[3], sys.argv[4]
 meta = ocp.StandardCheckpointer().metadata(workdir + "/checkpoints/4/state")
 meta = meta.item_metadata.tree

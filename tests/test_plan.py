@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fst_jax import plan
+from fst_jax.trainer import dry_run as plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("jit(_prefill)", "jit(_decode)", "jit(_update)", "jit(_log_ratio)")
@@ -76,7 +76,7 @@ def test_cpu_upcast_of_bf16_arguments_is_not_counted():
 
 
 def test_prompt_longer_than_planned_is_an_error():
-    from fst_jax.run_sampler import SharedSampler
+    from fst_jax.trainer.shared_sampler import SharedSampler
 
     shared = SharedSampler(None, {}, {"policy": (128, "config.sampling.max_prompt_tokens")})
     with pytest.raises(ValueError, match=r"prompt of 129 tokens exceeds config.sampling.max_prompt_tokens=128"):
@@ -112,7 +112,7 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     exact-size calls for the rest of a partly reused batch and the plain rollout calls run."""
     sys.path.insert(0, ROOT)
     from configs.fst_tiny import get_config
-    from fst_jax.fst import FSTRunner
+    from fst_jax.trainer.runner import FSTRunner
 
     config = get_config()
     config.total_steps = 4

@@ -87,7 +87,7 @@ ROWS = (
     Row(r"launch/plot\.py "),
     Row(r"launch/load_example\.py", replace=(("~/models/Qwen3-8B", TINY_MODEL),)),
     Row(r"launch/compare\.py", skip="twenty training runs (≈1.5 hours on 2 CPU cores)"),
-    Row(r"launch/make_tiny_model\.py", skip="trains the tiny model for 52 minutes and would overwrite assets/"),
+    Row(r"tools/make_tiny_model\.py", skip="trains the tiny model for 52 minutes and would overwrite assets/"),
     Row(r"launch/bench\.py sampler --gpu", skip="needs an accelerator"),
     Row(r"launch/bench\.py gpu", skip="needs an accelerator (tests/test_bench_gpu.py runs it with --allow-cpu on "
                                       "tiny shapes)"),

@@ -63,7 +63,7 @@ def test_every_config_value_is_checked_with_its_full_path(path, value, message):
 
 
 def test_the_attention_kernel_reaches_the_model_the_run_builds():
-    from fst_jax import plan
+    from fst_jax.trainer import dry_run as plan
 
     c = default_config()
     c.model.preset, c.model.attention = "0.6B", "dot_product"
@@ -119,7 +119,7 @@ def test_a_bad_reward_names_task_problem_and_completion(task, why):
 def test_a_failed_write_is_one_error_and_the_previous_step_stays_latest(tmp_path, async_save):
     import jax.numpy as jnp
 
-    from fst_jax.checkpoint import Checkpointer, CheckpointWriteError
+    from fst_jax.runtime.checkpoint import Checkpointer, CheckpointWriteError
     from fault_injection import install
 
     state = {"w": jnp.arange(6.0).reshape(2, 3)}
@@ -146,7 +146,7 @@ def test_a_failed_write_is_one_error_and_the_previous_step_stays_latest(tmp_path
 def test_quiet_stderr_drops_only_closed_event_loop_tracebacks():
     import io
 
-    from fst_jax.storage_errors import QuietTeardownStderr
+    from fst_jax.runtime.storage_errors import QuietTeardownStderr
 
     out = io.StringIO()
     err = QuietTeardownStderr(out)
@@ -344,7 +344,7 @@ def test_a_stop_signal_exits_in_one_line_naming_the_step(env, tmp_path, sig, cod
 def test_a_bad_reward_in_an_evaluation_names_the_problem_too():
     """mean@k scores through the same check as training: a NaN at evaluation is a RewardError naming the task's
     problem, not a NaN in the metrics."""
-    from fst_jax import evals
+    from fst_jax.trainer import evals
     from fst_jax.models.char_tokenizer import make_char_tokenizer
     from fst_jax.sampling import SampleOutput
 

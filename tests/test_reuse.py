@@ -54,7 +54,7 @@ def test_the_pool_hands_each_rollout_out_once_in_request_order():
     sampler returns them; nothing once the rollouts are more than max_staleness updates old."""
     import numpy as np
 
-    from fst_jax.rollout_reuse import RolloutPool
+    from fst_jax.trainer.rollout_reuse import RolloutPool
     from fst_jax.sampling import SampleOutput
 
     def out(tokens):

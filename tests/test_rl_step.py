@@ -14,12 +14,12 @@ import optax
 import pytest
 from flax import nnx
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.char_tokenizer import make_char_tokenizer
 from fst_jax.models.qwen3 import Qwen3, Qwen3Config
-from fst_jax.rl import step as rl_step
+from fst_jax.rl import config as rl_config_lib, policy_update as rl_update
 from fst_jax.rl.rollouts import Rollouts, build_rollouts, length_bucket, pad_rows
-from fst_jax.rl.step import RLConfig, TrainState, compute_gradients, fst_step, make_optimizer, update
+from fst_jax.rl import RLConfig, TrainState, compute_gradients, fst_step, make_optimizer, update
 from fst_jax.sampling import SampleOutput
 
 TOKENIZER = make_char_tokenizer()
@@ -142,9 +142,9 @@ def test_config_from_config_dict_and_errors():
 
 def test_optimizer_is_adamw_with_warmup_and_clipping():
     config = RLConfig(learning_rate=0.1, b1=0.5, b2=0.9, weight_decay=0.3, warmup_steps=4, max_grad_norm=0.5)
-    schedule = rl_step.learning_rate_schedule(config)
+    schedule = rl_config_lib.learning_rate_schedule(config)
     np.testing.assert_allclose([schedule(n) for n in range(6)], [0.025, 0.05, 0.075, 0.1, 0.1, 0.1], rtol=1e-6)
-    constant = rl_step.learning_rate_schedule(RLConfig(learning_rate=0.2, warmup_steps=0))
+    constant = rl_config_lib.learning_rate_schedule(RLConfig(learning_rate=0.2, warmup_steps=0))
     assert float(constant(0)) == float(constant(7)) == pytest.approx(0.2)
     reference = optax.chain(optax.clip_by_global_norm(0.5),
                             optax.adamw(lambda n: 0.1 * jnp.minimum(1.0, (n + 1) / 4), b1=0.5, b2=0.9,
@@ -335,7 +335,7 @@ def test_chunked_logprobs_bound_update_memory_at_qwen3_vocab():
                                                                            abstract_params),
                            step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
                            num_rollouts=jax.ShapeDtypeStruct((), jnp.int32), graphdef=graphdef)
-        compiled = rl_step._update_jit.lower(state, abstract_params, rollouts, config).compile()
+        compiled = rl_update.lower_update(state, abstract_params, rollouts, config).compile()
         temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
     logits_bytes = B * T * 151_936 * 4
     print(f"update temp bytes at V=151936, B={B}, T={T}: unchunked {temp[None] / 2**20:.0f} MiB, "

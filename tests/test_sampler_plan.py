@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.qwen3 import Qwen3, Qwen3Config
 from fst_jax.sampling import (Sampler, abstract_sampling_weights, lower_sampler_programs, row_bucket,
                               sampling_weights)

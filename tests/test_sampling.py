@@ -12,8 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from jax.sharding import NamedSharding
 
-from fst_jax import parallel
-from fst_jax.chat_sampler import ChatSampler
+from fst_jax.runtime import parallel
+from fst_jax.sampling.chat import ChatSampler
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
 from fst_jax.sampling import Sampler, bucket_length, generate, sample_logits
 

@@ -135,7 +135,7 @@ def test_held_out_rules_are_not_training_rules():
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "launch" / "make_tiny_model.py")
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "tools" / "make_tiny_model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

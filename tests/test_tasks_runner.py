@@ -65,7 +65,7 @@ class RecordingReflectionLM:
 
 @pytest.mark.slow
 def test_star_hover_physics_run_through_fst_runner(tiny_checkpoint, tmp_path):
-    from fst_jax.fst import FSTRunner
+    from fst_jax.trainer.runner import FSTRunner
 
     corpus = tmp_path / "corpus.jsonl"
     shutil.copy(os.path.join(DATA, "hover_corpus.jsonl"), corpus)

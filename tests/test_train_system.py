@@ -54,7 +54,7 @@ def _records(workdir, kind):
 
 
 def _run(config, workdir):
-    from fst_jax.fst import FSTRunner
+    from fst_jax.trainer.runner import FSTRunner
 
     runner = FSTRunner(config, str(workdir))
     runner.run()

@@ -18,20 +18,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 from fst_jax.models.safetensors_io import SafetensorsFile, save_file
+
+from fst_jax.runtime.storage_errors import CheckpointError
 
 __all__ = ["load_pretrained", "save_pretrained", "load_tokenizer", "render_chat", "CheckpointError"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory whose contents do not match what the config describes."""
 
 
 @dataclass(frozen=True)

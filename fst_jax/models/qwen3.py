@@ -1,6 +1,6 @@
 """Qwen3 (dense) in Flax NNX, used functionally.
 
-Every parameter carries its logical axes (`logical_axes` metadata); `fst_jax.parallel` maps them to mesh
+Every parameter carries its logical axes (`logical_axes` metadata); `fst_jax.runtime.parallel` maps them to mesh
 axes. The decoder layers' parameters are stacked along a leading `layers` axis and the forward pass scans over
 them, so tracing and compile time stay flat as depth grows.
 

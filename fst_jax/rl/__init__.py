@@ -1,4 +1,11 @@
-"""Slow weights: the policy-gradient side of FST (losses; rollout batches; the jitted update and fst_step)."""
+"""Slow weights: the policy-gradient side of FST.
+
+    config.py        RLConfig, the learning-rate schedule, the optax chain
+    losses.py        CISPO / PPO-clip, KL estimators, aggregations, group advantages (pure functions)
+    rollouts.py      rendering prompts, scoring completions, the padded Rollouts batch
+    policy_update.py the jitted update (micro-batched loss and gradient, optax step, skip if non-finite)
+    coupled_step.py  fst_step on the host: render, sample, score, advantages, update
+"""
 
 from fst_jax.rl.losses import (
     AGGREGATIONS,
@@ -22,16 +29,9 @@ from fst_jax.rl.rollouts import (
     render_prompts,
     score_completions,
 )
-from fst_jax.rl.step import (
-    RLConfig,
-    TrainState,
-    compute_gradients,
-    fst_step,
-    learning_rate_schedule,
-    make_optimizer,
-    sampler_generate,
-    update,
-)
+from fst_jax.rl.config import RLConfig, learning_rate_schedule, make_optimizer, rl_config_from_run
+from fst_jax.rl.coupled_step import fst_step, sampler_generate
+from fst_jax.rl.policy_update import TrainState, abstract_state, compute_gradients, lower_update, update
 
 __all__ = [
     "AGGREGATIONS",
@@ -60,4 +60,7 @@ __all__ = [
     "sampler_generate",
     "score_completions",
     "update",
+    "abstract_state",
+    "lower_update",
+    "rl_config_from_run",
 ]

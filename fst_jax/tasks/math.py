@@ -107,6 +107,12 @@ def _squash(s: str) -> str:
     return "".join(s.split())
 
 
+def parse_timeout(timeout_seconds: float | None) -> int | None:
+    """math-verify's parsing timeout in whole seconds, or None where it cannot apply: its timeout uses
+    SIGALRM, which only the main thread can receive."""
+    return max(1, int(timeout_seconds)) if timeout_seconds and _in_main_thread() else None
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -114,10 +120,11 @@ def _in_main_thread() -> bool:
 @functools.lru_cache(maxsize=8192)
 def _parse_cached(latex: str, timeout_s: int | None) -> tuple:
     # Gold answers are parsed once per problem, not once per rollout. Results are immutable sympy/str.
-    return tuple(_parse(latex, timeout_s))
+    return tuple(parse_boxed(latex, timeout_s))
 
 
-def _parse(latex: str, timeout_s: int | None) -> list:
+def parse_boxed(latex: str, timeout_s: int | None) -> list:
+    """math-verify's parse of `latex` as a boxed answer ([] when it cannot be parsed; never raises)."""
     from math_verify import parse
     from math_verify.errors import TimeoutException
 
@@ -137,10 +144,10 @@ def equivalent(gold: str, predicted: str, timeout_seconds: int = 5, max_answer_c
     from math_verify import verify
     from math_verify.errors import TimeoutException
 
-    timeout_s = max(1, int(timeout_seconds)) if _in_main_thread() and timeout_seconds else None
+    timeout_s = parse_timeout(timeout_seconds)
     try:
         gold_parsed = list(_parse_cached(gold, timeout_s))
-        pred_parsed = _parse(predicted, timeout_s)
+        pred_parsed = parse_boxed(predicted, timeout_s)
         if not gold_parsed or not pred_parsed:
             return False
         return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fst_jax.tasks.base import Field, Problem, Score, register_task, shorten
-from fst_jax.tasks.math import _parse, equivalent, final_boxed, gold_answer
+from fst_jax.tasks.math import equivalent, final_boxed, gold_answer, parse_boxed, parse_timeout
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final numeric answer within \\boxed{}."
 _UNIT_MACRO = re.compile(r"\\(?:text|mathrm|textrm|operatorname|mbox|rm)\s*\{[^{}]*\}")
@@ -74,7 +74,7 @@ def _plain_number(text: str) -> tuple[bool, float | None]:
 
 
 def _math_verify_number(text: str, timeout_s: int | None) -> float | None:
-    parsed = _parse(text, timeout_s)
+    parsed = parse_boxed(text, timeout_s)
     if not parsed:
         return None
     expr = parsed[0]
@@ -136,9 +136,7 @@ class PhysicsTask:
             raise ValueError("physics task: rel_tol must be in [0, 1), abs_tol and timeout_seconds >= 0")
 
     def _timeout(self) -> int | None:
-        from fst_jax.tasks.math import _in_main_thread
-
-        return max(1, int(self.timeout_seconds)) if self.timeout_seconds and _in_main_thread() else None
+        return parse_timeout(self.timeout_seconds)
 
     def gold(self, problem: Problem) -> tuple[str, float | None]:
         """(the gold answer's text, its value or None when it is not a number)."""

@@ -9,7 +9,7 @@ A *rule* is a short text the system prompt can state, naming one string transfor
 (z wraps to a, case kept); `swap pairs` swaps characters 1↔2, 3↔4, … (an odd last one stays); `upper`
 upper-cases. `apply_rule(rule, text)` computes a rule; `parse_rule` checks one (None: not a rule).
 
-The tiny model (launch/make_tiny_model.py) is trained on `TRAIN_RULES`: every single step except the held-out
+The tiny model (tools/make_tiny_model.py) is trained on `TRAIN_RULES`: every single step except the held-out
 parameter and every two-step composition whose *function* is not a held-out rule's. `HELD_OUT_RULES` (and any
 rule computing the same function on `PROBE_INPUTS`) never appear in its training data.
 

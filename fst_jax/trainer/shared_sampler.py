@@ -4,7 +4,7 @@ GEPA, evaluations) and the frozen base (local reflection), and every call made a
 A run used to hold two `Sampler`s, each with a full replicated copy of the weights. Here one `Sampler` holds
 whichever weights the last call needed; a `SamplerView` names the weights it samples from and swaps them in
 (one relayout) only when they differ from those loaded. Each call is also fitted to the planned calls of
-`fst_jax.run_shapes.sampler_calls`: the prompts are checked against their length limit, a request bigger than the
+`fst_jax.trainer.shapes.sampler_calls`: the prompts are checked against their length limit, a request bigger than the
 largest planned call of its kind is split, and a smaller one is padded (by repeating its last prompt; the extra
 completions are dropped) to the row bucket of the planned call, so the run compiles no program the dry run
 did not.

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-import plot  # launch/plot.py (launch/ is on sys.path: compare.py puts it there)
+from fst_jax.analysis import runs as run_records
 
 LABELS = {"fst": "FST", "rl": "RL", "gepa": "GEPA-only", "fst_dominated": "FST, population topped up (ablation)",
           "fst_reuse": "FST, GEPA rollouts reused"}
@@ -18,42 +18,42 @@ NEAR_PEAK = 0.99  # the second sample-efficiency measure: steps to this fraction
 
 # ------------------------------------------------------------------------------------------ per-run measures
 
-def _evals(run: plot.Run, task: str | None = None) -> list[dict]:
-    return [r for r in run.records if r.get("kind") == "eval" and plot._number(r.get("val/reward")) is not None
+def _evals(run: run_records.Run, task: str | None = None) -> list[dict]:
+    return [r for r in run.records if r.get("kind") == "eval" and run_records.number(r.get("val/reward")) is not None
             and (task is None or r.get("task") == task)]
 
 
-def _final(run: plot.Run, key: str = "val/reward", task: str | None = None) -> float | None:
-    values = [r[key] for r in _evals(run, task) if plot._number(r.get(key)) is not None]
+def _final(run: run_records.Run, key: str = "val/reward", task: str | None = None) -> float | None:
+    values = [r[key] for r in _evals(run, task) if run_records.number(r.get(key)) is not None]
     return values[-1] if values else None
 
 
-def _peak(run: plot.Run) -> float | None:
+def _peak(run: run_records.Run) -> float | None:
     return max((r["val/reward"] for r in _evals(run)), default=None)
 
 
-def _kl_at(run: plot.Run, reward: float) -> float | None:
+def _kl_at(run: run_records.Run, reward: float) -> float | None:
     """KL to base (seed prompt) at the first evaluation whose validation reward reaches `reward`."""
     return next((r.get("kl_to_base") for r in _evals(run) if r["val/reward"] >= reward - 1e-12), None)
 
 
-def _reach(run: plot.Run, target: float | None, x: str) -> float | None:
+def _reach(run: run_records.Run, target: float | None, x: str) -> float | None:
     if target is None:
         return None
-    xs, ys = plot.series(run.records, "val/reward", x=x)
-    return plot.first_reaching(xs, ys, target) if xs.size else None
+    xs, ys = run_records.series(run.records, "val/reward", x=x)
+    return run_records.first_reaching(xs, ys, target) if xs.size else None
 
 
-def _forgetting(run: plot.Run) -> dict[str, list]:
+def _forgetting(run: run_records.Run) -> dict[str, list]:
     keys = sorted({k for r in _evals(run) for k in r if k.startswith("forgetting/")})
     out = {}
     for key in keys:
-        values = [r[key] for r in _evals(run) if plot._number(r.get(key)) is not None]
+        values = [r[key] for r in _evals(run) if run_records.number(r.get(key)) is not None]
         out[key.removeprefix("forgetting/")] = [values[0], values[-1]] if values else None
     return out
 
 
-def _gepa_cycles(run: plot.Run) -> dict[str, float] | None:
+def _gepa_cycles(run: run_records.Run) -> dict[str, float] | None:
     cycles = [r for r in run.records if r.get("kind") == "gepa_cycle" and "proposals" in r]
     if not cycles:
         return None
@@ -61,7 +61,7 @@ def _gepa_cycles(run: plot.Run) -> dict[str, float] | None:
             for key in ("proposals", "accepted", "metric_calls", "seed_scoring_calls", "front")}
 
 
-def _cycle_seconds(run: plot.Run) -> float | None:
+def _cycle_seconds(run: run_records.Run) -> float | None:
     """Mean wall time of one cycle: GEPA (its sampling and reflection included) + RL sampling + update seconds,
     evaluations excluded, over the cycles run."""
     last = [r for r in run.records if r.get("kind") == "eval" and r.get("cycles") and "time_rl_sampling" in r]
@@ -71,7 +71,7 @@ def _cycle_seconds(run: plot.Run) -> float | None:
     return (r["time_gepa"] + r["time_rl_sampling"] + r["time_update"]) / r["cycles"]
 
 
-def _last_third_gain(run: plot.Run) -> float | None:
+def _last_third_gain(run: run_records.Run) -> float | None:
     """Validation reward gained over the last third of the run (final − the first evaluation at or after ⅔ of
     the last evaluated step): ≈ 0 once the curve has flattened."""
     evals = _evals(run)
@@ -81,13 +81,13 @@ def _last_third_gain(run: plot.Run) -> float | None:
     return evals[-1]["val/reward"] - cut["val/reward"]
 
 
-def _curve(run: plot.Run) -> dict[str, list]:
-    xs, ys = plot.series(run.records, "val/reward")
-    _, kl = plot.series(run.records, "kl_to_base")
+def _curve(run: run_records.Run) -> dict[str, list]:
+    xs, ys = run_records.series(run.records, "val/reward")
+    _, kl = run_records.series(run.records, "kl_to_base")
     return {"steps": xs.tolist(), "reward": ys.tolist(), "kl_to_base": kl.tolist() if kl.size == xs.size else None}
 
 
-def method_measures(runs: list[plot.Run], rl_runs: list[plot.Run]) -> dict:
+def method_measures(runs: list[run_records.Run], rl_runs: list[run_records.Run]) -> dict:
     """Per-seed measures of one method's runs, against the same seeds' RL runs."""
     out = {k: [] for k in ("final", "peak", "steps_to_rl_peak", "rollouts_to_rl_peak", "steps_to_99pct_rl_peak",
                            "rollouts_to_99pct_rl_peak", "kl_at_matched_reward",
@@ -118,17 +118,17 @@ def method_measures(runs: list[plot.Run], rl_runs: list[plot.Run]) -> dict:
     return out
 
 
-def _sampling_seconds_per_step(run: plot.Run) -> float | None:
+def _sampling_seconds_per_step(run: run_records.Run) -> float | None:
     """Median seconds of one RL step's rollout sampling: the step-to-step increments of the run's cumulative
     `time_rl_sampling`. The median leaves out the steps that compiled a program (seconds, not tenths) and is
     little moved by a busy machine's slow steps, so runs whose GEPA searches took different paths compare."""
     times = [r["time_rl_sampling"] for r in run.records
-             if r.get("kind") == "train" and plot._number(r.get("time_rl_sampling")) is not None]
+             if r.get("kind") == "train" and run_records.number(r.get("time_rl_sampling")) is not None]
     steps = np.diff([0.0, *times])
     return float(np.median(steps)) if len(steps) else None
 
 
-def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> dict:
+def reuse_measures(reuse_runs: list[run_records.Run], plain_runs: list[run_records.Run]) -> dict:
     """Fraction of RL rollouts taken from GEPA's evaluations, and the wall time per cycle saved against the same
     seeds' FST runs without reuse (GEPA + sampling + update seconds, evaluations excluded). Because the two runs'
     searches take different paths, their cycle times differ for reasons of their own; so also: the share of a
@@ -153,8 +153,8 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
     # the reuse run's reward at each evaluation against the range the runs without reuse span there
     inside, points = 0, 0
     for run in reuse_runs:
-        for step, reward in zip(*plot.series(run.records, "val/reward")):
-            others = [y for p in plain_runs for x, y in zip(*plot.series(p.records, "val/reward")) if x == step]
+        for step, reward in zip(*run_records.series(run.records, "val/reward")):
+            others = [y for p in plain_runs for x, y in zip(*run_records.series(p.records, "val/reward")) if x == step]
             if others:
                 points += 1
                 inside += min(others) - 1e-9 <= reward <= max(others) + 1e-9
@@ -169,14 +169,14 @@ def reuse_measures(reuse_runs: list[plot.Run], plain_runs: list[plot.Run]) -> di
             "evaluations_inside_the_seed_range": [inside, points]}
 
 
-def span_seconds(run: plot.Run) -> float:
+def span_seconds(run: run_records.Run) -> float:
     """A run's wall time: for each session of it (from a "config" record, which every start or resumption writes,
     to the last train or eval record before the next one), the seconds from its first to its last record,
     summed. So the hours between an interrupted run and its resumption do not count, and rerunning a finished
     run, as a repeated compare.py does, adds nothing."""
     total, start, end = 0.0, None, None
     for r in run.records:
-        t = plot._number(r.get("time"))
+        t = run_records.number(r.get("time"))
         if t is None:
             continue
         if r.get("kind") == "config":
@@ -188,14 +188,14 @@ def span_seconds(run: plot.Run) -> float:
     return total + ((end - start) if end is not None else 0.0)
 
 
-def continual_measures(runs: dict[str, list[plot.Run]]) -> dict:
+def continual_measures(runs: dict[str, list[run_records.Run]]) -> dict:
     return {name: {stage: [_final(r, task=stage) for r in rs] for stage in STAGES} for name, rs in runs.items()}
 
 
 # ----------------------------------------------------------------------------------------------- statistics
 
 def _valid(values) -> list[float]:
-    return [float(v) for v in values if plot._number(v) is not None]
+    return [float(v) for v in values if run_records.number(v) is not None]
 
 
 def _mean(values) -> float | None:

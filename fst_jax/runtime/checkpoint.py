@@ -45,8 +45,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fst_jax.metrics import redact, to_jsonable
-from fst_jax.storage_errors import is_disk_full, quiet_orbax_errors, root_cause, stderr_swallowed
+from fst_jax.runtime.metrics import redact, to_jsonable
+from fst_jax.runtime.storage_errors import CheckpointError, is_disk_full, quiet_orbax_errors, root_cause, stderr_swallowed
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError", "Restored",
            "SCHEMA_VERSION", "abstract_like", "config_snapshot", "redact"]
@@ -60,10 +60,6 @@ _ITEMS = ("state", "meta", "data")
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 # orbax's wording when a readable checkpoint does not fit the restore target (orbax-checkpoint 0.12.8).
 _MISMATCH_MARKERS = ("is not compatible with the stored shape", "tree structures do not match")
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one that cannot be used for this run."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -323,7 +319,7 @@ class Checkpointer:
         self._manager.reload()
         steps = sorted(self._manager.all_steps(), reverse=True)
         if jax.process_count() > 1:  # a shared file system can list late on some hosts: process 0's list rules
-            from fst_jax.distributed import broadcast_json
+            from fst_jax.runtime.distributed import broadcast_json
 
             steps = broadcast_json(steps)
         if not steps:
@@ -408,6 +404,6 @@ class Checkpointer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("fst_jax.checkpoint.set_aside")
+            multihost_utils.sync_global_devices("fst_jax.runtime.checkpoint.set_aside")
         self._manager.reload()
         return moved

@@ -170,3 +170,13 @@ def to_host(x: jax.Array) -> np.ndarray:
 def reshard(tree: Any, shardings: Any) -> Any:
     """Move a pytree to new shardings (e.g. training layout → sampling layout) in one transfer."""
     return jax.device_put(tree, shardings)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a pytree's arrays are laid out on (the first NamedSharding found; None for plain
+    single-device arrays)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None

@@ -4,7 +4,7 @@ Nothing is read or allocated but shapes: the model's shapes come from `config.js
 it exists, else from `config.model.preset`; parameters are `nnx.eval_shape`d and given the shardings the run
 gives them on the configured mesh (fake CPU devices stand in for accelerators:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`). Each program is lowered with the exact abstract arguments
-the run passes (the shapes come from the same functions the run calls, `fst_jax.run_shapes`, and
+the run passes (the shapes come from the same functions the run calls, `fst_jax.trainer.shapes`, and
 `sampling.bucket_length`, `rl.step.abstract_state`) and compiled; `compiled.memory_analysis()` gives its
 temporaries, per device.
 
@@ -36,13 +36,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fst_jax import evals, parallel, sampling
+from fst_jax.trainer import evals
+from fst_jax.runtime import parallel
+from fst_jax import sampling
 from fst_jax.config import validate
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
-from fst_jax.rl import step as rl_step
+from fst_jax.rl import config as rl_config_lib, policy_update as rl_update
 from fst_jax.rl.rollouts import Rollouts
-from fst_jax.run_shapes import kl_length, mesh_config, prompt_buckets, sampler_calls, update_length
+from fst_jax.trainer.shapes import kl_length, mesh_config, prompt_buckets, sampler_calls, update_length
 
 __all__ = ["Plan", "make_plan", "run_dry", "model_config", "HEADROOM", "EXIT_DOES_NOT_FIT"]
 
@@ -297,8 +299,8 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
 
     graphdef, params = abstract_params(model_cfg, mesh)
     _, base = abstract_params(model_cfg, mesh, dtype=model_cfg.dtype)
-    rl_config = rl_step.rl_config_from_run(c, sequence_length=update_length(c))
-    state = rl_step.abstract_state(graphdef, params, rl_config)
+    rl_config = rl_config_lib.rl_config_from_run(c, sequence_length=update_length(c))
+    state = rl_update.abstract_state(graphdef, params, rl_config)
     resident = {"train_params": _bytes(state.params), "optimizer_state": _bytes(state.opt_state),
                 "base_params": _bytes(base)}
     state_items = ("train_params", "optimizer_state", "base_params")
@@ -349,7 +351,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
                                 advantages=_sds((rows,), jnp.float32, rows_sharding(1)))
             log(f"plan: update: {rows} rows × {T} tokens, micro-batch {rl_config.micro_batch_size}")
             # the sampler's copy is released after the rollouts (run_sampler), so it is not alive here
-            lowered["update"] = (rl_step.lower_update(state, base, rollouts, rl_config), state_items)
+            lowered["update"] = (rl_update.lower_update(state, base, rollouts, rl_config), state_items)
 
     plan = Plan(devices=mesh.size, device_memory_gb=device_memory_gb(c), resident=resident, programs={},
                 model=_describe(model_cfg, c))

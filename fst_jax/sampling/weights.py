@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.config import canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 

@@ -1,8 +1,8 @@
 """Make the embedded default's base model: a tiny char-level Qwen3 trained from scratch on synthetic data.
 
-    python launch/make_tiny_model.py --seed 0 --minutes 55 --out assets/tiny-qwen3      # train (55 min, 2 cores)
-    python launch/make_tiny_model.py ... --resume                                       # continue a killed run
-    python launch/make_tiny_model.py --eval-only --out assets/tiny-qwen3 --eval-json assets/tiny-qwen3/eval.json
+    python tools/make_tiny_model.py --seed 0 --minutes 55 --out assets/tiny-qwen3      # train (55 min, 2 cores)
+    python tools/make_tiny_model.py ... --resume                                       # continue a killed run
+    python tools/make_tiny_model.py --eval-only --out assets/tiny-qwen3 --eval-json assets/tiny-qwen3/eval.json
 
 Three skills, every example rendered with the chat template exactly as the system shows it at run time
 (enable_thinking=False, mostly):

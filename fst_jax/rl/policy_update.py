@@ -1,6 +1,5 @@
-"""The slow-weight step: the jitted policy-gradient `update` and the coupled `fst_step`.
-
-`update(state, base_params, rollouts, config)` is one optimizer step on a batch of scored rollouts:
+"""The jitted policy-gradient update: `update(state, base_params, rollouts, config)` is one optimizer step on a
+batch of scored rollouts:
 
     loss = Σ_mb policy_sum(mb) / Σ_mb denominator(mb)  +  kl_coef · Σ_mb kl_sum(mb) / Σ_mb denominator(mb)
 
@@ -9,11 +8,8 @@ divided once at the end, so any micro-batch size gives the full-batch gradient),
 the model's final hidden state by `losses.token_logprobs` (chunked: no [B, T, V] logits when
 `logprob_chunk_size` is set), KL(π_θ ‖ π_base) against a forward pass of the frozen base parameters.
 
-`fst_step(state, population, batch, ...)` is the coupled step of one FST cycle: rollouts split evenly over the
-population's prompts, sampled, scored on the host, normalised per problem over all G rollouts, then `update`.
-A population of one prompt is the RL-only baseline.
-
-Shape letters: B rows (responses), T tokens, P problems, G rollouts per problem, K prompts, V vocab.
+`TrainState` holds what the update changes; `abstract_state` / `lower_update` let the dry run compile the same
+program without arrays. Shape letters: B rows (responses), T tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.struct
 import jax
@@ -31,131 +27,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fst_jax import parallel
 from fst_jax.rl import losses
-from fst_jax.rl.rollouts import (Rollouts, build_rollouts, pad_rows, question_field, render_prompts,
-                                 score_completions)
+from fst_jax.rl.config import RLConfig, learning_rate_schedule, make_optimizer
+from fst_jax.rl.rollouts import Rollouts, pad_rows
+from fst_jax.runtime import parallel
+from fst_jax.runtime.parallel import mesh_of
 
-__all__ = ["RLConfig", "TrainState", "make_optimizer", "learning_rate_schedule", "compute_gradients", "update",
-           "fst_step", "sampler_generate", "abstract_state", "lower_update", "rl_config_from_run"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Configuration and state
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """Knobs of the slow-weight step (defaults: the paper's slow-weight recipe).
-
-    Optimizer: AdamW(learning_rate, b1, b2, weight_decay) after an optional clip to `max_grad_norm` (None =
-    off); the learning rate warms up linearly over `warmup_steps` updates (lr·(n+1)/warmup at update n), then
-    stays constant. Loss: `loss` ("cispo" with truncation `tau`, or "ppo_clip" with `eps_low`/`eps_high`),
-    plus `kl_coef` · KL(π_θ ‖ π_base) with estimator `kl_estimator`, aggregated by `aggregation`.
-    Memory: `micro_batch_size` rows per forward/backward (None = the whole batch at once; must be a
-    multiple of the mesh's data × fsdp size), `logprob_chunk_size` tokens per logits block (None = full
-    [B, T, V] logits). Sampling (fst_step): `rollouts_per_problem` (G) responses per problem at `temperature`
-    (also the temperature of the update's log-probs, so ratios are 1 on-policy), up to `max_new_tokens` each;
-    `enable_thinking` is passed to the chat template (None: the template's default). `sequence_length`: every
-    batch is padded to this many tokens, so a run compiles one update program (None: each batch's own bucket).
-    """
-
-    learning_rate: float = 1e-6
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float | None = None
-    loss: str = "cispo"
-    tau: float = 4.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    kl_coef: float = 1e-3
-    kl_estimator: str = "k3"
-    aggregation: str = "seq_mean_token_mean"
-    micro_batch_size: int | None = None
-    logprob_chunk_size: int | None = None
-    temperature: float = 1.0
-    rollouts_per_problem: int = 8
-    max_new_tokens: int = 1024
-    enable_thinking: bool | None = None
-    sequence_length: int | None = None
-
-    def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"RLConfig.{field} {why}, got {getattr(self, field)!r}")
-
-        if self.loss not in losses.POLICY_LOSSES:
-            bad("loss", f"must be one of {sorted(losses.POLICY_LOSSES)}")
-        if self.kl_estimator not in losses.KL_ESTIMATORS:
-            bad("kl_estimator", f"must be one of {sorted(losses.KL_ESTIMATORS)}")
-        if self.aggregation not in losses.AGGREGATIONS:
-            bad("aggregation", f"must be one of {losses.AGGREGATIONS}")
-        for field in ("learning_rate", "tau", "temperature"):
-            if not (math.isfinite(getattr(self, field)) and getattr(self, field) > 0):
-                bad(field, "must be a positive number")
-        for field in ("weight_decay", "eps_low", "eps_high", "kl_coef"):
-            if not (math.isfinite(getattr(self, field)) and getattr(self, field) >= 0):
-                bad(field, "must be a number ≥ 0")
-        for field in ("b1", "b2"):
-            if not 0 <= getattr(self, field) < 1:
-                bad(field, "must be in [0, 1)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            bad("max_grad_norm", "must be positive or None (off)")
-        for field in ("micro_batch_size", "logprob_chunk_size", "sequence_length"):
-            value = getattr(self, field)
-            if value is not None and not (isinstance(value, int) and value > 0):
-                bad(field, "must be a positive integer or None")
-        for field in ("rollouts_per_problem", "max_new_tokens"):
-            if not (isinstance(getattr(self, field), int) and getattr(self, field) > 0):
-                bad(field, "must be a positive integer")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
-            bad("warmup_steps", "must be an integer ≥ 0")
-
-    @classmethod
-    def from_config(cls, config: "RLConfig | Mapping[str, Any]") -> "RLConfig":
-        """An RLConfig from itself, a dict or an `ml_collections.ConfigDict` of its fields (unknown keys are
-        errors), or a whole run config (`fst_jax.config.default_config()`: `rl.*` plus the sampling
-        temperature and length, G and the chat-template switch)."""
-        if isinstance(config, cls):
-            return config
-        if "rl" in config and "cycle" in config:  # a run config
-            c = config
-            names = {f.name for f in dataclasses.fields(cls)}
-            if unread := sorted(set(c.rl) - names):
-                raise ValueError(f"config.rl has field(s) {unread} that RLConfig does not define; add them there")
-            return cls(
-                **{f.name: c.rl[f.name] for f in dataclasses.fields(cls) if f.name in c.rl},
-                temperature=c.sampling.temperature, rollouts_per_problem=c.cycle.rollouts_per_problem,
-                max_new_tokens=c.sampling.max_new_tokens, enable_thinking=c.model.enable_thinking)
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown RL config field(s) {unknown}; the fields are {sorted(known)}")
-        return cls(**values)
-
-
-def learning_rate_schedule(config: RLConfig) -> Callable[[jax.Array], jax.Array]:
-    """lr(n) = learning_rate · min(1, (n + 1) / warmup_steps) for the n-th update (0-based): the first update
-    already moves the weights, the (warmup_steps)-th and later use the full rate."""
-    lr, warmup = config.learning_rate, config.warmup_steps
-    if warmup == 0:
-        return lambda count: jnp.asarray(lr, jnp.float32)
-    return lambda count: lr * jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) / warmup)
-
-
-def make_optimizer(config: RLConfig | Mapping[str, Any]) -> optax.GradientTransformation:
-    """optax: [clip_by_global_norm(max_grad_norm)] → AdamW(schedule, b1, b2, weight_decay).
-
-    Weight decay (0 by default) applies to every parameter, norms included.
-    """
-    config = RLConfig.from_config(config)
-    adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
-                        weight_decay=config.weight_decay)
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+__all__ = ["TrainState", "abstract_state", "compute_gradients", "lower_update", "update"]
 
 
 @flax.struct.dataclass
@@ -226,15 +104,6 @@ def _replicated_like(params):
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, P())
     return sharding
-
-
-def _mesh_of(params) -> jax.sharding.Mesh | None:
-    """The mesh the params are laid out on (None for plain single-device arrays)."""
-    for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            return sharding.mesh
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,15 +274,11 @@ def lower_update(state: TrainState, base_params, rollouts: Rollouts, config: RLC
     """Lower (without arrays) the program `update` runs for this state, base and padded rollout shape: the
     same jitted function, static config and shardings, so compiling it fills the cache `update` hits."""
     config = _program_config(RLConfig.from_config(config))
-    mesh = _mesh_of(state.params)
+    mesh = mesh_of(state.params)
+    if mesh is None:
+        return _update_jit.lower(state, base_params, rollouts, config)
     with jax.set_mesh(mesh):
         return _program_for(state).lower(state, base_params, rollouts, config)
-
-
-def rl_config_from_run(config, **overrides) -> RLConfig:
-    """`RLConfig.from_config(config)` of a whole run config, with `overrides` (e.g. the planned
-    `sequence_length`) replacing fields."""
-    return dataclasses.replace(RLConfig.from_config(config), **overrides)
 
 
 def update(state: TrainState, base_params, rollouts: Rollouts,
@@ -441,7 +306,7 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
         raise ValueError("base_params share buffers with state.params, which update donates; build the state "
                          "with TrainState.create (it copies the params) or pass a separate base copy")
     rollouts.check()
-    mesh = _mesh_of(state.params)
+    mesh = mesh_of(state.params)
     multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
     if config.micro_batch_size is not None and config.micro_batch_size % multiple:
         raise ValueError(f"micro_batch_size {config.micro_batch_size} must be a multiple of the mesh's batch "
@@ -460,97 +325,3 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
 def _shares_buffers(a, b) -> bool:
     ids = {id(x) for x in jax.tree.leaves(a)}
     return any(id(x) in ids for x in jax.tree.leaves(b))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The coupled step
-
-
-def sampler_generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence[Sequence[int]], **kwargs):
-    """Default `generate` for fst_step: `fst_jax.sampling.Sampler` on the params' mesh (sampling layout)."""
-    from fst_jax.sampling import Sampler
-
-    return Sampler((graphdef, params), mesh=_mesh_of(params)).generate(prompts, **kwargs)
-
-
-def fst_step(
-    state: TrainState,
-    prompt_population: Sequence[str],
-    batch: Sequence[Mapping[str, Any]],
-    *,
-    tokenizer,
-    reward_fn: Callable[[Mapping[str, Any], str], float],
-    base_params,
-    config: RLConfig | Mapping[str, Any],
-    generate: Callable[..., Any] = sampler_generate,
-    user_message: Callable[[Mapping[str, Any]], str] = question_field,
-    stop_token_ids: Sequence[int] | None = None,
-) -> tuple[TrainState, dict[str, float]]:
-    """One coupled FST step: sample with the population, score, and update the weights.
-
-    For each problem in `batch`, its G = config.rollouts_per_problem rollouts are split evenly over the K
-    prompts of `prompt_population` (G/K each, in population order — not random): the chat
-    [system = prompt, user = user_message(problem)] is rendered with the tokenizer's template and sampled
-    G/K times at config.temperature by `generate(graphdef, params, prompts, max_new_tokens=, temperature=,
-    seed=, stop_token_ids=, num_samples=, pad_id=)` (a `SampleOutput`; default: the jitted sampler). Each
-    completion, decoded without special tokens, is scored by `reward_fn(problem, text)` on the host (a float,
-    or a `tasks.Score`: `reward_fn=task.score, user_message=task.format_problem` plugs in a task). The
-    advantage of each rollout is normalised over all G rollouts of its problem whatever prompt produced it;
-    problems whose G rewards are all equal carry no signal and are dropped. Then one `update`.
-
-    A population of one prompt is the RL-only baseline; nothing else changes.
-
-    Raises ValueError for an empty population or batch, K not dividing G, or a NaN/inf reward (naming the
-    problem). Returns (state, metrics as Python floats): reward_mean, reward_std, reward_prompt_{k},
-    response_length, response_truncated_fraction (hit max_new_tokens), groups_kept_fraction, num_rollouts
-    (so far), step, and every `update` metric (KL to base, entropy, importance weights, grad_norm,
-    learning_rate, skipped, ...).
-    """
-    config = RLConfig.from_config(config)
-    population = list(prompt_population) if not isinstance(prompt_population, str) else None
-    if population is None:
-        raise ValueError("prompt_population must be a list of prompts, not one string; wrap it: [prompt]")
-    if not population:
-        raise ValueError("fst_step: the prompt population is empty; the RL-only baseline is a population of one")
-    group = config.rollouts_per_problem
-    if group % len(population):
-        raise ValueError(f"fst_step: the population has K = {len(population)} prompts, which does not divide "
-                         f"rollouts_per_problem G = {group}; each prompt gets G/K rollouts of every problem")
-    if len(batch) == 0:
-        raise ValueError("fst_step: the batch of problems is empty")
-    per_prompt, num_problems = group // len(population), len(batch)
-
-    prompt_ids = render_prompts(tokenizer, population, batch, user_message=user_message,
-                                enable_thinking=config.enable_thinking)
-    if stop_token_ids is None:
-        stop_token_ids = [t for t in (tokenizer.eos_token_id,) if t is not None]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rng, sample_key = jax.random.split(state.rng)
-    seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))
-    samples = generate(state.graphdef, state.params, prompt_ids, max_new_tokens=config.max_new_tokens,
-                       temperature=config.temperature, seed=seed, stop_token_ids=list(stop_token_ids),
-                       num_samples=per_prompt, pad_id=pad_id)
-    if len(samples.tokens) != num_problems * group:
-        raise ValueError(f"generate returned {len(samples.tokens)} completions for {num_problems} problems × "
-                         f"{group} rollouts")
-    rewards_pg = score_completions(tokenizer, batch, samples.tokens, reward_fn, per_prompt=per_prompt)
-    advantages_pg, valid_p = losses.group_advantages(jnp.asarray(rewards_pg, jnp.float32))
-    advantages_pg, valid_p = np.asarray(advantages_pg), np.asarray(valid_p)
-
-    rollouts = build_rollouts([prompt_ids[row // per_prompt] for row in range(num_problems * group)],
-                              samples.tokens, samples.logprobs, advantages_pg.reshape(-1),
-                              keep=np.repeat(valid_p, group), pad_id=pad_id)
-    state = state.replace(rng=rng, num_rollouts=state.num_rollouts + num_problems * group)
-    state, update_metrics = update(state, base_params, rollouts, config)
-
-    lengths = np.array([len(t) for t in samples.tokens], np.float64)
-    rewards_pkg = rewards_pg.reshape(num_problems, len(population), per_prompt)
-    metrics = {name: float(value) for name, value in jax.device_get(update_metrics).items()}
-    metrics.update(
-        reward_mean=float(rewards_pg.mean()), reward_std=float(rewards_pg.std()),
-        **{f"reward_prompt_{k}": float(rewards_pkg[:, k].mean()) for k in range(len(population))},
-        response_length=float(lengths.mean()),
-        response_truncated_fraction=float(np.mean([not f for f in samples.finished])),
-        groups_kept_fraction=float(valid_p.mean()),
-        num_rollouts=float(state.num_rollouts), step=float(state.step))
-    return state, metrics

@@ -33,11 +33,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.config import canonical_dtype
 from fst_jax.models.qwen3 import FEATURE_MAJOR, KVCache, Qwen3, decoder_layer, rms_norm, step_masks
-from fst_jax.sampling_layout import hashable_rules, abstract_sampling_weights, sampling_weights
-from fst_jax.sampling_step import sample_logits, sample_vb
+from fst_jax.sampling.weights import hashable_rules, abstract_sampling_weights, sampling_weights
+from fst_jax.sampling.token_choice import sample_logits, sample_vb
 
 __all__ = ["SampleOutput", "Sampler", "generate", "sample_logits", "sampling_weights", "abstract_sampling_weights",
            "lower_sampler_programs", "bucket_length", "row_bucket", "MIN_BUCKET"]

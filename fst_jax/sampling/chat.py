@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
-from fst_jax.sampling import Sampler
+from fst_jax.sampling.sampler import Sampler
 
 __all__ = ["ChatCompletion", "ChatSampler", "default_stop_token_ids"]
 

@@ -6,27 +6,36 @@ problem is the mean reward of its k samples, the score of the set the mean over 
 KL to base: responses are sampled from the current policy on held-out prompts; for each response token the
 log-ratio log π_θ(y_t) − log π_base(y_t) is an unbiased sample of the token-level KL(π_θ ‖ π_base) (the k1
 estimator, whose expectation under π_θ is the KL). Reported as the mean over all response tokens.
+
+`evaluate_run(runner, task)` is a run's evaluation: mean@k with the population's best and the seed prompt,
+KL to base under each, and the forgetting tasks under the seed prompt — one `eval` record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fst_jax import parallel
+from fst_jax.runtime import parallel
 from fst_jax.models.hf import render_chat
 from fst_jax.rl import losses
 from fst_jax.rl.rollouts import build_rollouts, length_bucket
 from fst_jax.sampling import Sampler, bucket_length
 from fst_jax.tasks.base import Task, checked_score
+from fst_jax.trainer.run_state import derive_seed
+
+if TYPE_CHECKING:
+    from fst_jax.trainer.runner import FSTRunner
 
 __all__ = ["render_prompts", "mean_at_k", "kl_to_base", "sequence_logprobs", "kl_sequence_length",
-           "lower_kl_program"]
+           "lower_kl_program", "evaluate_run"]
 
 
 def render_prompts(tokenizer, task: Task, problems: Sequence[Mapping[str, Any]], system_prompt: str | None,
@@ -108,7 +117,7 @@ def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base
     length = kl_sequence_length(bucket_length(max(len(p) for p in prompt_ids)), max_new_tokens)
     pad = [(0, 0), (0, length - batch.input_ids.shape[1])]
     ids, mask = np.pad(batch.input_ids, pad), np.pad(batch.attention_mask, pad)
-    mesh = _mesh_of(params)
+    mesh = parallel.mesh_of(params)
     if mesh is None:
         diff = _log_ratio(graphdef, params, base_params, ids, mask, chunk_size=chunk_size)
     else:
@@ -124,13 +133,6 @@ def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base
     return float((diff * response).sum() / max(response.sum(), 1.0))
 
 
-def _mesh_of(params):
-    for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            return sharding.mesh
-    return None
-
 
 def _stops(tokenizer) -> list[int]:
     return [t for t in (tokenizer.eos_token_id,) if t is not None]
@@ -138,3 +140,46 @@ def _stops(tokenizer) -> list[int]:
 
 def _pad(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def evaluate_run(runner: FSTRunner, task_name: str) -> dict[str, Any]:
+    c, t0 = runner.config, time.perf_counter()
+    runner.sampler.set_params(runner.state.params)
+    record: dict[str, Any] = {}
+    forgetting = [n.strip() for n in str(c.forgetting_tasks).split(",") if n.strip()]
+    for name in [task_name] + [n for n in forgetting if n != task_name]:
+        problems = runner.val[name][: c.eval.num_problems or None]
+        if not problems:
+            continue
+        prompts = {"best": runner.population[0], "seed": c.gepa.seed_prompt} if name == task_name \
+            else {"seed": c.gepa.seed_prompt}
+        for label, prompt in prompts.items():
+            r = mean_at_k(runner.sampler, runner.tokenizer, runner.tasks[name], problems, prompt, k=c.eval.k,
+                                temperature=c.eval.temperature, top_p=c.eval.top_p,
+                                max_new_tokens=c.eval.max_new_tokens,
+                                seed=derive_seed(c.seed, runner.counters.rl_steps, 4),
+                                enable_thinking=c.model.enable_thinking)
+            record.update({f"{name}/{label}/{k}": v for k, v in r.items()})
+            if name == task_name:  # the headline numbers, under the names launch/plot.py draws
+                record["val/reward" if label == "best" else "val/reward_seed"] = r["mean_at_k"]
+            elif label == "seed":
+                record[f"forgetting/{name}"] = r["mean_at_k"]
+    if c.eval.kl_prompts and runner.val[task_name]:
+        # kl_to_base under the seed prompt, the same conditioning for every method (what compare.py and
+        # plot.py set against reward); kl_to_base_best under the population's best prompt.
+        held_out = runner.val[task_name][: c.eval.kl_prompts]
+        for key, prompt in (("kl_to_base", c.gepa.seed_prompt), ("kl_to_base_best", runner.population[0])):
+            if key == "kl_to_base_best" and prompt == c.gepa.seed_prompt:
+                record[key] = record["kl_to_base"]
+                continue
+            ids = render_prompts(runner.tokenizer, runner.tasks[task_name], held_out, prompt,
+                                       c.model.enable_thinking)
+            record[key] = kl_to_base(runner.sampler, runner.graphdef, runner.state.params, runner.base_params,
+                                           runner.tokenizer, ids, max_new_tokens=c.eval.kl_max_new_tokens,
+                                           seed=derive_seed(c.seed, runner.counters.rl_steps, 5),
+                                           chunk_size=c.rl.logprob_chunk_size)
+    runner.counters.time_eval += time.perf_counter() - t0
+    record.update(dataclasses.asdict(runner.counters),
+                  total_rollouts=runner.counters.rl_rollouts + runner.counters.gepa_rollouts)
+    runner.metrics.write(runner.counters.rl_steps, "eval", record, task=task_name)
+    return record

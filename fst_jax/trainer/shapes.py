@@ -1,4 +1,4 @@
-"""The shapes of a run's jitted programs, shared by the run and its dry run (`fst_jax.plan`): the mesh, the
+"""The shapes of a run's jitted programs, shared by the run and its dry run (`fst_jax.trainer.dry_run`): the mesh, the
 sampler calls a run makes (`sampler_calls`: each kind's prompts, samples and token limits, so a run compiles
 only the programs its plan lowered), the prompt buckets they run at, and the update's and the KL evaluation's
 sequence lengths."""
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from fst_jax import evals, parallel, sampling
+from fst_jax.trainer import evals
+from fst_jax.runtime import parallel
+from fst_jax import sampling
 from fst_jax.rl.rollouts import length_bucket
 
 __all__ = ["SamplerCall", "sampler_calls", "sampler_rows", "prompt_buckets", "mesh_config", "update_length",

@@ -4,7 +4,7 @@ orbax and tensorstore make around a failed write or a damaged checkpoint.
     check_writable_dir(workdir, "--workdir")      # before anything heavy: a file, under a file, read-only...
     sys.stderr = QuietTeardownStderr(sys.stderr)  # in a command-line entry point
 
-`fst_jax.checkpoint.Checkpointer` uses the rest: it drops orbax's own error logs (it raises the same error to
+`fst_jax.runtime.checkpoint.Checkpointer` uses the rest: it drops orbax's own error logs (it raises the same error to
 us, and we report it once), hides what orbax threads print while a failed save is torn down or a damaged step
 is read, and recognises a full disk anywhere in an exception's chain.
 """
@@ -20,8 +20,14 @@ import socket
 import threading
 from pathlib import Path
 
-__all__ = ["QuietTeardownStderr", "check_writable_dir", "is_disk_full", "quiet_orbax_errors", "root_cause",
+__all__ = ["CheckpointError", "QuietTeardownStderr", "check_writable_dir", "is_disk_full", "quiet_orbax_errors", "root_cause",
            "stderr_swallowed"]
+
+
+class CheckpointError(RuntimeError):
+    """The one error type for checkpoints: no usable checkpoint, one that cannot be used for this run (the
+    run's own orbax checkpoints, `runtime.checkpoint`), or model weights on disk that do not match what their
+    config.json describes (HF safetensors, `models.hf`)."""
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "the workdir") -> Path:
