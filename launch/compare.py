@@ -1,7 +1,7 @@
 """FST against RL alone and GEPA alone, several seeds each, on identical data: the paper's comparison as
 numbers with their spread. A benchmark that prints numbers, not a test.
 
-    python launch/compare.py --stage-steps 12 --rl-steps 512      # the README's table (≈1.5 h on 2 CPU cores)
+    python launch/compare.py --stage-steps 12 --rl-steps 512      # docs/coupling.md's table (≈1.5 h on 2 CPU cores)
     python launch/compare.py                          # configs/fst_tiny_coupling.py, seeds 0 1 2, runs/compare
     python launch/compare.py --seeds 0 --skip-continual --skip-reuse --skip-ablation      # one seed, main runs
     python launch/compare.py --out /tmp/smoke --seeds 0 --steps 4 --stage-steps 2 --docs /tmp/smoke/docs \\
@@ -12,7 +12,7 @@ re-running the same command resumes an interrupted run and skips finished ones i
 
 - `{fst,rl,gepa}_s{seed}`: the three methods on the config's task, one per seed; RL alone runs `--rl-steps`
   (default 4× the others; on the coupling testbed RL finds the rule only after 250-350 steps, hence 512 for
-  the README) so that its curve has flattened: FST is measured against RL's plateau, not against RL cut off
+  docs/coupling.md) so that its curve has flattened: FST is measured against RL's plateau, not against RL cut off
   while still climbing. Raising `--rl-steps` later resumes the finished RL runs where they stopped (the
   learning rate is constant after warm-up, so the result is that of one longer run).
 - `fst_dominated_s{seed}` (ablation): FST with the population topped up with dominated prompts when the
@@ -27,8 +27,8 @@ prompt); RL steps and total rollouts (GEPA's included) to reach the same seed's 
 the seed prompt at matched reward (the lower of FST's and RL's final reward) and at the end; forgetting (other
 tasks under the seed prompt, first → last evaluation); GEPA's spending per cycle; per-stage final reward of the
 continual schedule. Written to DOCS/compare.json, DOCS/compare.md and DOCS/compare.png (one band per method),
-and the table between the `compare:start` / `compare:end` markers of README.md is replaced by compare.md's
-main table.
+and the table between the `compare:start` / `compare:end` markers of docs/coupling.md (`--page`) is replaced
+by compare.md's main table.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from fst_jax.analysis.compare_plot import band_plot  # noqa: E402
 from fst_jax.analysis.compare_report import (STAGES, continual_measures, continual_target, markdown,  # noqa: E402
-                                             band_plot, method_measures, reuse_measures, targets, update_readme,
+                                             method_measures, reuse_measures, targets, update_doc_block,
                                              span_seconds)
 from fst_jax.analysis.runs import load_run  # noqa: E402
 from fst_jax.config import parse_schedule  # noqa: E402
@@ -128,8 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "fst_tiny_coupling.py"))
     ap.add_argument("--out", default=os.path.join("runs", "compare"), help="run workdirs go here")
     ap.add_argument("--docs", default=os.path.join(ROOT, "docs"), help="compare.json / .md / .png go here")
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
-                    help="README whose compare:start/end block gets the table ('' = none)")
+    ap.add_argument("--page", "--readme", dest="page", default=os.path.join(ROOT, "docs", "coupling.md"),
+                    help="the docs page whose compare:start/end block gets the table ('' = none)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--continual-seeds", type=int, nargs="*", default=None,
                     help="seeds of the continual runs (default: the first of --seeds)")
@@ -221,8 +222,8 @@ def main(argv=None) -> int:
         f.write(table)
     band_plot(report, os.path.join(args.docs, "compare.png"))
     print("\n" + table)
-    if args.readme and update_readme(table, args.readme):
-        print(f"updated the compare table in {args.readme}")
+    if args.page and update_doc_block(table, args.page):
+        print(f"updated the compare table in {args.page}")
     print(f"wrote {os.path.join(args.docs, 'compare.json')}, compare.md and compare.png")
     return 0
 

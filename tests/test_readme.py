@@ -1,6 +1,7 @@
-"""Every `python launch/…` command README.md shows, run as written — so a README that drifts from the code fails.
+"""Every `python launch/…` command README.md and the docs/*.md pages show, run as written — so docs that drift
+from the code fail.
 
-Commands come from the README's ```bash blocks (continuation lines joined, `&&` chains split) and from inline
+Commands come from the pages' ```bash blocks (continuation lines joined, `&&` chains split) and from inline
 `python launch/…` code spans. Each must match one row of `ROWS`, the substitution table:
 
 - a *run* row names what stands in for what this machine lacks: the 8B checkpoint becomes the tiny model the
@@ -13,7 +14,9 @@ Commands come from the README's ```bash blocks (continuation lines joined, `&&` 
 A new README command that matches no row fails the test: add a row (usually a run row with the extra flags
 it needs). Commands run in a scratch directory holding links to the repo's `launch`, `configs`, `assets` and
 `fst_jax`, so their default outputs (`runs/<config>-<method>`) land there, in README order: a later command
-can read an earlier one's outputs, as `launch/plot.py` reads the training runs.
+can read an earlier one's outputs, as `launch/plot.py` reads the training runs. Each test also passes alone:
+a command that reads runs another command makes (`launch/plot.py runs/…`) first runs that command when its
+workdir is missing.
 """
 
 from __future__ import annotations
@@ -116,9 +119,10 @@ def readme_commands(text: str) -> list[str]:
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 part = re.sub(r"\s+#.*$", "", part).strip()
-                if re.search(r"(^|[\s/])python3? launch/", part):
+                if re.search(r"(^|[\s/])python3? (launch|tools)/", part):
                     commands.append(" ".join(part.split()))
-    commands += [" ".join(c.split()) for c in re.findall(r"`((?:\S*/)?python3? launch/[^`]+)`", "".join(prose))]
+    commands += [" ".join(c.split()) for c in re.findall(r"`((?:\S*/)?python3? (?:launch|tools)/[^`]+)`",
+                                                         "".join(prose))]
     return list(dict.fromkeys(commands))
 
 
@@ -130,13 +134,28 @@ def row_for(command: str) -> Row:
     return matches[0]
 
 
-with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-    COMMANDS = readme_commands(f.read())
+PAGES = ["README.md"] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
+                               if n.endswith(".md"))
+
+
+def _page_commands() -> dict[str, str]:
+    """{command: the first page that shows it}, README first, then docs/ in name order."""
+    found: dict[str, str] = {}
+    for page in PAGES:
+        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+            for command in readme_commands(f.read()):
+                found.setdefault(command, page)
+    return found
+
+
+SOURCE = _page_commands()
+COMMANDS = list(SOURCE)
 
 
 def test_the_readme_shows_the_commands_this_test_knows():
-    assert len(COMMANDS) >= 9, COMMANDS  # the extraction itself still works on the README's layout
+    assert len(COMMANDS) >= 9, COMMANDS  # the extraction itself still works on the pages' layout
     assert any("configs/fst_tiny.py" in c for c in COMMANDS) and any("launch/plot.py" in c for c in COMMANDS)
+    assert {SOURCE[c] for c in COMMANDS} >= {"README.md", "docs/training.md", "docs/meshes.md"}
     for command in COMMANDS:
         row_for(command)
 
@@ -145,7 +164,7 @@ def test_the_readme_shows_the_commands_this_test_knows():
 def scratch(tmp_path_factory):
     """A directory that looks like the repo's root to the commands, so their outputs stay out of the repo."""
     d = tmp_path_factory.mktemp("readme")
-    for name in ("launch", "configs", "assets", "fst_jax"):
+    for name in ("launch", "tools", "configs", "assets", "fst_jax"):
         os.symlink(os.path.join(ROOT, name), d / name)
     cache = d / ".jax_cache"
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache),
@@ -153,19 +172,55 @@ def scratch(tmp_path_factory):
     return d, env
 
 
+def _argv(command: str) -> list[str]:
+    """The command as this test runs it: the row's stand-ins replaced, its extra arguments appended."""
+    row = row_for(command)
+    as_written = command
+    for old, new in row.replace:
+        command = command.replace(old, new)
+    extra = [a.replace("{index}", str(COMMANDS.index(as_written))) for a in row.extra]
+    args = command.split()
+    program = args.index(next(a for a in args if a.startswith(("launch/", "tools/"))))
+    return [*args[program:], *extra]
+
+
+def _workdir(argv: list[str]) -> str | None:
+    """Where a `launch/train.py` command writes: its last --workdir, else runs/<config name>-<method>."""
+    if argv[0] != "launch/train.py":
+        return None
+    value = lambda flag, default: next((a.split("=", 1)[1] for a in reversed(argv)  # noqa: E731
+                                        if a.startswith(flag + "=")), default)
+    workdirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--workdir"]
+    explicit = value("--workdir", workdirs[-1] if workdirs else None)
+    config = argv[argv.index("--config") + 1] if "--config" in argv else value("--config", "")
+    stem = os.path.splitext(os.path.basename(config))[0]
+    return explicit or f"runs/{stem}-{value('--config.method', 'fst')}"
+
+
+def _run(argv: list[str], cwd, env, timeout: int) -> None:
+    cmd = [sys.executable, *argv]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stderr[-3000:]}"
+
+
+def _make_missing_runs(argv: list[str], cwd, env) -> None:
+    """Run the commands that make the `runs/…` directories `argv` reads, when they are not there yet."""
+    for path in [a for a in argv[1:] if a.startswith("runs/")]:
+        if os.path.isdir(os.path.join(cwd, path)):
+            continue
+        maker = next((c for c in COMMANDS if not row_for(c).skip and _workdir(_argv(c)) == path), None)
+        assert maker is not None, f"no command of the docs makes {path}, which {' '.join(argv)} reads"
+        _run(_argv(maker), cwd, env, row_for(maker).timeout)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_runs(command, scratch):
-    command_as_written = command
     row = row_for(command)
     if row.skip:
-        pytest.skip(f"README command {command!r}: {row.skip}")
+        pytest.skip(f"{SOURCE[command]} command {command!r}: {row.skip}")
     cwd, env = scratch
-    for old, new in row.replace:
-        command = command.replace(old, new)
-    extra = [a.replace("{index}", str(COMMANDS.index(command_as_written))) for a in row.extra]
-    args = command.split()
-    program = args.index(next(a for a in args if a.startswith("launch/")))
-    cmd = [sys.executable, *args[program:], *extra]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=row.timeout)
-    assert r.returncode == 0, f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stderr[-3000:]}"
+    argv = _argv(command)
+    if argv[0] == "launch/plot.py":
+        _make_missing_runs(argv, cwd, env)
+    _run(argv, cwd, env, row.timeout)

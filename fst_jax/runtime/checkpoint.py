@@ -28,6 +28,9 @@ are kept off the console: the exception carries what matters.
 Multi-process: every process calls `save`/`restore_latest`; orbax coordinates the array writes, JSON is
 written by process 0 only (so `meta` and `data` must be the same on every process, as they are when every
 process runs the same host loop with the same seed), and processes agree on whether a step is usable.
+
+One concept in ~400 lines on purpose: save, the fallback over damaged steps and the multi-process agreement
+share the same step bookkeeping, and splitting them would spread one invariant over several files.
 Credentials are never written: `meta`, `data` and the config snapshot pass through `redact`.
 """
 
