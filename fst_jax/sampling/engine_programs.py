@@ -1,0 +1,238 @@
+"""The request engine's jitted programs: continuous batching over a fixed number of slots, attention bounded by
+the live length. The host loop that drives them is `fst_jax.sampling.engine`.
+
+A call streams requests (a prompt, its number of samples and token limit) through `slots` rows in flight:
+
+    insert   one jitted program per (prompt rows I, prompt bucket P, samples n): prefill I prompts over their
+             own P keys (a fresh [I, K, P, H] cache, never the slot buffer), sample each sample's first token,
+             and scatter the prompt's KV into its n free slots (`.at[slot_ids]`): the samples share one prefill.
+    decode   one jitted `lax.while_loop` per (rows, length bucket W): each step feeds every live row's last
+             token, writes its KV at the row's own column and attends over the first W columns only; the
+             loop stops after `max_steps`, when `want_free` slots are free (the host then inserts), when every
+             row is done, or when a live row reaches column W (the host picks a larger W).
+    compact  when no request waits and the live rows fit a smaller row bucket, gather them into it.
+
+The host touches the device once per chunk (a few scalars and the finished rows' tokens), never per token.
+
+Cache: per-slot contiguous buffers, each layer's [slots, K, S, H] (S = the longest prompt bucket + the longest
+completion). With every row's tokens in columns [0, length), a decode step's attention reads a static prefix
+[0, W) of the buffer — one dense slice, no page table to gather through — and an insertion is one scatter.
+Pages would share prefixes and waste no columns on short rows; at our lengths (≤ 8 K columns, one prompt
+prefix per G samples copied once) the contiguous buffer costs at most a prompt bucket of padding per row.
+
+Randomness: the key of token t of sample j of request r is fold_in(fold_in(fold_in(key(seed), r), j), t), so
+a completion never depends on its slot, its neighbours, the slot count or the schedule.
+
+Shape letters: B slots (rows), I inserted prompts, P prompt bucket, S cache columns, W attended columns,
+M longest completion, V vocab, K kv heads, H head dim, D hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fst_jax.models.config import canonical_dtype
+from fst_jax.models.qwen3 import FEATURE_MAJOR, KVCache, decoder_layer, rms_norm, step_masks
+from fst_jax.sampling.token_choice import sample_vb
+
+__all__ = ["BLOCK", "EngineState", "empty_state", "length_buckets", "programs", "row_buckets"]
+
+BLOCK = 64  # attended columns are a power-of-two multiple of this (or the whole buffer)
+
+
+class EngineState(NamedTuple):
+    """The slots on the device. k, v: L × [B, K, S, H]; key_mask [B, S]: columns holding real tokens; token
+    [B]: the last sampled token (fed next); column [B]: where its KV goes; position [B]: its RoPE position;
+    count [B]: tokens generated; limit [B]: the row's max_new_tokens; live [B]: still decoding; finished
+    [B]: ended by a stop token; keys [B, 2]: the sample's PRNG key data; out_tokens, out_logprobs [B, M]."""
+
+    k: tuple
+    v: tuple
+    key_mask: jax.Array
+    token: jax.Array
+    column: jax.Array
+    position: jax.Array
+    count: jax.Array
+    limit: jax.Array
+    live: jax.Array
+    finished: jax.Array
+    keys: jax.Array
+    out_tokens: jax.Array
+    out_logprobs: jax.Array
+
+
+def length_buckets(columns: int) -> list[int]:
+    """The attended widths a decode chunk can run at: BLOCK·2^i below `columns`, then `columns` itself."""
+    out, w = [], BLOCK
+    while w < columns:
+        out.append(w)
+        w *= 2
+    return out + [columns]
+
+
+def row_buckets(slots: int, multiple: int = 1, smallest: int = 8) -> list[int]:
+    """The row counts the tail is compacted to: slots, slots/2, … while a multiple of `multiple` and ≥
+    `smallest` rows per shard (largest first)."""
+    out = [slots]
+    while out[-1] % (2 * multiple) == 0 and out[-1] // 2 >= smallest * multiple:
+        out.append(out[-1] // 2)
+    return out
+
+
+def empty_state(config, rows: int, columns: int, max_new_tokens: int, cache_dtype) -> EngineState:
+    """Free slots (host-side zeros are enough: every program overwrites what it reads)."""
+    dtype = canonical_dtype(cache_dtype)
+    kv = lambda: tuple(jnp.zeros((rows, config.num_kv_heads, columns, config.head_dim), dtype)  # noqa: E731
+                       for _ in range(config.num_layers))
+    zeros = lambda: jnp.zeros((rows,), jnp.int32)  # noqa: E731  (distinct buffers: every one is donated)
+    return EngineState(k=kv(), v=kv(), key_mask=jnp.zeros((rows, columns), bool), token=zeros(), column=zeros(),
+                       position=zeros(), count=zeros(), limit=zeros(), live=jnp.zeros((rows,), bool),
+                       finished=jnp.zeros((rows,), bool), keys=jnp.zeros((rows, 2), jnp.uint32),
+                       out_tokens=jnp.zeros((rows, max_new_tokens), jnp.int32),
+                       out_logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32))
+
+
+def _logits_vb(c, weights: dict, hidden_db: jax.Array) -> jax.Array:
+    """LM-head logits [V, B] in float32, weight-first (on XLA:CPU it streams the embedding ~2x faster)."""
+    unembed_vd = weights["embed"] if weights["unembed_vd"] is None else weights["unembed_vd"]
+    with jax.named_scope("unembed"):
+        return (unembed_vd.astype(canonical_dtype(c.dtype)) @ hidden_db).astype(jnp.float32)
+
+
+def _embed_db(c, weights: dict, tokens: jax.Array) -> jax.Array:
+    """Feature-major embeddings [D, tokens...] of int ids of any shape."""
+    x = jnp.take(weights["embed"], tokens.reshape(-1), axis=0).astype(canonical_dtype(c.dtype))
+    return x.T.reshape(-1, *tokens.shape)
+
+
+def _sample_keys(seed, request_b, sample_b) -> jax.Array:
+    """Key data [B, 2] of fold_in(fold_in(key(seed), request), sample)."""
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(base, r), j))(request_b, sample_b)
+    return jax.random.key_data(keys)
+
+
+def _choose(keys_b2, count_b, logits_vb, params):
+    """Sample each row's token number `count_b` from its own key: (tokens [B], logprobs [B])."""
+    temperature, top_p, top_k = params
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys_b2), count_b)
+    return sample_vb(logits_vb, keys, temperature, top_p, top_k)
+
+
+# -------------------------------------------------------------------------------------------- the programs
+
+def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids, request_ids, limits, seed,
+            temperature, top_p, top_k, stop_ids, *, config, num_samples):
+    """Prefill I prompts over their own keys and place each one's `num_samples` samples in `slot_ids` [I·n]
+    (index B = no slot: padding prompts). Each sample's first token is sampled here (token 0 of its key)."""
+    c, n = config, num_samples
+    I, P = prompt_ids_ip.shape
+    B = state.live.shape[0]
+    dtype = state.k[0].dtype
+    zeros = jnp.zeros((I, c.num_kv_heads, P, c.head_dim), dtype)
+    cache = KVCache(k=None, v=None, key_mask=jnp.zeros((I, P), bool), index=jnp.zeros((), jnp.int32),
+                    next_position=jnp.zeros((I,), jnp.int32))
+    positions_ip, key_mask_ip, allowed_ipp = step_masks(prompt_mask_ip, cache)
+    x = _embed_db(c, weights, prompt_ids_ip)
+    new_k, new_v = [], []
+    for p in weights["layers"]:
+        x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, positions_ip, allowed_ipp, (zeros, zeros), 0)
+        new_k.append(k)
+        new_v.append(v)
+    hidden_di = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
+    logits_vr = jnp.repeat(_logits_vb(c, weights, hidden_di), n, axis=1)
+
+    rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731  (prompt-major: prompt i's samples at i·n … i·n+n-1)
+    request_r, limit_r = rep(request_ids), rep(limits)
+    sample_r = jnp.tile(jnp.arange(n, dtype=jnp.int32), I)
+    keys_r2 = _sample_keys(seed, request_r, sample_r)
+    token_r, logprob_r = _choose(keys_r2, jnp.zeros_like(sample_r), logits_vr, (temperature, top_p, top_k))
+    stopped_r = jnp.any(token_r[:, None] == stop_ids[None, :], axis=-1)
+    M = state.out_tokens.shape[1]
+    first = lambda a, fill: jnp.full((I * n, M), fill, a.dtype).at[:, 0].set(a)  # noqa: E731
+    S = state.key_mask.shape[1]
+    key_mask_rs = jnp.zeros((I * n, S), bool).at[:, :P].set(rep(key_mask_ip))
+    put = lambda buf, rows: buf.at[slot_ids].set(rows, mode="drop")  # noqa: E731
+    with jax.named_scope("insert_kv"):
+        ks = tuple(buf.at[slot_ids, :, :P].set(rep(k), mode="drop") for buf, k in zip(state.k, new_k))
+        vs = tuple(buf.at[slot_ids, :, :P].set(rep(v), mode="drop") for buf, v in zip(state.v, new_v))
+    return EngineState(
+        k=ks, v=vs, key_mask=put(state.key_mask, key_mask_rs), token=put(state.token, token_r),
+        column=put(state.column, jnp.full((I * n,), P, jnp.int32)),
+        position=put(state.position, rep(prompt_mask_ip.sum(axis=1, dtype=jnp.int32))),
+        count=put(state.count, jnp.ones((I * n,), jnp.int32)), limit=put(state.limit, limit_r),
+        live=put(state.live, ~stopped_r & (limit_r > 1)), finished=put(state.finished, stopped_r),
+        keys=put(state.keys, keys_r2), out_tokens=put(state.out_tokens, first(token_r, 0)),
+        out_logprobs=put(state.out_logprobs, first(logprob_r, 0.0)))
+
+
+def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_p, top_k, stop_ids, *, config,
+            width):
+    """Decode steps over the first `width` columns until `max_steps`, `want_free` free rows, no live row, or a
+    live row reaching column `width`. Returns (state, steps run)."""
+    c, W = config, width
+    B = state.live.shape[0]
+    rows = jnp.arange(B)
+    params = (temperature, top_p, top_k)
+    # The loop carries W + 1 columns: the layer writes every row's new KV at the shared scratch column W (so
+    # the model's own decoder_layer serves), then each row's is moved to its own column.
+    pad = lambda buf: jnp.concatenate([buf[:, :, :W], jnp.zeros_like(buf[:, :, :1])], axis=2)  # noqa: E731
+    window = (tuple(map(pad, state.k)), tuple(map(pad, state.v)), state.key_mask[:, :W])
+
+    def cond(carry):
+        step, _, s = carry
+        return ((step < max_steps) & jnp.any(s.live) & (jnp.sum(~s.live) < want_free)
+                & ~jnp.any(s.live & (s.column >= W)))
+
+    def body(carry):
+        step, (ks, vs, key_mask_bw), s = carry
+        column_b = jnp.where(s.live, s.column, W + 1)  # a row that is done writes nothing (dropped)
+        allowed_b1w = jnp.concatenate([key_mask_bw, jnp.ones((B, 1), bool)], axis=1)[:, None, :]
+        x = _embed_db(c, weights, s.token[:, None])
+        new_ks, new_vs = [], []
+        for p, k, v in zip(weights["layers"], ks, vs):
+            x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, s.position[:, None], allowed_b1w, (k, v), W)
+            with jax.named_scope("cache_update"):
+                new_ks.append(k.at[rows, :, column_b].set(k[:, :, W], mode="drop"))
+                new_vs.append(v.at[rows, :, column_b].set(v[:, :, W], mode="drop"))
+        key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
+        hidden_db = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
+        token_b, logprob_b = _choose(s.keys, s.count, _logits_vb(c, weights, hidden_db), params)
+        at_b = jnp.where(s.live, s.count, s.out_tokens.shape[1])
+        stopped_b = s.live & jnp.any(token_b[:, None] == stop_ids[None, :], axis=-1)
+        count_b = s.count + s.live
+        s = s._replace(token=jnp.where(s.live, token_b, s.token), column=s.column + s.live,
+                       position=s.position + s.live, count=count_b,
+                       live=s.live & ~stopped_b & (count_b < s.limit), finished=s.finished | stopped_b,
+                       out_tokens=s.out_tokens.at[rows, at_b].set(token_b, mode="drop"),
+                       out_logprobs=s.out_logprobs.at[rows, at_b].set(logprob_b, mode="drop"))
+        return step + 1, (tuple(new_ks), tuple(new_vs), key_mask_bw), s
+
+    steps, (ks, vs, key_mask_bw), state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), window, state))
+    unpad = lambda full, win: jax.lax.dynamic_update_slice(full, win[:, :, :W], (0, 0, 0, 0))  # noqa: E731
+    state = state._replace(k=tuple(map(unpad, state.k, ks)), v=tuple(map(unpad, state.v, vs)),
+                           key_mask=jax.lax.dynamic_update_slice(state.key_mask, key_mask_bw, (0, 0)))
+    return state, steps
+
+
+def _compact(state: EngineState, keep):
+    """The rows `keep` [B'] of every slot array (the tail's live rows in a smaller batch)."""
+    take = lambda x: jnp.take(x, keep, axis=0)  # noqa: E731
+    return jax.tree.map(take, state)
+
+
+@functools.lru_cache(maxsize=64)
+def programs(config):
+    """The engine's jitted (insert, decode, compact) for one model config; statics select the compiled
+    variant: insert by (I, P, num_samples), decode by (rows, width), compact by (rows, kept rows)."""
+    insert_jit = jax.jit(functools.partial(_insert, config=config), static_argnames=("num_samples",),
+                         donate_argnames=("state",))
+    decode_jit = jax.jit(functools.partial(_decode, config=config), static_argnames=("width",),
+                         donate_argnames=("state",))
+    compact_jit = jax.jit(_compact)  # a gather into fewer rows: nothing to donate into
+    return insert_jit, decode_jit, compact_jit
+
