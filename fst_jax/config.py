@@ -29,7 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.remat = "dots_saveable"
-    c.model.attention = "xla"           # xla (einsums) | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
+    # auto: cuDNN's fused attention on a CUDA GPU for the update and KL forwards (bf16/fp16), einsums elsewhere
+    # (CPU, TPU, the sampler's cached prefill) | xla (einsums) | cudnn (or an error) | dot_product (jax.nn's)
+    c.model.attention = "auto"
     c.model.enable_thinking = False     # Qwen3 chat template switch
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -83,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.max_grad_norm = ml_collections.config_dict.placeholder(float)  # None = no clipping
     c.rl.micro_batch_size = ml_collections.config_dict.placeholder(int)
     c.rl.logprob_chunk_size = ml_collections.config_dict.placeholder(int)
+    # The update computes each micro-batch of rows (sorted by length) at the smallest of this many evenly spaced
+    # lengths up to max_prompt + max_new_tokens that holds it: one compiled gradient program per length.
+    c.rl.num_length_buckets = 8
 
     c.gepa = ml_collections.ConfigDict()
     c.gepa.seed_prompt = SEED_PROMPT
@@ -135,6 +140,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.tensorboard = True
     c.log.progress = True
+    # Weights & Biases beside metrics.jsonl and TensorBoard, from process 0 (pip install '.[wandb]'; docs/training.md)
+    c.log.wandb = ml_collections.ConfigDict()
+    c.log.wandb.enabled = False
+    c.log.wandb.project = "fst_jax"
+    c.log.wandb.entity = ""             # "" = your default W&B entity
+    c.log.wandb.name = ""               # "" = the workdir's name; a resumed run keeps its W&B run (WORKDIR/wandb_run.json)
+    c.log.wandb.mode = ""               # "" = W&B's choice ($WANDB_MODE, else online) | online | offline | disabled
+
+    # The cost the dry run predicts (--dry_run → plan.json "cost"; fst_jax/trainer/cost_model.py).
+    c.plan = ml_collections.ConfigDict()
+    c.plan.device = "H100"              # H100 | H200 | TPU v5p: the roofline's peaks (cost_model.DEVICES)
+    c.plan.mean_answer_tokens = ml_collections.config_dict.placeholder(int)  # None = sampling.max_new_tokens / 2
+    c.plan.compute_efficiency = 0.4     # fraction of the bf16 peak a matmul-bound program reaches (assumed)
+    c.plan.bandwidth_efficiency = 0.7   # fraction of HBM bandwidth a memory-bound decode step reaches (assumed)
+    c.plan.eval_problems = 500          # problems per evaluation when eval.num_problems = 0 (the split's size)
     return c
 
 
@@ -200,6 +220,7 @@ _RANGES = (
     ("rl.max_grad_norm", 0, None, dict(low_open=True, optional=True)),
     ("rl.micro_batch_size", 1, None, dict(integer=True, optional=True)),
     ("rl.logprob_chunk_size", 1, None, dict(integer=True, optional=True)),
+    ("rl.num_length_buckets", 1, None, dict(integer=True)),
     ("gepa.budget_rollouts", 1, None, dict(integer=True)),
     ("gepa.minibatch_size", 1, None, dict(integer=True)),
     ("gepa.proposals_per_iteration", 1, None, dict(integer=True)),
@@ -222,6 +243,10 @@ _RANGES = (
     ("eval.kl_max_new_tokens", 1, None, dict(integer=True)),
     ("checkpoint.every_cycles", 1, None, dict(integer=True)),
     ("checkpoint.max_to_keep", 1, None, dict(integer=True, optional=True)),
+    ("plan.mean_answer_tokens", 1, None, dict(integer=True, optional=True)),
+    ("plan.compute_efficiency", 0, 1, dict(low_open=True)),
+    ("plan.bandwidth_efficiency", 0, 1, dict(low_open=True)),
+    ("plan.eval_problems", 1, None, dict(integer=True)),
 )
 
 
@@ -231,12 +256,13 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from fst_jax.gepa.selection import SELECTORS
     from fst_jax.models.config import ATTENTION_KERNELS, REMAT_POLICIES
     from fst_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+    from fst_jax.trainer.cost_model import DEVICES
 
     dtypes = ("float32", "bfloat16", "float16")
     return {"model.dtype": dtypes, "model.param_dtype": dtypes, "model.remat": REMAT_POLICIES,
             "model.attention": tuple(ATTENTION_KERNELS),
             "rl.loss": tuple(POLICY_LOSSES), "rl.kl_estimator": tuple(KL_ESTIMATORS), "rl.aggregation": AGGREGATIONS,
-            "gepa.selection": SELECTORS, "gepa.reflection.kind": ("local", "openai")}
+            "gepa.selection": SELECTORS, "gepa.reflection.kind": ("local", "openai"), "plan.device": tuple(DEVICES)}
 
 
 def _validate_task(name: str, spec) -> None:
@@ -279,6 +305,11 @@ def validate(config, *, require_checkpoint: bool = True) -> None:
                          ("gepa.reflection.max_prompt_tokens", config.gepa.reflection.max_prompt_tokens)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"config.{field} must be a positive integer, got {value!r}")
+    plan = config.get("plan", {})
+    if plan.get("mean_answer_tokens") and plan.mean_answer_tokens > config.sampling.max_new_tokens:
+        raise ValueError(f"config.plan.mean_answer_tokens={plan.mean_answer_tokens} exceeds "
+                         f"config.sampling.max_new_tokens={config.sampling.max_new_tokens}: an answer's mean "
+                         "length is at most its cap")
     if config.sampling.max_rows is not None and config.sampling.max_rows < 1:
         raise ValueError(f"config.sampling.max_rows must be ≥ 1 (or None = B·G), got {config.sampling.max_rows}")
     if require_checkpoint and not config.model.path:
@@ -310,3 +341,18 @@ def validate(config, *, require_checkpoint: bool = True) -> None:
     if sum(steps for _, steps in schedule) != config.total_steps and config.schedule:
         raise ValueError(f"config.schedule adds up to {sum(s for _, s in schedule)} steps but config.total_steps "
                          f"is {config.total_steps}; make them agree")
+    if "wandb" in config.get("log", {}) and require_checkpoint:  # a dry run logs nothing
+        _check_wandb(config.log.wandb)
+
+
+def _check_wandb(settings) -> None:
+    """`config.log.wandb` on process 0, the one that logs: the mode, and (when enabled) the package and a login,
+    each a one-line error before anything heavy starts."""
+    from fst_jax.runtime.wandb_log import check_ready
+
+    if settings.get("enabled"):
+        import jax
+
+        if jax.process_index() != 0:
+            return
+    check_ready(settings)

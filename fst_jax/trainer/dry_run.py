@@ -15,7 +15,9 @@ Memory is accounted per phase, the phases running one after another:
     reflection  the same, the sampler holding the base weights instead (one sampler, weights swapped)
     eval        the same, with the mean@k evaluation sampler
     kl          train state + base + sampler weights + the KL program (policy and base log-probs)
-    update      train state + base + (sampler weights released) + the update's temporaries
+    update      train state + base + gradient sums (sampler weights released) + the temporaries of the update's
+                gradient program at its longest length (the shorter lengths compiled, not accounted)
+    update_apply  the same resident buffers + the optimizer step's temporaries
 
 A program's peak is the resident buffers alive in its phase plus its temporaries plus the outputs that are
 not aliased to donated inputs; the plan's peak is the largest of these. Resident buffers are exact (shapes ×
@@ -36,15 +38,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fst_jax.trainer import evals
+from fst_jax.trainer import cost_model, evals
 from fst_jax.runtime import parallel
 from fst_jax import sampling
 from fst_jax.config import validate
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 from fst_jax.rl import config as rl_config_lib, policy_update as rl_update
-from fst_jax.rl.rollouts import Rollouts
-from fst_jax.trainer.shapes import kl_length, mesh_config, prompt_buckets, sampler_calls, update_length
+from fst_jax.trainer.shapes import (kl_length, mesh_config, prompt_buckets, sampler_calls, update_length,
+                                   update_lengths)
 
 __all__ = ["Plan", "make_plan", "run_dry", "model_config", "HEADROOM", "EXIT_DOES_NOT_FIT"]
 
@@ -97,6 +99,7 @@ class ProgramMemory:
     cpu_temp: int = 0
     cpu_upcast: int = 0
     compiled: bool = True
+    cost: Any = None        # cost_model.program_cost: FLOPs and bytes per device
 
     def peak(self, resident_bytes: dict[str, int]) -> int:
         """Resident buffers alive (its arguments among them) + temporaries + outputs not written in place."""
@@ -114,6 +117,7 @@ class Plan:
     model: str
     also_compiled: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    cost: dict | None = None  # cost_model.cycle_cost: seconds per phase and GPU-hours on config.plan.device
 
     @property
     def peak_bytes(self) -> int:
@@ -138,7 +142,7 @@ class Plan:
                                  "cpu_temp_gb": gb(p.cpu_temp), "cpu_upcast_gb": gb(p.cpu_upcast),
                                  "compiled": p.compiled,
                                  "resident": list(p.resident), "compile_s": round(p.compile_s, 1)}
-                             for n, p in self.programs.items()}}
+                             for n, p in self.programs.items()}, "cost": self.cost}
 
     def table(self) -> str:
         """The per-device memory table the dry run prints."""
@@ -155,6 +159,7 @@ class Plan:
                       "cpu_upcast_bytes); peak: resident alive + temp + outputs not written in place"]
         lines += ["", f"peak {self.peak_bytes / GB:.2f} GB/device in {self.peak_program}: "
                       f"{'fits' if self.fits else 'DOES NOT FIT'} ({self.seconds:.0f} s to plan)"]
+        lines += ["", cost_model.cost_table(self.cost)] if self.cost else []
         return "\n".join(lines)
 
     def verdict(self) -> str:
@@ -184,6 +189,8 @@ _LEVERS = {
     "eval": "config.eval.max_new_tokens, sampling.max_rows",
     "kl": "config.eval.kl_prompts, eval.kl_max_new_tokens",
     "update": "config.rl.micro_batch_size, model.remat, rl.logprob_chunk_size",
+    "update_apply": "config.mesh.fsdp",
+    "gradient_sums": "config.mesh.fsdp",
 }
 
 
@@ -210,7 +217,7 @@ def _compile(lowered, resident: tuple[str, ...]) -> ProgramMemory:
     return ProgramMemory(temp=max(0, int(m.temp_size_in_bytes) - upcast), argument=int(m.argument_size_in_bytes),
                          output=int(m.output_size_in_bytes), alias=int(m.alias_size_in_bytes), resident=resident,
                          compile_s=time.perf_counter() - t0, cpu_temp=int(m.temp_size_in_bytes),
-                         cpu_upcast=upcast)
+                         cpu_upcast=upcast, cost=cost_model.program_cost(compiled))
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> (.*) \{$")
@@ -342,16 +349,19 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
                 lowered["kl"] = (program, state_items + ("sampler_weights",))
 
         if c.method != "gepa" and wanted("update"):
-            multiple = rl_config.micro_batch_size or parallel.batch_size_multiple(mesh)
-            rows = -(-int(c.cycle.problems_per_step) * int(c.cycle.rollouts_per_problem) // multiple) * multiple
-            T = update_length(c)
-            f32 = lambda: _sds((rows, T), jnp.float32, rows_sharding(2))  # noqa: E731
-            i32 = lambda: _sds((rows, T), jnp.int32, rows_sharding(2))  # noqa: E731
-            rollouts = Rollouts(input_ids=i32(), attention_mask=i32(), loss_mask=f32(), old_logprobs=f32(),
-                                advantages=_sds((rows,), jnp.float32, rows_sharding(1)))
-            log(f"plan: update: {rows} rows × {T} tokens, micro-batch {rl_config.micro_batch_size}")
-            # the sampler's copy is released after the rollouts (run_sampler), so it is not alive here
-            lowered["update"] = (rl_update.lower_update(state, base, rollouts, rl_config), state_items)
+            rows = rl_update.micro_batch_rows(rl_config, int(c.cycle.problems_per_step) * int(c.cycle.rollouts_per_problem),
+                                              mesh)
+            lengths = update_lengths(c)
+            programs = rl_update.lower_update(state, base, rl_config, rows=rows, lengths=lengths)
+            resident["gradient_sums"] = _bytes(programs["zero"].out_info)
+            log(f"plan: update: micro-batches of {rows} rows at lengths {', '.join(map(str, lengths))}")
+            # the sampler's copy is released after the rollouts (run_sampler), so it is not alive here; the
+            # longest length is accounted, the shorter ones compiled
+            update_items = state_items + ("gradient_sums",)
+            lowered["update"] = (programs[f"gradients@{lengths[-1]}"], update_items)
+            lowered["update_apply"] = (programs["apply"], update_items)
+            smaller += [(f"update@{n}", {"gradients": programs[f"gradients@{n}"]}) for n in lengths[:-1]]
+            smaller.append(("update_zero", {"zero": programs["zero"]}))
 
     plan = Plan(devices=mesh.size, device_memory_gb=device_memory_gb(c), resident=resident, programs={},
                 model=_describe(model_cfg, c))
@@ -366,7 +376,9 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
             for program in programs.values():
                 program.compile()
             plan.also_compiled.append(name)
-            log(f"plan: compiled {name} (prompt bucket, not accounted) in {time.perf_counter() - t0:.0f} s")
+            log(f"plan: compiled {name} (a smaller bucket, not accounted) in {time.perf_counter() - t0:.0f} s")
+        uses, unknown = cost_model.program_uses(c, {n: p.cost for n, p in plan.programs.items()})
+        plan.cost = cost_model.cycle_cost(c, uses, mesh.size, unknown)
     else:
         log("plan: the resident buffers alone exceed the budget; nothing compiled")
     plan.seconds = time.perf_counter() - t_start

@@ -1,0 +1,224 @@
+"""What a run costs on a named accelerator: the dry run's compiled programs × calls per cycle ÷ the device's peaks.
+
+The dry run (`launch/train.py --dry_run`) compiles every program a run calls; `program_cost` reads each one's
+FLOPs and bytes per device from its optimized HLO (`hlo_cost`: loops counted by their trip counts, the
+decode loop as one step, XLA:CPU's bf16 → f32 converts left out). `program_uses` says how often the recipe
+calls each program in one cycle of T RL steps; `cycle_cost` turns that into a roofline time per phase:
+
+    seconds of a call = max(FLOPs ÷ (peak × compute_efficiency), bytes ÷ (HBM bandwidth × bandwidth_efficiency))
+
+taken per decode step for the sampler's loop (a step reads every weight and the whole KV cache: memory-bound)
+and once for every other program. GPU-hours = devices × (cycles × cycle seconds + the evaluation at the start)
+÷ 3600.
+
+Left out: host time (tokenizing, reward scoring, GEPA's bookkeeping, data loading), compile time, checkpoints,
+communication between devices (the FSDP all-gathers and reduce-scatters of the update), a hosted reflection
+LM's time, GEPA's window evaluations of accepted children (their rollouts are counted as minibatch
+iterations, which cost more calls per rollout), rollouts reused from GEPA (`cycle.reuse_gepa_rollouts`),
+forgetting-task evaluations, and prompts shorter than the largest bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from fst_jax.trainer.hlo_cost import HloCost, hlo_cost
+from fst_jax.trainer.shapes import sampler_calls
+
+__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "program_cost", "decode_steps", "mean_answer_tokens",
+           "program_uses", "roofline_seconds", "cycle_cost", "cost_table"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """An accelerator's dense bf16 peak (FLOP/s) and HBM bandwidth (bytes/s), from the vendor's datasheet."""
+
+    name: str
+    peak_flops: float
+    hbm_bytes_per_s: float
+
+
+DEVICES = {
+    "H100": Device("NVIDIA H100 SXM 80 GB", 989e12, 3.35e12),
+    "H200": Device("NVIDIA H200 SXM 141 GB", 989e12, 4.8e12),
+    "TPU v5p": Device("Google TPU v5p", 459e12, 2.76e12),
+}
+PHASES = ("rollouts", "gepa", "reflection", "update", "evaluations")
+# The dry run's sampler call kinds (trainer/shapes.py `sampler_calls`) by phase of a cycle.
+_PHASE_OF_CALL = {"rollout": "rollouts", "gepa": "gepa", "gepa_minibatch": "gepa", "reflection": "reflection",
+                  "eval": "evaluations", "kl_sample": "evaluations"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramUse:
+    """One compiled program in a cycle: its phase, its cost per device, `calls` per cycle and, for a decode
+    program, the loop `steps` each call runs."""
+
+    name: str
+    phase: str
+    cost: HloCost
+    calls: float
+    steps: float = 0.0
+
+    def seconds_per_call(self, device: Device, compute_efficiency: float, bandwidth_efficiency: float) -> float:
+        """Roofline seconds of one call: its fixed part, plus `steps` times its loop step."""
+        eff = (device, compute_efficiency, bandwidth_efficiency)
+        return (roofline_seconds(self.cost.flops, self.cost.bytes, *eff)
+                + self.steps * roofline_seconds(self.cost.step_flops, self.cost.step_bytes, *eff))
+
+
+def program_cost(compiled) -> HloCost:
+    """A compiled program's FLOPs and bytes per device (`hlo_cost` of its optimized HLO), with XLA's own
+    `cost_analysis()` numbers beside them (`xla_flops`, `xla_bytes`: loop bodies once, CPU upcasts included)."""
+    xla = compiled.cost_analysis() or {}
+    xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+    return dataclasses.replace(hlo_cost(compiled.as_text()), xla_flops=float(xla.get("flops", 0.0)),
+                               xla_bytes=float(xla.get("bytes accessed", 0.0)))
+
+
+def roofline_seconds(flops: float, nbytes: float, device: Device, compute_efficiency: float,
+                     bandwidth_efficiency: float) -> float:
+    """max(compute time, memory time) at the stated fractions of the device's peaks."""
+    return max(flops / (device.peak_flops * compute_efficiency), nbytes / (device.hbm_bytes_per_s * bandwidth_efficiency))
+
+
+def decode_steps(rows: int, max_new_tokens: int, mean_tokens: float) -> float:
+    """Decode steps one sampler call runs: what the CURRENT sampler computes, every row until the longest of
+    its `rows` stops (finished rows keep their slots; each step attends over the whole buffer, which the
+    compiled step's cost already holds). Answer lengths are taken uniform on [mean − w, mean + w] with
+    w = min(mean, cap − mean), so the expected longest of n is mean − w + 2w·n/(n + 1).
+
+    A sampler that runs only live rows over the live length (the continuous-batching engine) replaces this
+    function and its step cost."""
+    mean = min(max(float(mean_tokens), 1.0), float(max_new_tokens))
+    w = min(mean, max_new_tokens - mean)
+    return mean - w + 2 * w * rows / (rows + 1)
+
+
+def mean_answer_tokens(config) -> int:
+    """`plan.mean_answer_tokens`, default half of `sampling.max_new_tokens`."""
+    value = config.plan.get("mean_answer_tokens")
+    return int(value) if value else int(config.sampling.max_new_tokens) // 2
+
+
+def _evaluations(config) -> tuple[float, float]:
+    """(evaluations per cycle, evaluations over the run): at cycle ends every `eval.every` steps and at the end,
+    plus one at the start with `eval.at_start`."""
+    T, total, every = int(config.cycle.rl_steps), int(config.total_steps), int(config.eval.every)
+    cycles = total / T
+    if every:
+        interval = math.ceil(every / T) * T
+        later = total // interval + (1 if total % interval else 0)
+    else:
+        later = 1
+    return later / cycles, later + (1 if config.eval.at_start else 0)
+
+
+def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse], list[str]]:
+    """The recipe's calls per cycle of each program the dry run compiled (`costs`: name → cost); also the
+    names it has no count for (reported, never silently costed as 0).
+
+    rollouts: B·K prompts per step (RL-only: B), T steps. gepa: the seeds' `seed_scoring_passes` passes over the
+    window (B·T problems) in window-scoring calls, then iterations of 2 × proposals × minibatch rollouts
+    (parents and children) until `budget_rollouts` is spent, each with one reflection call. evaluations: mean@k
+    on `eval.num_problems` (0: `plan.eval_problems`) problems and the KL evaluation's sampling and scoring.
+    update: one per RL step.
+    """
+    c = config
+    T, B, G, K = (int(c.cycle.rl_steps), int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem),
+                  int(c.cycle.population_size))
+    calls = sampler_calls(c)
+    mean = mean_answer_tokens(c)
+    window, proposals, minibatch = B * T, int(c.gepa.proposals_per_iteration), int(c.gepa.minibatch_size)
+    seed_rollouts = min(int(c.gepa.budget_rollouts), math.ceil(float(c.gepa.seed_scoring_passes) * window))
+    iterations = (int(c.gepa.budget_rollouts) - seed_rollouts) // (2 * proposals * minibatch)
+    evals_per_cycle, _ = _evaluations(c)
+    problems = int(c.eval.num_problems) or int(c.plan.eval_problems)
+    per_cycle = {"rollout": T * math.ceil(B * (1 if c.method == "rl" else K) / max(1, calls["rollout"].prompts))
+                 if "rollout" in calls else 0,
+                 "gepa": math.ceil(seed_rollouts / calls["gepa"].prompts) if "gepa" in calls else 0,
+                 "gepa_minibatch": 2 * iterations, "reflection": iterations,
+                 "eval": evals_per_cycle * math.ceil(problems / calls["eval"].prompts),
+                 "kl_sample": evals_per_cycle * math.ceil(int(c.eval.kl_prompts) / calls["kl_sample"].prompts)
+                 if "kl_sample" in calls else 0}
+    uses, unknown = [], []
+    for name, cost in costs.items():
+        kind, _, part = name.rpartition("_")
+        if kind in per_cycle and part in ("prefill", "decode"):
+            call = calls[kind]
+            # a reflection's length: the answers' mean as a fraction of their cap, applied to its own cap
+            tokens = mean * call.max_new_tokens / int(c.sampling.max_new_tokens) if kind == "reflection" else mean
+            steps = decode_steps(call.prompts * call.num_samples, call.max_new_tokens, tokens) if part == "decode" else 0
+            uses.append(ProgramUse(name, _PHASE_OF_CALL[kind], cost, per_cycle[kind], steps))
+        elif name == "update":
+            uses.append(ProgramUse(name, "update", cost, T))
+        elif name == "kl":
+            uses.append(ProgramUse(name, "evaluations", cost, evals_per_cycle))
+        elif not name.startswith("rollout_rest_"):  # GEPA's rollouts reused: not modelled (costed as sampled)
+            unknown.append(name)
+    return uses, unknown
+
+
+def cycle_cost(config, uses: list[ProgramUse], devices: int, unknown: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plan's `"cost"`: seconds per phase of one cycle, per RL step, and the run's GPU-hours on
+    `plan.device`, with every assumption stated beside the numbers."""
+    p = config.plan
+    device = DEVICES[p.device]
+    eff = (device, float(p.compute_efficiency), float(p.bandwidth_efficiency))
+    phases = {phase: 0.0 for phase in PHASES}
+    programs = {}
+    for use in uses:
+        per_call = use.seconds_per_call(*eff)
+        phases[use.phase] += use.calls * per_call
+        flops, nbytes = use.cost.total(use.steps)
+        step_bound = ("memory" if use.cost.step_bytes / (device.hbm_bytes_per_s * eff[2])
+                      > use.cost.step_flops / (device.peak_flops * eff[1]) else "compute")
+        bound = step_bound if use.steps else (
+            "memory" if nbytes / (device.hbm_bytes_per_s * eff[2]) > flops / (device.peak_flops * eff[1]) else "compute")
+        programs[use.name] = {"phase": use.phase, "calls_per_cycle": round(use.calls, 3),
+                              "steps_per_call": round(use.steps, 1), "flops": flops, "bytes": nbytes,
+                              "step_flops": use.cost.step_flops, "step_bytes": use.cost.step_bytes,
+                              "xla_cost_analysis": {"flops": use.cost.xla_flops, "bytes": use.cost.xla_bytes},
+                              "seconds_per_call": float(f"{per_call:.4g}"), "bound": bound,
+                              "uncounted_custom_calls": list(use.cost.uncounted)}
+    T = int(config.cycle.rl_steps)
+    cycle = sum(phases.values())
+    evals_per_cycle, _ = _evaluations(config)
+    one_evaluation = phases["evaluations"] / evals_per_cycle if evals_per_cycle else 0.0
+    at_start = one_evaluation if config.eval.at_start else 0.0
+    run_seconds = int(config.total_steps) / T * cycle + at_start
+    mean = mean_answer_tokens(config)
+    return {"device": device.name, "devices": devices, "peak_tflops": device.peak_flops / 1e12,
+            "hbm_tb_per_s": device.hbm_bytes_per_s / 1e12, "compute_efficiency": eff[1],
+            "bandwidth_efficiency": eff[2], "mean_answer_tokens": mean,
+            "answer_lengths": f"uniform on [{mean - min(mean, int(config.sampling.max_new_tokens) - mean)}, "
+                              f"{mean + min(mean, int(config.sampling.max_new_tokens) - mean)}] tokens; "
+                              "a sampler call runs until its longest row stops",
+            "cycle_seconds": {k: round(v, 1) for k, v in phases.items()}, "cycle_total_seconds": round(cycle, 1),
+            "step_seconds": round(cycle / T, 1), "total_steps": int(config.total_steps),
+            "total_gpu_hours": round(devices * run_seconds / 3600, 1), "programs": programs,
+            "programs_without_calls": list(unknown),
+            "leaves_out": "host time (tokenizing, reward scoring, GEPA bookkeeping), compile time, checkpoints, "
+                          "communication between devices, a hosted reflection LM, GEPA's window evaluations of "
+                          "accepted children, rollouts reused from GEPA, forgetting-task evaluations, prompts "
+                          "shorter than the largest bucket"}
+
+
+def cost_table(cost: Mapping[str, Any]) -> str:
+    """The cost lines the dry run prints under its memory table."""
+    lines = [f"cost on {cost['devices']} × {cost['device']} ({cost['peak_tflops']:g} TFLOP/s bf16 at "
+             f"{cost['compute_efficiency']:.0%}, {cost['hbm_tb_per_s']:g} TB/s at {cost['bandwidth_efficiency']:.0%}); "
+             f"answers {cost['answer_lengths']}", "",
+             f"{'program':<24}{'phase':<12}{'calls/cycle':>12}{'steps':>7}{'TFLOP':>10}{'GB':>10}{'s/call':>9}  bound"]
+    for name, p in cost["programs"].items():
+        lines.append(f"{name:<24}{p['phase']:<12}{p['calls_per_cycle']:>12g}{p['steps_per_call']:>7.0f}"
+                     f"{p['flops'] / 1e12:>10.3g}{p['bytes'] / 1e9:>10.4g}{p['seconds_per_call']:>9.3g}  {p['bound']}")
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in cost["cycle_seconds"].items())
+    lines += ["", f"cycle: {phases}; total {cost['cycle_total_seconds']:.0f} s ({cost['step_seconds']:.0f} s per RL "
+                  f"step); {cost['total_steps']} steps: {cost['total_gpu_hours']:.1f} GPU-hours",
+              f"left out: {cost['leaves_out']}"]
+    if cost["programs_without_calls"]:
+        lines.append(f"NOT COSTED (no calls per cycle known): {', '.join(cost['programs_without_calls'])}")
+    return "\n".join(lines)

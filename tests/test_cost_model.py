@@ -1,0 +1,141 @@
+"""The cost model (fst_jax/trainer/cost_model.py, hlo_cost.py): FLOPs and bytes read from compiled HLO with loops
+counted, decode steps of the current sampler, calls per cycle from the recipe, and the roofline, against
+hand-computed numbers."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fst_jax.config import validate
+from fst_jax.trainer import cost_model
+from fst_jax.trainer.hlo_cost import HloCost, hlo_cost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W, X = (512, 512), (8, 512)
+MATMUL = 2 * 8 * 512 * 512  # FLOPs of one [8, 512] × [512, 512] product
+
+
+def _compiled(fn, dtype):
+    return jax.jit(fn).lower(jax.ShapeDtypeStruct(W, dtype), jax.ShapeDtypeStruct(X, dtype)).compile()
+
+
+def test_loop_free_float32_program_matches_xla_cost_analysis():
+    """Without loops or bf16, the walk is XLA's own count: the matmul, then ×2 and +1 on its 4096 outputs;
+    bytes: the weight, x and the output read/written (f32)."""
+    compiled = _compiled(lambda w, x: (x @ w) * 2 + 1, jnp.float32)
+    cost = hlo_cost(compiled.as_text())
+    xla = compiled.cost_analysis()
+    assert cost.flops == xla["flops"] == MATMUL + 2 * 8 * 512
+    assert cost.bytes == xla["bytes accessed"]
+    assert cost.step_flops == cost.step_bytes == 0
+
+
+def test_scan_counts_its_body_trip_count_times():
+    """XLA's cost_analysis counts a loop body once; a scan of 10 matmuls is 10 matmuls (+ 10 counter adds)."""
+    compiled = _compiled(lambda w, x: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=10)[0], jnp.float32)
+    assert hlo_cost(compiled.as_text()).flops == 10 * MATMUL + 10
+    assert compiled.cost_analysis()["flops"] < 1.01 * MATMUL
+
+
+def test_data_dependent_loop_is_one_step_and_bf16_weights_read_at_two_bytes():
+    """A while loop whose trip count depends on data (the decode loop) is returned as one step. XLA:CPU
+    multiplies bf16 in float32 from a copy of the weight made before the loop; the step reads the bf16
+    weight (2 bytes an element), as an accelerator would, and the convert costs nothing."""
+    def loop(w, x):
+        return jax.lax.while_loop(lambda c: c[1][0, 0] < 1e9, lambda c: (c[0] + 1, c[1] @ w), (0, x))[1]
+
+    f32, bf16 = (hlo_cost(_compiled(loop, d).as_text()) for d in (jnp.float32, jnp.bfloat16))
+    assert f32.step_flops == bf16.step_flops == MATMUL and f32.flops == bf16.flops == 0
+    assert 512 * 512 * 4 < f32.step_bytes < 1.1 * 512 * 512 * 4
+    assert 512 * 512 * 2 < bf16.step_bytes < 1.1 * 512 * 512 * 2
+    assert bf16.total(steps=100) == (100 * MATMUL, bf16.bytes + 100 * bf16.step_bytes)
+
+
+def test_decode_steps_of_the_static_sampler():
+    """Lengths uniform on [mean − w, mean + w], w = min(mean, cap − mean); the call runs until its longest row
+    stops: E[max of n] = mean − w + 2w·n/(n + 1)."""
+    assert cost_model.decode_steps(64, 4096, 2048) == pytest.approx(4096 * 64 / 65)
+    assert cost_model.decode_steps(64, 4096, 1000) == pytest.approx(2000 * 64 / 65)
+    assert cost_model.decode_steps(64, 4096, 3596) == pytest.approx(3096 + 1000 * 64 / 65)
+    assert cost_model.decode_steps(1, 4096, 1000) == pytest.approx(1000)
+
+
+def _flagship():
+    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end)."""
+    sys.path.insert(0, ROOT)
+    from configs.fst_qwen3 import get_config
+
+    config = get_config()
+    config.total_steps = 192
+    return config
+
+
+def _costs(config, decode_step_s=1.0, update_s=1.0):
+    """A cost per program the flagship plan compiles: each decode step `decode_step_s` of HBM traffic on an
+    H100 at 70%, each update `update_s` of compute at 40%; prefills and KL free."""
+    h100 = cost_model.DEVICES["H100"]
+    names = [f"{k}_{p}" for k in ("rollout", "gepa_minibatch", "gepa", "reflection", "eval", "kl_sample")
+             for p in ("prefill", "decode")] + ["kl", "update"]
+    step = HloCost(step_bytes=decode_step_s * h100.hbm_bytes_per_s * 0.7)
+    return {n: step if n.endswith("_decode") else HloCost(flops=update_s * h100.peak_flops * 0.4)
+            if n == "update" else HloCost() for n in names}
+
+
+def test_calls_per_cycle_follow_the_recipe():
+    """T=6, B=32, G=8, K=4, 64 rows a call: rollouts 6 × 128 prompts / 32 = 24 calls; GEPA: the seeds' pass
+    over the 192-problem window in 64-row calls (3), then (960 − 192) / (2 × 8 proposals × 3) = 16 iterations
+    of two minibatch calls and one reflection; mean@4 on 500 problems, 16 a call, every 12 steps = every
+    2nd cycle: 16 calls a cycle; one update a step."""
+    config = _flagship()
+    uses, unknown = cost_model.program_uses(config, _costs(config))
+    calls = {u.name: u.calls for u in uses}
+    assert unknown == []
+    assert calls["rollout_decode"] == 24 and calls["gepa_decode"] == 3 and calls["gepa_minibatch_decode"] == 32
+    assert calls["reflection_decode"] == 16 and calls["eval_decode"] == 16 and calls["update"] == 6
+    assert calls["kl"] == calls["kl_sample_decode"] == 0.5
+    steps = {u.name: u.steps for u in uses}
+    assert steps["rollout_decode"] == pytest.approx(4096 * 64 / 65)          # 32 prompts × 2 samples
+    assert steps["gepa_minibatch_decode"] == pytest.approx(4096 * 24 / 25)   # 8 proposals × 3 problems
+    assert steps["reflection_decode"] == pytest.approx(1024 * 8 / 9)        # half its 1024-token cap, 8 rows
+    assert cost_model.program_uses(config, {"update@1024": HloCost()})[1] == ["update@1024"]
+
+
+def test_cycle_seconds_and_gpu_hours_on_a_named_device():
+    """Phases add calls × roofline seconds; GPU-hours = 8 devices × (32 cycles × cycle + the evaluation at the
+    start) / 3600. On an H200 the memory-bound decode runs 4.8 / 3.35 times faster, the update not."""
+    config = _flagship()
+    config.plan.mean_answer_tokens = 1000
+    cost = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
+    steps = lambda rows, cap=4096, mean=1000: cost_model.decode_steps(rows, cap, mean)  # noqa: E731
+    rollouts, update = 24 * steps(64), 6.0
+    gepa = 3 * steps(64) + 32 * steps(24)
+    reflection = 16 * steps(8, 1024, 250)
+    evaluations = 16 * steps(64) + 0.5 * 512  # KL samples: answers of mean 1000 cut at their 512-token cap
+    assert cost["cycle_seconds"] == pytest.approx({"rollouts": rollouts, "gepa": gepa, "reflection": reflection,
+                                                   "update": update, "evaluations": evaluations}, abs=0.05)
+    cycle = rollouts + gepa + reflection + update + evaluations
+    assert cost["step_seconds"] == pytest.approx(cycle / 6, abs=0.05)
+    assert cost["total_gpu_hours"] == pytest.approx(8 * (32 * cycle + 2 * evaluations) / 3600, abs=0.05)
+    assert cost["mean_answer_tokens"] == 1000 and cost["programs"]["update"]["bound"] == "compute"
+    config.plan.device = "H200"
+    h200 = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
+    assert h200["cycle_seconds"]["rollouts"] == pytest.approx(rollouts * 3.35 / 4.8, abs=0.05)
+    assert h200["cycle_seconds"]["update"] == pytest.approx(6.0)
+
+
+def test_plan_fields_are_validated():
+    config = _flagship()
+    config.plan.device = "A100"
+    with pytest.raises(ValueError, match=r"config.plan.device must be one of H100, H200, TPU v5p"):
+        validate(config, require_checkpoint=False)
+    config = _flagship()
+    config.plan.mean_answer_tokens = 5000
+    with pytest.raises(ValueError, match=r"config.plan.mean_answer_tokens=5000 exceeds config.sampling.max_new_tokens"):
+        validate(config, require_checkpoint=False)
+    config = _flagship()
+    config.plan.compute_efficiency = 1.5
+    with pytest.raises(ValueError, match=r"config.plan.compute_efficiency must be a number > 0 and ≤ 1"):
+        validate(config, require_checkpoint=False)
