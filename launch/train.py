@@ -5,7 +5,9 @@
         --config.mesh.fsdp=4 --config.mesh.tensor=2 --config.rl.learning_rate=2e-6
     python launch/train.py --config configs/fst_qwen3.py --config.method=rl      # the RL-only baseline
 
-Re-running the same command with the same --workdir resumes from its latest checkpoint. Metrics go to
+Re-running the same command with the same --workdir resumes from its latest checkpoint; a resume whose config
+changes what the run computes is refused in one line (`--allow_config_change` resumes anyway, logged), and a
+second run on a workdir that a live run holds exits 1 (docs/training.md "One workdir, one run"). Metrics go to
 WORKDIR/metrics.jsonl (and TensorBoard event files); `python launch/plot.py WORKDIR...` draws them.
 Several processes (README "Several hosts"): start the same command on every host with
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or under a scheduler JAX detects (SLURM,
@@ -21,7 +23,6 @@ started with them ignored (`nohup cmd &` from a script ignores SIGINT, and the i
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -30,6 +31,9 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+# transformers' advisory "PyTorch was not found" line: we never need PyTorch (its warnings and errors still show)
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs import fst_jax
 
@@ -42,6 +46,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
                                    "several processes (default: JAX's detection of SLURM/Open MPI/TPU pods)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run (with --coordinator_address)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (with --coordinator_address)")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume even though the config changes what the "
+                                   "run computes (model, task, data, recipe numbers, seeds, method); the changes "
+                                   "are logged in metrics.jsonl and config.json")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 60, "a process silent this long is declared dead and "
                                   "the others exit")
 flags.mark_flags_as_required(["config"])
@@ -83,6 +90,9 @@ def _exit(message: str, code: int) -> None:
     then (the runner closes metrics and checkpoints on its way out)."""
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    from fst_jax.runtime.workdir_lock import release_all
+
+    release_all()  # os._exit skips atexit, where the workdir's lock is otherwise released
     os._exit(code)
 
 
@@ -148,12 +158,19 @@ def main(argv) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fst_jax.gepa import ReflectionLMError
 
+    from fst_jax.runtime.workdir_lock import WorkdirBusyError, lock_for_run
+    from fst_jax.trainer.run_config import ConfigChangeError, check_workdir
+
     runner = None
     try:
         _preflight(config, workdir)
+        lock_for_run(workdir)  # one run per workdir: before anything in it is read or written
+        check_workdir(workdir, config, allow=_ALLOW_CHANGE.value)  # a refused resume costs no model load
         with exit_when_a_peer_fails():
-            runner = FSTRunner(config, workdir)
+            runner = FSTRunner(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
             result = runner.run()
+    except (WorkdirBusyError, ConfigChangeError) as e:
+        _exit(f"error: {e}", 1)
     except KeyboardInterrupt as e:
         what, code = _stopped(e)
         if runner is None:
@@ -167,17 +184,37 @@ def main(argv) -> None:
             raise
         _exit(f"error: {e}  (set FST_JAX_TRACEBACK=1 for the traceback)", 1)
     if jax.process_index() == 0:
-        if runner.already_finished:
-            print(f"already finished: {runner.counters.rl_steps} steps in {workdir} (nothing to do); its last "
-                  f"evaluation (step {result.get('step', '?')}):")
-        else:
-            print(f"done: {runner.counters.rl_steps} steps in {workdir}")
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float)) and k not in ("step", "time")},
-                         indent=1))
-        if _PLOT.value and not runner.already_finished:
-            import plot  # launch/plot.py, beside this file
+        _report(runner, config, workdir, name)
 
-            plot.main([workdir, "--out", os.path.join(workdir, "plot.png")])
+
+_ARGV_AS_TYPED = list(sys.argv)  # before absl parses it: the end of a run prints the command to compare with
+
+
+def _report(runner, config, workdir: str, config_name: str) -> None:
+    """The end of a run, for a person: a few plain lines (analysis/run_report.py) after the plot is drawn; the
+    last evaluation in full goes to WORKDIR/final_eval.json (atomically), equal to its record in metrics.jsonl."""
+    from fst_jax.analysis.run_report import FINAL_EVAL, end_of_run_lines
+    from fst_jax.runtime.metrics import read_metrics
+
+    evals = [r for r in read_metrics(workdir, parse_nonfinite=False) if r.get("kind") == "eval"]
+    if evals:
+        runner.metrics.save_json(FINAL_EVAL, evals[-1])
+    steps = runner.counters.rl_steps
+    if runner.already_finished:
+        print(f"already finished: {steps} steps in {workdir} (nothing to do); its last evaluation "
+              f"(step {evals[-1]['step'] if evals else '?'}):")
+    else:
+        print(f"done: {steps} steps in {workdir}")
+    plot_path = os.path.join(workdir, "plot.png")
+    if _PLOT.value and not runner.already_finished:
+        import plot  # launch/plot.py, beside this file
+
+        plot.draw(workdir, plot_path)
+    for line in end_of_run_lines(evals=evals, population=runner.population, seed_prompt=config.gepa.seed_prompt,
+                                 method=config.method, workdir=workdir, plot_path=plot_path, argv=_ARGV_AS_TYPED,
+                                 default_workdir=os.path.join("runs", f"{config_name}-{config.method}"),
+                                 eval_k=config.eval.k):
+        print(line)
 
 
 # --config.tasks.<name>.fields.<canonical>=<record key>: `fields` is an open mapping whose keys the config

@@ -26,12 +26,20 @@ class Run:
     label: str
     method: str | None
     records: list[dict]
+    config: dict | None = None  # the run's config from WORKDIR/config.json (None for runs older than it)
 
 
 def load_run(workdir: str, label: str | None = None) -> Run:
+    """A workdir's records, its config (WORKDIR/config.json) and its method: the config's, else the records'."""
+    from fst_jax.trainer.run_config import read_config_json
+
     records = sorted(read_metrics(workdir), key=lambda r: r.get("step", 0))  # stable: file order within a step
+    doc = read_config_json(workdir) or {}
+    config = doc.get("config") if isinstance(doc.get("config"), dict) else None
     methods = [r["method"] for r in records if isinstance(r.get("method"), str)]
-    return Run(label or Path(workdir).resolve().name, methods[-1] if methods else None, records)
+    method = config.get("method") if config and isinstance(config.get("method"), str) else \
+        (methods[-1] if methods else None)
+    return Run(label or Path(workdir).resolve().name, method, records, config)
 
 
 def number(value) -> float | None:
@@ -138,13 +146,15 @@ def summarize(runs: list[Run], reward: str, reference: str | None) -> list[str]:
             lines.append(f"{run.label:<20} {run.method or '-':<7} (no '{reward}' values)")
             continue
         lines.append(f"{run.label:<20} {run.method or '-':<7} {row['last']:>9.0f} {row['final']:>8.4g} "
-                     f"{row['peak']:>8.4g} {_reach(row['steps'], ref_steps):>15} "
-                     f"{_reach(row['rolls'], ref_rollouts):>18} "
+                     f"{row['peak']:>8.4g} {_reach(row['steps'], ref_steps, peak):>15} "
+                     f"{_reach(row['rolls'], ref_rollouts, peak):>18} "
                      f"{(format(row['fit']['a'], '.4g') if row['fit'] else 'n/a'):>12}")
     return lines
 
 
-def _reach(value, ref_value) -> str:
+def _reach(value, ref_value, peak) -> str:
+    if peak is None:  # no reference run: nothing to reach
+        return "-"
     if value is None:
         return "not reached"
     if ref_value and value > 0:

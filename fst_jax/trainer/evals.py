@@ -3,9 +3,11 @@
 mean@k (the paper's validation metric): k samples per problem at temperature 0.6, top-p 0.95; the score of a
 problem is the mean reward of its k samples, the score of the set the mean over problems.
 
-KL to base: responses are sampled from the current policy on held-out prompts; for each response token the
-log-ratio log π_θ(y_t) − log π_base(y_t) is an unbiased sample of the token-level KL(π_θ ‖ π_base) (the k1
-estimator, whose expectation under π_θ is the KL). Reported as the mean over all response tokens.
+KL to base: responses are sampled from the current policy on held-out prompts; for each response token, with
+r = log π_base(y_t) − log π_θ(y_t), the k3 estimator exp(r) − 1 − r (the one the RL penalty uses) is an
+unbiased sample of the token-level KL(π_θ ‖ π_base) that is never negative (k1, −r, is unbiased too, but its
+mean over a finite sample can read negative). Reported as the mean over all response tokens; each eval record names it
+(`kl_estimator`: "k3").
 
 `evaluate_run(runner, task)` is a run's evaluation: mean@k with the population's best and the seed prompt,
 KL to base under each, and the forgetting tasks under the seed prompt — one `eval` record.
@@ -34,8 +36,8 @@ from fst_jax.trainer.run_state import derive_seed
 if TYPE_CHECKING:
     from fst_jax.trainer.runner import FSTRunner
 
-__all__ = ["render_prompts", "mean_at_k", "kl_to_base", "sequence_logprobs", "kl_sequence_length",
-           "lower_kl_program", "evaluate_run"]
+__all__ = ["render_prompts", "mean_at_k", "kl_to_base", "k3", "KL_ESTIMATOR", "sequence_logprobs",
+           "kl_sequence_length", "lower_kl_program", "evaluate_run"]
 
 
 def render_prompts(tokenizer, task: Task, problems: Sequence[Mapping[str, Any]], system_prompt: str | None,
@@ -99,10 +101,22 @@ def lower_kl_program(graphdef: nnx.GraphDef, params, base_params, input_ids_bt, 
     return _log_ratio.lower(graphdef, params, base_params, input_ids_bt, attention_mask_bt, chunk_size=chunk_size)
 
 
+KL_ESTIMATOR = "k3"  # the estimator kl_to_base reports, named in every eval record
+
+
+def k3(log_ratio):
+    """k3 = exp(−d) − 1 + d of log-ratios d = log π_θ − log π_base, in float64: ≥ 0 term by term, with
+    expectation KL(π_θ ‖ π_base) under π_θ (`rl.losses`' KL penalty uses the same estimator)."""
+    d = np.asarray(log_ratio, np.float64)
+    return np.maximum(np.expm1(-d) + d, 0.0)  # expm1: exact near d = 0, where k3 ≈ d²/2
+
+
 def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base_params: nnx.State,
                tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256, seed: int = 0,
                chunk_size: int | None = None) -> float:
-    """Token-level KL(π_θ ‖ π_base) on responses sampled from π_θ (temperature 1) to `prompt_ids`.
+    """Token-level KL(π_θ ‖ π_base) on responses sampled from π_θ (temperature 1) to `prompt_ids`: the mean
+    of the k3 estimator over response tokens, never negative. The device program (`lower_kl_program`, which
+    the plan compiles) returns the log-ratios; k3 is taken on the host in float64.
 
     `base_params` may be held in another dtype (the run keeps the frozen base in the compute dtype): the
     model casts every weight to its compute dtype either way.
@@ -129,8 +143,8 @@ def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base
     # position t predicts token t+1, so the loss mask shifts left by one
     loss_mask = np.pad(batch.loss_mask, pad)
     response = np.concatenate([loss_mask[:, 1:], np.zeros_like(loss_mask[:, :1])], axis=1)
-    diff = parallel.to_host(diff).astype(np.float64)[:len(response)]
-    return float((diff * response).sum() / max(response.sum(), 1.0))
+    per_token = k3(parallel.to_host(diff)[:len(response)])
+    return float((per_token * response).sum() / max(response.sum(), 1.0))
 
 
 
@@ -168,6 +182,7 @@ def evaluate_run(runner: FSTRunner, task_name: str) -> dict[str, Any]:
         # kl_to_base under the seed prompt, the same conditioning for every method (what compare.py and
         # plot.py set against reward); kl_to_base_best under the population's best prompt.
         held_out = runner.val[task_name][: c.eval.kl_prompts]
+        record["kl_estimator"] = KL_ESTIMATOR
         for key, prompt in (("kl_to_base", c.gepa.seed_prompt), ("kl_to_base_best", runner.population[0])):
             if key == "kl_to_base_best" and prompt == c.gepa.seed_prompt:
                 record[key] = record["kl_to_base"]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from fst_jax.rl import TrainState
 from fst_jax.runtime.checkpoint import Checkpointer, abstract_like
+from fst_jax.trainer import run_config
 
 if TYPE_CHECKING:
     from fst_jax.trainer.runner import FSTRunner
@@ -86,6 +87,10 @@ def restore(runner: FSTRunner) -> bool:
     restored = runner.checkpointer.restore_latest(restore_target(runner))
     if restored is None:
         return False
+    # the config must continue the run it resumes: refused changes stop here, accepted ones are logged
+    runner.config_changes = run_config.check_resume(
+        restored.config, runner.config, allow=getattr(runner, "allow_config_change", False),
+        workdir=runner.workdir, source=f"its checkpoint at step {restored.step}")
     a = restored.state
     runner.state = runner.state.replace(params=a["params"], opt_state=a["opt_state"], step=a["step"],
                                     rng=a["rng"], num_rollouts=a["num_rollouts"])

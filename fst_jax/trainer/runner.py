@@ -31,7 +31,7 @@ from fst_jax.runtime.metrics import MetricsWriter, progress, read_metrics
 from fst_jax.sampling import Sampler
 from fst_jax.tasks import get_task
 from fst_jax.tasks.base import RewardError, checked_score
-from fst_jax.trainer import evals, fast_phase, run_state, shapes as run_shapes
+from fst_jax.trainer import evals, fast_phase, run_config, run_state, shapes as run_shapes
 from fst_jax.trainer.rollout_reuse import RolloutPool
 from fst_jax.trainer.run_state import Counters, derive_seed, in_dtype, plain_dict
 from fst_jax.trainer.shared_sampler import SharedSampler
@@ -42,8 +42,10 @@ log = logging.getLogger("fst_jax")
 class FSTRunner:
     """Builds everything a run needs from the config and runs (or resumes) it in `workdir`."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
         validate(config)
+        # a resume may change how the run computes, not what, unless allowed (run_config.py); changes are logged
+        self.allow_config_change, self.config_changes = allow_config_change, []
         self.reflection_calls_in_cycle = 0  # seeds local reflection's sampling; reset by each fast phase
         self.config, self.workdir = config, os.path.abspath(os.path.expanduser(workdir))
         os.makedirs(self.workdir, exist_ok=True)
@@ -97,10 +99,13 @@ class FSTRunner:
         resumed = run_state.restore(self)
         if not resumed and c.init_from:
             run_state.init_from(self, c.init_from)
+        run_config.write_config_json(self.workdir, c, resumed_at_step=self.counters.rl_steps if resumed else None,
+                                     changes=self.config_changes)
         self.metrics = MetricsWriter(self.workdir, resume_step=self.counters.rl_steps if resumed else -1,
-                                     tensorboard=c.log.tensorboard)
+                                     tensorboard=c.log.tensorboard, wandb=c.log.get("wandb"), run_config=c)
+        changed = {"config_changes": self.config_changes} if self.config_changes else {}
         self.metrics.write(self.counters.rl_steps, "config", method=c.method, resumed=bool(resumed),
-                           devices=jax.device_count(), mesh=dict(self.mesh.shape))
+                           devices=jax.device_count(), mesh=dict(self.mesh.shape), **changed)
 
     # ---- the loop -------------------------------------------------------------------------------------
 
