@@ -78,29 +78,38 @@ def _costs(config, decode_step_s=1.0, update_s=1.0):
     H100 at 70%, each update `update_s` of compute at 40%; prefills and KL free."""
     h100 = cost_model.DEVICES["H100"]
     names = [f"{k}_{p}" for k in ("rollout", "gepa_minibatch", "gepa", "reflection", "eval", "kl_sample")
-             for p in ("prefill", "decode")] + ["kl", "update"]
+             for p in ("prefill", "decode")] + ["kl", "update", "update_apply", "update_zero:zero"]
+    names += [f"update@{n}:gradients" for n in (640, 1280, 1920, 2560, 3200, 3840, 4480)]
+    names += ["rollout@512:prefill", "kl@512:kl"]  # smaller prompt buckets: compiled, costed at the largest
     step = HloCost(step_bytes=decode_step_s * h100.hbm_bytes_per_s * 0.7)
     return {n: step if n.endswith("_decode") else HloCost(flops=update_s * h100.peak_flops * 0.4)
-            if n == "update" else HloCost() for n in names}
+            if n.startswith("update@") or n == "update" else HloCost() for n in names}
 
 
 def test_calls_per_cycle_follow_the_recipe():
     """T=6, B=32, G=8, K=4, 64 rows a call: rollouts 6 × 128 prompts / 32 = 24 calls; GEPA: the seeds' pass
     over the 192-problem window in 64-row calls (3), then (960 − 192) / (2 × 8 proposals × 3) = 16 iterations
     of two minibatch calls and one reflection; mean@4 on 500 problems, 16 a call, every 12 steps = every
-    2nd cycle: 16 calls a cycle; one update a step."""
+    2nd cycle: 16 calls a cycle. The update: 256 rows sorted longest first in 32 micro-batches of 8, the j-th
+    at the smallest planned length (640, 1280, …, 5120) holding 1024 + 4096·(256 − 8j)/257 tokens: j = 0…4 at
+    5120 (j = 4: 4594 > 4480; j = 5: 4467), 5 at each length down to 1920, j = 30, 31 at 1280 (1279, 1151);
+    one zeroing and one optimizer step a step."""
     config = _flagship()
     uses, unknown = cost_model.program_uses(config, _costs(config))
     calls = {u.name: u.calls for u in uses}
     assert unknown == []
     assert calls["rollout_decode"] == 24 and calls["gepa_decode"] == 3 and calls["gepa_minibatch_decode"] == 32
-    assert calls["reflection_decode"] == 16 and calls["eval_decode"] == 16 and calls["update"] == 6
+    assert calls["reflection_decode"] == 16 and calls["eval_decode"] == 16
+    assert calls["update"] == 6 * 5 and calls["update@1280:gradients"] == 6 * 2 and calls["update@640:gradients"] == 0
+    assert sum(v for k, v in calls.items() if k.startswith("update@") or k == "update") == 6 * 32
+    assert calls["update_apply"] == calls["update_zero:zero"] == 6
     assert calls["kl"] == calls["kl_sample_decode"] == 0.5
     steps = {u.name: u.steps for u in uses}
     assert steps["rollout_decode"] == pytest.approx(4096 * 64 / 65)          # 32 prompts × 2 samples
     assert steps["gepa_minibatch_decode"] == pytest.approx(4096 * 24 / 25)   # 8 proposals × 3 problems
     assert steps["reflection_decode"] == pytest.approx(1024 * 8 / 9)        # half its 1024-token cap, 8 rows
-    assert cost_model.program_uses(config, {"update@1024": HloCost()})[1] == ["update@1024"]
+    assert cost_model.program_uses(config, {"update@1000": HloCost(), "sampler_x": HloCost()})[1] == [
+        "update@1000", "sampler_x"]  # not a planned length, not a known program: reported, not costed
 
 
 def test_cycle_seconds_and_gpu_hours_on_a_named_device():
@@ -110,7 +119,7 @@ def test_cycle_seconds_and_gpu_hours_on_a_named_device():
     config.plan.mean_answer_tokens = 1000
     cost = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
     steps = lambda rows, cap=4096, mean=1000: cost_model.decode_steps(rows, cap, mean)  # noqa: E731
-    rollouts, update = 24 * steps(64), 6.0
+    rollouts, update = 24 * steps(64), 6.0 * 32  # each of the 32 micro-batches of a step costs 1 s
     gepa = 3 * steps(64) + 32 * steps(24)
     reflection = 16 * steps(8, 1024, 250)
     evaluations = 16 * steps(64) + 0.5 * 512  # KL samples: answers of mean 1000 cut at their 512-token cap
@@ -123,7 +132,7 @@ def test_cycle_seconds_and_gpu_hours_on_a_named_device():
     config.plan.device = "H200"
     h200 = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
     assert h200["cycle_seconds"]["rollouts"] == pytest.approx(rollouts * 3.35 / 4.8, abs=0.05)
-    assert h200["cycle_seconds"]["update"] == pytest.approx(6.0)
+    assert h200["cycle_seconds"]["update"] == pytest.approx(update)
 
 
 def test_plan_fields_are_validated():

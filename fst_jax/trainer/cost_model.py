@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 from fst_jax.trainer.hlo_cost import HloCost, hlo_cost
-from fst_jax.trainer.shapes import sampler_calls
+from fst_jax.trainer.shapes import sampler_calls, update_lengths
 
-__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "program_cost", "decode_steps", "mean_answer_tokens",
-           "program_uses", "roofline_seconds", "cycle_cost", "cost_table"]
+__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "program_cost", "decode_steps", "update_micro_batches",
+           "mean_answer_tokens", "program_uses", "roofline_seconds", "cycle_cost", "cost_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +85,35 @@ def roofline_seconds(flops: float, nbytes: float, device: Device, compute_effici
     return max(flops / (device.peak_flops * compute_efficiency), nbytes / (device.hbm_bytes_per_s * bandwidth_efficiency))
 
 
+def _answer_length(rank: int, rows: int, max_new_tokens: int, mean_tokens: float) -> float:
+    """The expected `rank`-th shortest of `rows` answer lengths uniform on [mean − w, mean + w], w = min(mean,
+    cap − mean) (the mean clipped to the cap): mean − w + 2w·rank/(rows + 1)."""
+    mean = min(max(float(mean_tokens), 1.0), float(max_new_tokens))
+    w = min(mean, max_new_tokens - mean)
+    return mean - w + 2 * w * rank / (rows + 1)
+
+
 def decode_steps(rows: int, max_new_tokens: int, mean_tokens: float) -> float:
     """Decode steps one sampler call runs: what the CURRENT sampler computes, every row until the longest of
     its `rows` stops (finished rows keep their slots; each step attends over the whole buffer, which the
-    compiled step's cost already holds). Answer lengths are taken uniform on [mean − w, mean + w] with
-    w = min(mean, cap − mean), so the expected longest of n is mean − w + 2w·n/(n + 1).
+    compiled step's cost already holds): the expected longest of `rows` answers, mean − w + 2w·n/(n + 1).
 
     A sampler that runs only live rows over the live length (the continuous-batching engine) replaces this
     function and its step cost."""
-    mean = min(max(float(mean_tokens), 1.0), float(max_new_tokens))
-    w = min(mean, max_new_tokens - mean)
-    return mean - w + 2 * w * rows / (rows + 1)
+    return _answer_length(rows, rows, max_new_tokens, mean_tokens)
+
+
+def update_micro_batches(rows: int, micro_batch_rows: int, lengths: tuple[int, ...], prompt_tokens: int,
+                         max_new_tokens: int, mean_tokens: float) -> dict[int, int]:
+    """Micro-batches per planned length in one update (`rl.policy_update.update`): the rows sorted longest
+    first in groups of `micro_batch_rows`, each group at the smallest planned length that holds its longest
+    row, prompt + the expected answer of that rank (every row taken to carry loss)."""
+    counts: dict[int, int] = {}
+    for group in range(-(-rows // micro_batch_rows)):
+        longest = prompt_tokens + _answer_length(rows - group * micro_batch_rows, rows, max_new_tokens, mean_tokens)
+        length = min((n for n in lengths if n >= longest), default=max(lengths))
+        counts[length] = counts.get(length, 0) + 1
+    return counts
 
 
 def mean_answer_tokens(config) -> int:
@@ -124,7 +143,9 @@ def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse]
     window (B·T problems) in window-scoring calls, then iterations of 2 × proposals × minibatch rollouts
     (parents and children) until `budget_rollouts` is spent, each with one reflection call. evaluations: mean@k
     on `eval.num_problems` (0: `plan.eval_problems`) problems and the KL evaluation's sampling and scoring.
-    update: one per RL step.
+    update: per RL step, its micro-batches at each planned length (`update_micro_batches`; "update" is the
+    longest, "update@N:gradients" the others), one zeroing of the sums and one optimizer step. Smaller prompt
+    buckets ("<call>@N:<part>") are not costed: every call is costed at the largest.
     """
     c = config
     T, B, G, K = (int(c.cycle.rl_steps), int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem),
@@ -143,20 +164,30 @@ def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse]
                  "eval": evals_per_cycle * math.ceil(problems / calls["eval"].prompts),
                  "kl_sample": evals_per_cycle * math.ceil(int(c.eval.kl_prompts) / calls["kl_sample"].prompts)
                  if "kl_sample" in calls else 0}
+    n = B * G
+    lengths = update_lengths(c)
+    micro_batches = update_micro_batches(n, int(c.rl.micro_batch_size or n), lengths,
+                                         int(c.sampling.max_prompt_tokens), int(c.sampling.max_new_tokens), mean)
     uses, unknown = [], []
     for name, cost in costs.items():
         kind, _, part = name.rpartition("_")
+        update_at = re.fullmatch(r"update@(\d+)(:gradients)?", name)
+        length = int(update_at.group(1)) if update_at else max(lengths)
         if kind in per_cycle and part in ("prefill", "decode"):
             call = calls[kind]
             # a reflection's length: the answers' mean as a fraction of their cap, applied to its own cap
             tokens = mean * call.max_new_tokens / int(c.sampling.max_new_tokens) if kind == "reflection" else mean
             steps = decode_steps(call.prompts * call.num_samples, call.max_new_tokens, tokens) if part == "decode" else 0
             uses.append(ProgramUse(name, _PHASE_OF_CALL[kind], cost, per_cycle[kind], steps))
-        elif name == "update":
+        elif (name == "update" or update_at) and length in lengths:
+            uses.append(ProgramUse(name, "update", cost, T * micro_batches.get(length, 0)))
+        elif name in ("update_apply", "update_zero:zero"):
             uses.append(ProgramUse(name, "update", cost, T))
         elif name == "kl":
             uses.append(ProgramUse(name, "evaluations", cost, evals_per_cycle))
-        elif not name.startswith("rollout_rest_"):  # GEPA's rollouts reused: not modelled (costed as sampled)
+        elif name.startswith("rollout_rest_") or ("@" in name and not update_at):
+            continue  # GEPA's rollouts reused: not modelled (costed as sampled); smaller prompt buckets
+        else:
             unknown.append(name)
     return uses, unknown
 

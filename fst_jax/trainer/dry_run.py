@@ -371,13 +371,14 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
         for name, (program, items) in lowered.items():
             plan.programs[name] = _compile(program, items)
             log(f"plan: compiled {name} in {plan.programs[name].compile_s:.0f} s")
+        costs = {n: p.cost for n, p in plan.programs.items()}
         for name, programs in smaller:
             t0 = time.perf_counter()
-            for program in programs.values():
-                program.compile()
+            for part, program in programs.items():
+                costs[f"{name}:{part}"] = cost_model.program_cost(program.compile())
             plan.also_compiled.append(name)
             log(f"plan: compiled {name} (a smaller bucket, not accounted) in {time.perf_counter() - t0:.0f} s")
-        uses, unknown = cost_model.program_uses(c, {n: p.cost for n, p in plan.programs.items()})
+        uses, unknown = cost_model.program_uses(c, costs)
         plan.cost = cost_model.cycle_cost(c, uses, mesh.size, unknown)
     else:
         log("plan: the resident buffers alone exceed the budget; nothing compiled")
