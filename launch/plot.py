@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +27,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fst_jax.analysis.runs import (Run, fit_sigmoid, first_reaching, load_run, number, pick_metrics,  # noqa: E402,F401
                                    rollouts, series, sigmoid, stages, summarize, DEFAULT_METRICS)
 
-def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -> list[Path]:
+def learned_prompt(run: Run) -> str | None:
+    """The population's best prompt at the run's last GEPA cycle (None for a run that never evolved prompts)."""
+    populations = [r["population"] for r in run.records if isinstance(r.get("population"), list) and r["population"]]
+    return str(populations[-1][0]) if populations else None
+
+
+def _title(runs: list[Run]) -> str:
+    def one(run):
+        tasks = list(dict.fromkeys(r["task"] for r in run.records if isinstance(r.get("task"), str)))
+        steps = max((r.get("step", 0) for r in run.records if r.get("kind") == "train"), default=0)
+        model = (run.config or {}).get("model", {}).get("path") if isinstance(run.config, dict) else None
+        return (f"{run.label}: {(run.method or '?').upper()} on {' → '.join(tasks) or '?'}, {steps} RL steps"
+                + (f", model {os.path.basename(os.path.normpath(model))}" if model else ""))
+
+    return "\n".join(one(run) for run in runs) if len(runs) <= 3 else " vs ".join(r.label for r in runs)
+
+
+def _note(run: Run, workdir: str | None) -> str:
+    """What a single run's plot says besides its curves: the learned prompt and the comparison it lacks."""
+    prompt = learned_prompt(run)
+    where = workdir or run.label
+    other = "fst" if run.method == "rl" else "rl"
+    text = (f"learned prompt (the population's best):\n{textwrap.fill(repr(prompt), 60)}" if prompt else
+            "prompt: the seed prompt (not evolved in this run)")
+    return (f"{text}\n\nOne run, no baseline. To compare, train the same config\nwith --config.method={other} "
+            f"into another workdir, then:\npython launch/plot.py {where} <that workdir>")
+
+
+def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path,
+         workdirs: list[str] | None = None) -> list[Path]:
+    """Draw `out` (one row per metric, against steps and rollouts, and KL against reward); a continual run adds
+    `<out stem>_stages.png`. A single run's figure also shows its learned prompt and how to get a comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,8 +67,12 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -
     with_rollouts = any(rollouts(r) is not None for run in runs for r in run.records)
     with_kl = any(series(run.records, kl)[0].size and series(run.records, reward)[0].size for run in runs)
     cols = 2 if with_rollouts else 1
-    rows = len(metrics) + int(with_kl)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    note = _note(runs[0], (workdirs or [None])[0]) if len(runs) == 1 else None
+    note_row = note is not None and not (with_kl and cols == 2)  # else the KL row's free panel holds the note
+    rows = len(metrics) + int(with_kl) + int(note_row)
+    # constrained layout sizes the margins to the tick and axis labels (tight_layout cut `kl_to_base` at the left)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 3.2 * rows + 0.6), squeeze=False, layout="constrained")
+    fig.suptitle(_title(runs), fontsize="large")
     colors = {run.label: f"C{i % 10}" for i, run in enumerate(runs)}
     for i, metric in enumerate(metrics):
         for j, x in enumerate(["step", "rollouts"][:cols]):
@@ -51,7 +87,7 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
     if with_kl:
-        ax = axes[-1][0]
+        ax = axes[len(metrics)][0]
         for run in runs:
             by_step = {s: v for s, v in zip(*series(run.records, reward))}
             points = [(by_step[s], v) for s, v in zip(*series(run.records, kl)) if s in by_step]
@@ -60,9 +96,14 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -
         ax.set(xlabel=reward, ylabel=kl, title=f"{kl} against {reward} (same steps)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        for extra in axes[-1][1:]:
+        for extra in axes[len(metrics)][1:]:
             extra.axis("off")
-    fig.tight_layout()
+    if note is not None:
+        ax = axes[-1][0] if note_row else axes[-1][1]
+        for extra in (axes[-1] if note_row else [ax]):
+            extra.axis("off")
+        ax.text(0.0, 1.0, note, transform=ax.transAxes, va="top", ha="left", fontsize="small", family="monospace",
+                wrap=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -72,7 +113,7 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -
     if continual:
         order = list(dict.fromkeys(task for task, _ in stages(continual[0].records)))
         order += [t for run in continual for t, _ in stages(run.records) if t not in order]
-        fig, axes = plt.subplots(1, len(order), figsize=(4.5 * len(order), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(order), figsize=(4.5 * len(order), 3.4), squeeze=False, layout="constrained")
         for ax, task in zip(axes[0], order):
             for run in runs:
                 for k, (_, recs) in enumerate(s for s in stages(run.records) if s[0] == task):
@@ -83,7 +124,6 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path) -
             ax.set(title=f"stage: {task}", xlabel="steps in stage", ylabel=reward)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        fig.tight_layout()
         stage_out = out.with_name(f"{out.stem}_stages{out.suffix}")
         fig.savefig(stage_out, dpi=100)
         plt.close(fig)
@@ -134,9 +174,19 @@ def main(argv=None) -> int:
     reward = args.reward or next((m for m in metrics if "reward" in m), metrics[0])
     for line in summarize(runs, reward, args.reference):
         print(line)
-    for path in plot(runs, metrics, reward, args.kl, Path(args.out)):
+    for path in plot(runs, metrics, reward, args.kl, Path(args.out), workdirs=args.workdirs):
         print(f"wrote {path}")
     return 0
+
+
+def draw(workdir: str, out: str) -> list[Path]:
+    """Draw one run's default plot to `out` without printing the summary table (the end of `launch/train.py`)."""
+    run = load_run(workdir)
+    metrics = pick_metrics([run], None)
+    if not metrics:
+        return []
+    reward = next((m for m in metrics if "reward" in m), metrics[0])
+    return plot([run], metrics, reward, "kl_to_base", Path(out), workdirs=[workdir])
 
 
 if __name__ == "__main__":

@@ -207,16 +207,20 @@ class MetricsWriter:
 
     TensorBoard (`WORKDIR/tensorboard`, via tensorboardX when installed and `tensorboard=True`) gets every
     numeric field, tagged by its name if it contains "/" (e.g. "val/reward") else "<kind>/<name>"; on resume
-    its events after `resume_step` are purged too. No-op on processes other than 0.
+    its events after `resume_step` are purged too. With `wandb` (config.log.wandb) enabled, a
+    Weights & Biases run gets the same fields and `run_config` once (runtime/wandb_log.py). No-op on processes
+    other than 0.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True,
-                 timestamps: bool = True, process_index: int | None = None):
+                 timestamps: bool = True, process_index: int | None = None, wandb: Mapping[str, Any] | None = None,
+                 run_config: Any = None):
         self.path = Path(workdir) / METRICS_FILE
         self.active = (_process_index() if process_index is None else process_index) == 0
         self._timestamps = timestamps
         self._file = None
         self._tb = None
+        self.wandb = None  # a wandb_log.WandbRun when `wandb` (config.log.wandb) is enabled, on process 0
         if not self.active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +240,14 @@ class MetricsWriter:
             else:
                 purge = None if resume_step is None else resume_step + 1
                 self._tb = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=purge)
+        if wandb is not None and wandb.get("enabled"):
+            from fst_jax.runtime.wandb_log import WandbRun
+
+            try:
+                self.wandb = WandbRun.start(wandb, workdir, redact(to_jsonable(run_config or {})))
+            except BaseException:
+                self.close()
+                raise
 
     def _cut_partial_last_line(self):
         # A killed writer can leave a record without its newline; appending after it would glue two records.
@@ -263,6 +275,8 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             self._write_tensorboard(record)
+        if self.wandb is not None:
+            self.wandb.log(record)
         return record
 
     def _write_tensorboard(self, record):
@@ -303,6 +317,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
     def __enter__(self):
         return self
