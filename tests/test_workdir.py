@@ -46,7 +46,7 @@ def command(workdir, *extra) -> list[str]:
 
 def train(env, workdir, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(command(workdir, *extra), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+                          timeout=TIMEOUT_S, check=False)
 
 
 def errors(stderr: str) -> list[str]:
@@ -92,7 +92,8 @@ def first_run(env, tmp_path_factory):
     finally:
         if a.poll() is None:
             a.kill()
-    return dict(workdir=workdir, a=a, a_err=a_err, b=b, b_seconds=b_seconds, before=before, after=after)
+    return {"workdir": workdir, "a": a, "a_err": a_err, "b": b, "b_seconds": b_seconds, "before": before,
+            "after": after}
 
 
 def copy_of(first_run, tmp_path) -> Path:
@@ -183,10 +184,10 @@ def test_a_resume_with_another_task_is_refused_naming_the_field(env, first_run, 
     r = train(env, workdir, NEW_RULE, "--config.total_steps=4")
     assert r.returncode == 1
     change = 'config.tasks.rule.options.rule: "reverse, then shift 2" → "sort, then shift 3"'
-    assert errors(r.stderr) == [
+    assert errors(r.stderr) == [(
         f"error: cannot resume {workdir}: the config changes what its run computes (compared with its "
         f"config.json): {change}; rerun with the original values, start a new run in another --workdir, or pass "
-        "--allow_config_change to resume anyway (the change is logged in metrics.jsonl)"]
+        "--allow_config_change to resume anyway (the change is logged in metrics.jsonl)")]
     assert time.monotonic() - start < 30 and files(workdir) == before  # before the model loads; nothing written
     # a workdir without config.json (older runs): the checkpoint's own copy refuses it
     (workdir / "config.json").unlink()

@@ -44,6 +44,7 @@ ACCEPTED: tuple[tuple[str, str], ...] = (
     ("model.remat", "rematerialisation"),
     ("model.attention", "the attention kernel"),
     ("model.preset", "the dry run's shapes"),
+    ("plan.*", "the dry run's cost model"),
     ("rl.micro_batch_size", "micro-batching"),
     ("rl.logprob_chunk_size", "chunking"),
     ("sampling.max_rows", "sampler rows"),
@@ -216,7 +217,7 @@ def write_config_json(workdir: str, config: Any, *, resumed_at_step: int | None 
     python = ["python"] if argv and argv[0].endswith(".py") else []
     doc = redact({"config": snapshot(config), "command": argv, "command_line": shlex.join(python + argv),
                   "fst_jax_version": fst_jax.__version__, "host": socket.gethostname(),
-                  "written_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "written_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "resumed_at_step": resumed_at_step, "config_changes": changes or []})
     path = os.path.join(workdir, CONFIG_NAME)
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
