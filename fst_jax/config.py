@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.logprob_chunk_size = ml_collections.config_dict.placeholder(int)
     # The update computes each micro-batch of rows (sorted by length) at the smallest of this many evenly spaced
     # lengths up to max_prompt + max_new_tokens that holds it: one compiled gradient program per length.
-    c.rl.num_length_buckets = 8
+    c.rl.num_length_buckets = 10
 
     c.gepa = ml_collections.ConfigDict()
     c.gepa.seed_prompt = SEED_PROMPT

@@ -13,7 +13,8 @@ import pytest
 from fst_jax.trainer import dry_run as plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ("jit(_prefill)", "jit(_decode)", "jit(_update)", "jit(_log_ratio)")
+PROGRAMS = ("jit(_prefill)", "jit(_decode)", "jit(_zero_accumulator)", "jit(_accumulate)", "jit(_apply_update)",
+            "jit(_log_ratio)")
 
 
 def _train(*args, timeout=1500):
@@ -31,7 +32,7 @@ def test_qwen3_8b_plan_fits_on_8x80gb(tmp_path):
     assert report["devices"] == 8 and report["device_memory_gb"] == 80.0 and report["fits"] is True
     assert 40 < report["peak_gb"] <= 72.0
     expected = {f"{call}_{part}" for call in ("rollout", "gepa_minibatch", "gepa", "reflection", "eval", "kl_sample")
-                for part in ("prefill", "decode")} | {"kl", "update"}
+                for part in ("prefill", "decode")} | {"kl", "update", "update_apply"}
     assert set(report["programs"]) == expected
     assert all(p["compiled"] for p in report["programs"].values())
     # shapes × shardings, exact: fp32 params and two Adam moments over 8 devices, a bf16 base and sampler copy

@@ -18,7 +18,7 @@ from fst_jax.runtime import parallel
 from fst_jax.models.char_tokenizer import make_char_tokenizer
 from fst_jax.models.qwen3 import Qwen3, Qwen3Config
 from fst_jax.rl import config as rl_config_lib, policy_update as rl_update
-from fst_jax.rl.rollouts import Rollouts, build_rollouts, length_bucket, pad_rows
+from fst_jax.rl.rollouts import build_rollouts, length_bucket, pad_rows
 from fst_jax.rl import RLConfig, TrainState, compute_gradients, fst_step, make_optimizer, update
 from fst_jax.sampling import SampleOutput
 
@@ -325,9 +325,6 @@ def test_chunked_logprobs_bound_update_memory_at_qwen3_vocab():
     config_model = TINY.replace(vocab_size=151_936, hidden_size=64, intermediate_size=128)
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Qwen3(config_model, rngs=nnx.Rngs(0))), nnx.Param)
     B, T = 4, 512
-    rollouts = Rollouts(*(jax.ShapeDtypeStruct((B, T), d) for d in (jnp.int32, jnp.int32, jnp.float32,
-                                                                    jnp.float32)),
-                        advantages=jax.ShapeDtypeStruct((B,), jnp.float32))
     temp = {}
     for chunk in (None, 32):
         config = RLConfig(logprob_chunk_size=chunk)
@@ -335,8 +332,8 @@ def test_chunked_logprobs_bound_update_memory_at_qwen3_vocab():
                                                                            abstract_params),
                            step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
                            num_rollouts=jax.ShapeDtypeStruct((), jnp.int32), graphdef=graphdef)
-        compiled = rl_update.lower_update(state, abstract_params, rollouts, config).compile()
-        temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+        compiled = rl_update.lower_update(state, abstract_params, config, rows=B, lengths=(T,))[f"gradients@{T}"]
+        temp[chunk] = compiled.compile().memory_analysis().temp_size_in_bytes
     logits_bytes = B * T * 151_936 * 4
     print(f"update temp bytes at V=151936, B={B}, T={T}: unchunked {temp[None] / 2**20:.0f} MiB, "
           f"chunk 32: {temp[32] / 2**20:.0f} MiB; one [B,T,V] f32 logits tensor = {logits_bytes / 2**20:.0f} MiB")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
-ATTENTION_KERNELS = ("xla", "dot_product")
+ATTENTION_KERNELS = ("auto", "xla", "dot_product", "cudnn")
 
 
 def canonical_dtype(dtype: Any) -> jnp.dtype:
@@ -30,9 +30,12 @@ class Qwen3Config:
     `head_dim` is independent of `hidden_size / num_heads` (Qwen3-0.6B: hidden 1024, 16 heads of 128).
     `dtype` is the computation dtype, `param_dtype` the storage dtype; RMSNorm, RoPE and softmax always run
     in float32. `remat` picks a `jax.checkpoint` policy for each decoder layer during training.
-    `attention` picks the kernel for blocks of several queries (training, prefill): "xla" (einsums, softmax
-    in float32) or "dot_product" (`jax.nn.dot_product_attention`: fused cuDNN attention on GPU where it
-    applies, XLA elsewhere). Single-token decode steps always use the einsums.
+    `attention` picks the kernel for blocks of several queries (`fst_jax.models.attention`): "auto" (cuDNN's
+    fused causal attention on a CUDA GPU for forwards without a KV cache on right-padded rows — the update, the
+    KL evaluation — in bfloat16/float16 with head_dim a multiple of 8 up to 128; the einsums, softmax in
+    float32, everywhere else: CPU, TPU, cached prefill, float32), "xla" (the einsums always), "cudnn" (cuDNN
+    or a one-line error) or "dot_product" (`jax.nn.dot_product_attention`: cuDNN where "auto" would use it,
+    else its XLA implementation). Single-token decode steps always use the einsums.
     """
 
     vocab_size: int = 151936
@@ -49,7 +52,7 @@ class Qwen3Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -9,7 +9,8 @@ parameterised by a `Layout`: the model's own token-major layout ([B, T, D] activ
 weights), or the feature-major one the sampler decodes with ([D, B, T] activations, [out, ..., in] weights
 applied weight-first: for the few tokens of a decode step XLA:CPU streams the weights ~1.6x faster that way).
 The layout only names the axes of each contraction; the math is written once. `Qwen3Config.attention`
-picks the attention kernel for query blocks of more than one token (training, prefill).
+picks the attention kernel for query blocks of more than one token (`fst_jax.models.attention`: cuDNN's
+fused kernel for training-style forwards on a CUDA GPU, einsums elsewhere).
 
 Shape letters: B batch, T query tokens, S key slots (cache length), D hidden, N query heads, K kv heads,
 G queries per kv head (N = K·G), H head dim, F MLP width, V vocab, L layers.
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fst_jax.models import attention
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 
 __all__ = ["Qwen3", "Qwen3Config", "Qwen3Output", "KVCache", "Layout", "TOKEN_MAJOR", "FEATURE_MAJOR",
@@ -153,13 +155,16 @@ def step_masks(mask_bt: jax.Array, cache: KVCache | None):
 
 
 def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, positions_bt: jax.Array,
-                  allowed_bts: jax.Array, kv: tuple | None = None, index: jax.Array | None = None):
+                  allowed_bts: jax.Array, kv: tuple | None = None, index: jax.Array | None = None,
+                  lengths_b: jax.Array | None = None):
     """One Qwen3 decoder layer on B·T tokens: (x after the layer, the updated (k, v) cache or None).
 
     `p`: the layer's weights in `layout`; `x`: the residual stream in `layout.x`. With `kv` (two [B, K, S, H]
     buffers), the tokens' keys and values are written at slot `index` and attention reads the cache;
-    without, it reads the T tokens themselves (`allowed_bts` [B, T, S] says which keys each query sees).
-    Norms, RoPE and softmax run in float32, the rest in `config.dtype`.
+    without, it reads the T tokens themselves (`allowed_bts` [B, T, S] says which keys each query sees;
+    `lengths_b`, when the rows are right-padded, says the same as per-row lengths, which lets a fused kernel
+    run instead — `fst_jax.models.attention`). Norms, RoPE and softmax run in float32, the rest in
+    `config.dtype`.
     """
     c = config
     dtype = canonical_dtype(c.dtype)
@@ -189,7 +194,7 @@ def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, po
             kv = (k_cache, v_cache)
         keys, values, kv_axes = k_cache.astype(dtype), v_cache.astype(dtype), "bksh"
     with jax.named_scope("attention"):
-        attn_btnh = _attention(c, q_btnh, keys, values, kv_axes, allowed_bts)
+        attn_btnh = _attention(c, q_btnh, keys, values, kv_axes, allowed_bts, lengths_b)
         x = x + _project(layout, attn_btnh, "btnh", p["o_proj"], layout.o_proj, layout.x)
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps, axis=features)
@@ -199,19 +204,34 @@ def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, po
     return x, kv
 
 
-def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts) -> jax.Array:
+def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts, lengths_b=None) -> jax.Array:
     """Grouped-query attention [B, T, N, H] of the queries over `keys`/`values` ("bskh" or "bksh").
 
-    Query head n reads kv head n // G. With `config.attention == "dot_product"` and more than one query, the
-    fused `jax.nn.dot_product_attention` (cuDNN on GPU where it applies, XLA elsewhere); otherwise einsums.
+    Query head n reads kv head n // G. The kernel is `attention.select_kernel`'s choice for
+    `config.attention`: cuDNN's fused causal attention with per-row lengths (a CUDA GPU, no cache, right
+    padding, bf16/fp16), `jax.nn.dot_product_attention`'s XLA implementation, or the einsums below.
     Rows with no allowed key (left padding) give finite values that nothing reads.
     """
     B, T, N, H = q_btnh.shape
     K, G = c.num_kv_heads, c.queries_per_kv
-    if c.attention == "dot_product" and T > 1:
+    platform = attention.current_platform()
+    kernel, reason = attention.select_kernel(c.attention, platform=platform, dtype=jnp.dtype(q_btnh.dtype).name,
+                                             head_dim=H, num_queries=T, cached=kv_axes == "bksh",
+                                             right_padded=lengths_b is not None)
+    if reason is not None and platform != "cpu" and T > 1:
+        attention.log_fallback(kernel, reason)
+    if kernel == attention.CUDNN:
+        # A row of length 0 (an all-padding row) still gets one key: its output is never read, and cuDNN's
+        # backward pass is not defined for an empty row.
+        lengths_b = jnp.maximum(lengths_b, 1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(q_btnh, keys, values, scale=H ** -0.5, is_causal=True,
+                                            query_seq_lengths=lengths_b, key_value_seq_lengths=lengths_b,
+                                            implementation="cudnn")
+    if kernel == attention.JAX_XLA:
         if kv_axes == "bksh":
             keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-        return jax.nn.dot_product_attention(q_btnh, keys, values, mask=allowed_bts[:, None], scale=H ** -0.5)
+        return jax.nn.dot_product_attention(q_btnh, keys, values, mask=allowed_bts[:, None], scale=H ** -0.5,
+                                            implementation="xla")
     q_btkgh = q_btnh.reshape(B, T, K, G, H)
     scores = jnp.einsum(f"btkgh,{kv_axes}->bkgts", q_btkgh, keys).astype(jnp.float32) * H ** -0.5
     scores = jnp.where(allowed_bts[:, None, None, :, :], scores, _MASK_VALUE)
@@ -286,21 +306,31 @@ class Qwen3(nnx.Module):
     def __call__(self, input_ids, *, attention_mask=None, positions=None) -> jax.Array:
         return self.forward(input_ids, attention_mask=attention_mask, positions=positions).logits
 
-    def forward(self, input_ids, *, attention_mask=None, positions=None, cache: KVCache | None = None,
+    def forward(self, input_ids, *, attention_mask=None, lengths=None, positions=None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, compute_logits: bool = True) -> Qwen3Output:
         """Run the decoder on `input_ids` [B, T].
 
         Without a cache, attention is causal over the T tokens. With a cache (`init_cache`), the T tokens are
         written at slots [index, index + T) and attend to every real token already in the cache and to each
-        other causally; the returned cache has advanced by T. See `step_masks`.
+        other causally; the returned cache has advanced by T. See `step_masks`. Padding: `attention_mask`
+        [B, T] (1 = real token, anywhere), or `lengths` [B] for right-padded rows (the first lengths[b]
+        tokens are real) — the form a fused attention kernel takes (`fst_jax.models.attention`).
         """
         c = self.config
         dtype = canonical_dtype(c.dtype)
         B, T = input_ids.shape
-        mask_bt = (jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool))
+        if lengths is not None and attention_mask is not None:
+            raise ValueError("Qwen3.forward: pass attention_mask or lengths, not both")
+        if lengths is not None:
+            mask_bt = jnp.arange(T)[None, :] < lengths[:, None]
+        else:
+            mask_bt = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         default_positions, key_mask_bs, allowed_bts = step_masks(mask_bt, cache)
         positions = default_positions if positions is None else positions
 
+        layer_lengths = lengths if cache is None and lengths is not None else None
+        if cache is None and attention_mask is None and lengths is None:
+            layer_lengths = jnp.full((B,), T, jnp.int32)  # no padding at all: every row is T tokens
         with jax.named_scope("embed"):
             x_btd = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
         x_btd = _constrain_batch(x_btd)
@@ -308,7 +338,7 @@ class Qwen3(nnx.Module):
         def layer(x_btd, layer_in):
             p, kv = layer_in if cache is not None else (layer_in, None)
             x_btd, kv = decoder_layer(c, TOKEN_MAJOR, p, x_btd, positions, allowed_bts, kv,
-                                      None if cache is None else cache.index)
+                                      None if cache is None else cache.index, layer_lengths)
             x_btd = _constrain_batch(x_btd)
             return x_btd, (x_btd if output_hidden_states else None, kv)
 

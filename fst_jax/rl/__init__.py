@@ -3,7 +3,8 @@
     config.py        RLConfig, the learning-rate schedule, the optax chain
     losses.py        CISPO / PPO-clip, KL estimators, aggregations, group advantages (pure functions)
     rollouts.py      rendering prompts, scoring completions, the padded Rollouts batch
-    policy_update.py the jitted update (micro-batched loss and gradient, optax step, skip if non-finite)
+    train_state.py   TrainState (what the update changes) and its abstract twin for the dry run
+    policy_update.py the update (length-bucketed micro-batches, loss and gradient, optax step, skip if non-finite)
     coupled_step.py  fst_step on the host: render, sample, score, advantages, update
 """
 
@@ -31,7 +32,8 @@ from fst_jax.rl.rollouts import (
 )
 from fst_jax.rl.config import RLConfig, learning_rate_schedule, make_optimizer, rl_config_from_run
 from fst_jax.rl.coupled_step import fst_step, sampler_generate
-from fst_jax.rl.policy_update import TrainState, abstract_state, compute_gradients, lower_update, update
+from fst_jax.rl.policy_update import bucketed_gradients, compute_gradients, lower_update, update
+from fst_jax.rl.train_state import TrainState, abstract_state
 
 __all__ = [
     "AGGREGATIONS",
@@ -48,6 +50,7 @@ __all__ = [
     "RLConfig",
     "Rollouts",
     "TrainState",
+    "bucketed_gradients",
     "build_rollouts",
     "compute_gradients",
     "fst_step",

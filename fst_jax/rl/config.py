@@ -29,8 +29,10 @@ class RLConfig:
     multiple of the mesh's data × fsdp size), `logprob_chunk_size` tokens per logits block (None = full
     [B, T, V] logits). Sampling (fst_step): `rollouts_per_problem` (G) responses per problem at `temperature`
     (also the temperature of the update's log-probs, so ratios are 1 on-policy), up to `max_new_tokens` each;
-    `enable_thinking` is passed to the chat template (None: the template's default). `sequence_length`: every
-    batch is padded to this many tokens, so a run compiles one update program (None: each batch's own bucket).
+    `enable_thinking` is passed to the chat template (None: the template's default). Lengths: the update
+    computes each micro-batch at the smallest of `num_length_buckets` evenly spaced lengths up to
+    `sequence_length` that holds its longest row, so a run compiles that many gradient programs (a longer
+    rollout is an error); `sequence_length` None: each micro-batch at its own `rollouts.length_bucket`.
     """
 
     learning_rate: float = 1e-6
@@ -53,6 +55,7 @@ class RLConfig:
     max_new_tokens: int = 1024
     enable_thinking: bool | None = None
     sequence_length: int | None = None
+    num_length_buckets: int = 10
 
     def __post_init__(self):
         def bad(field, why):
@@ -79,7 +82,7 @@ class RLConfig:
             value = getattr(self, field)
             if value is not None and not (isinstance(value, int) and value > 0):
                 bad(field, "must be a positive integer or None")
-        for field in ("rollouts_per_problem", "max_new_tokens"):
+        for field in ("rollouts_per_problem", "max_new_tokens", "num_length_buckets"):
             if not (isinstance(getattr(self, field), int) and getattr(self, field) > 0):
                 bad(field, "must be a positive integer")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):

@@ -1,25 +1,27 @@
-"""The jitted policy-gradient update: `update(state, base_params, rollouts, config)` is one optimizer step on a
-batch of scored rollouts:
+"""The policy-gradient update: `update(state, base_params, rollouts, config)` is one optimizer step on a batch
+of scored rollouts:
 
     loss = Σ_mb policy_sum(mb) / Σ_mb denominator(mb)  +  kl_coef · Σ_mb kl_sum(mb) / Σ_mb denominator(mb)
 
-accumulated over micro-batches of whole rows with `lax.scan` (sums, denominators and gradients added up,
-divided once at the end, so any micro-batch size gives the full-batch gradient), per-token log-probs taken from
-the model's final hidden state by `losses.token_logprobs` (chunked: no [B, T, V] logits when
-`logprob_chunk_size` is set), KL(π_θ ‖ π_base) against a forward pass of the frozen base parameters.
+Sums, denominators and gradients are added up over micro-batches of whole rows and divided once, so any split
+into micro-batches — of any sizes and lengths — gives the full-batch loss and gradient. `update` sorts the rows
+by length and computes each micro-batch at the smallest of a few planned lengths that holds it (one jitted
+gradient program per length, a host loop, one jitted optimizer step); `compute_gradients` is the same loss over
+one padded batch in a single traceable `lax.scan`. Per-token log-probs come from the model's final hidden
+state (`losses.token_logprobs`, chunked: no [B, T, V] logits when `logprob_chunk_size` is set); KL(π_θ ‖ π_base)
+against a forward pass of the frozen base parameters.
 
 `TrainState` holds what the update changes; `abstract_state` / `lower_update` let the dry run compile the same
-program without arrays. Shape letters: B rows (responses), T tokens, V vocab.
+programs without arrays. Shape letters: B rows (responses), T tokens, V vocab.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,81 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fst_jax.rl import losses
 from fst_jax.rl.config import RLConfig, learning_rate_schedule, make_optimizer
-from fst_jax.rl.rollouts import Rollouts, pad_rows
+from fst_jax.rl.rollouts import Rollouts, length_buckets, micro_batches, padding_ratio
+from fst_jax.rl.train_state import TrainState, abstract_state, program_config
 from fst_jax.runtime import parallel
 from fst_jax.runtime.parallel import mesh_of
 
-__all__ = ["TrainState", "abstract_state", "compute_gradients", "lower_update", "update"]
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything an RL run updates: a pytree (orbax-checkpointable) plus the model's static graphdef.
-
-    `step`: optimizer updates applied (skipped updates do not count; it equals optax's count, so the
-    learning-rate schedule reads it). `rng`: a raw uint32 PRNG key; fst_step splits it for each sampler call.
-    `num_rollouts`: responses sampled so far (dropped groups included).
-    """
-
-    params: nnx.State
-    opt_state: optax.OptState
-    step: jax.Array
-    rng: jax.Array
-    num_rollouts: jax.Array
-    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
-
-    @classmethod
-    def create(cls, model: nnx.Module | tuple[nnx.GraphDef, nnx.State], config: RLConfig | Mapping[str, Any],
-               *, seed: int = 0) -> "TrainState":
-        """A fresh state for `model` (or (graphdef, params)) with optimizer state laid out like the params.
-
-        The params are *copied*: `update` donates the state, so the caller's arrays (typically also the frozen
-        base copy) stay valid.
-        """
-        graphdef, params = nnx.split(model, nnx.Param) if isinstance(model, nnx.Module) else model
-        leaves, treedef = jax.tree.flatten(params)
-        abstract = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves)
-        initialize = _state_initializer(_program_config(RLConfig.from_config(config)), treedef, abstract)
-        params, opt_state, step, rng, num_rollouts = initialize(params, np.uint32(seed % 2**32))
-        return cls(params=params, opt_state=opt_state, step=step, rng=rng, num_rollouts=num_rollouts,
-                   graphdef=graphdef)
-
-
-@functools.lru_cache(maxsize=16)
-def _state_initializer(config: RLConfig, treedef, abstract_leaves: tuple[jax.ShapeDtypeStruct, ...]):
-    """A jitted (params, seed) → (copy of params, optimizer state, step, rng, num_rollouts), cached so that
-    repeated creates compile once. Adam's moments get their parameter's sharding (jit would otherwise put the
-    zeros on one device); the scalars are committed and replicated exactly as `update` returns them, so the
-    first update of a fresh state and later ones share one compiled program."""
-    tx = make_optimizer(config)
-    abstract_params = jax.tree.unflatten(treedef, abstract_leaves)
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-    replicated = _replicated_like(abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), shardings,
-                                          transform_non_params=lambda _: replicated)
-
-    def init(params, seed):
-        params = jax.tree.map(jnp.copy, params)
-        zero = jnp.zeros((), jnp.int32)
-        return params, tx.init(params), zero, jax.random.PRNGKey(seed), zero
-
-    return jax.jit(init, out_shardings=(shardings, opt_shardings, replicated, replicated, replicated))
-
-
-def _program_config(config: RLConfig) -> RLConfig:
-    """`config` with the sampling-only fields at their defaults: they do not change the update's program, so
-    they must not split the jit cache."""
-    defaults = RLConfig()
-    sampling_only = ("rollouts_per_problem", "max_new_tokens", "enable_thinking", "sequence_length")
-    return dataclasses.replace(config, **{name: getattr(defaults, name) for name in sampling_only})
-
-
-def _replicated_like(params):
-    leaf = jax.tree.leaves(params)[0]
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, P())
-    return sharding
+__all__ = ["TrainState", "abstract_state", "bucketed_gradients", "compute_gradients", "lower_update",
+           "micro_batch_rows", "planned_lengths", "update"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +53,10 @@ def _shifted(rollouts: Rollouts):
 
 def _sequence_logprobs(graphdef, params, rollouts: Rollouts, targets_bt, config: RLConfig, with_entropy: bool):
     model = nnx.merge(graphdef, params)
-    out = model.forward(rollouts.input_ids, attention_mask=rollouts.attention_mask, compute_logits=False)
+    # Rows are right-padded (`rollouts.build_rollouts`), so their lengths say what the mask says, in the form
+    # a fused attention kernel takes.
+    lengths_b = jnp.sum(rollouts.attention_mask, axis=1, dtype=jnp.int32)
+    out = model.forward(rollouts.input_ids, lengths=lengths_b, compute_logits=False)
     return losses.token_logprobs(out.last_hidden, model.unembed_matrix(), targets_bt,
                                  temperature=config.temperature, chunk_size=config.logprob_chunk_size,
                                  return_entropy=with_entropy)
@@ -163,11 +100,14 @@ def _micro_batch_sums(params, base_params, rollouts: Rollouts, *, graphdef, conf
 
 
 def compute_gradients(params, base_params, rollouts: Rollouts, *, graphdef, config: RLConfig):
-    """(gradient of the batch loss, metrics) with exact accumulation over micro-batches of whole rows.
+    """(gradient of the batch loss, metrics) of one padded [B, T] batch, accumulated over micro-batches of
+    whole rows with `lax.scan`: every row computed at T tokens.
 
     Rows are split into B / micro_batch_size consecutive micro-batches, each spread over the mesh's batch
     axes; a micro-batch without a single loss token (padding, dropped groups) is skipped by `lax.cond`.
-    Traceable; `update` jits it. `base_params` None skips the KL term (allowed only when kl_coef = 0).
+    Traceable (jit it yourself); `update` computes the same loss and gradient from length-bucketed
+    micro-batches instead (see `accumulated_gradients`). `base_params` None skips the KL term (allowed only
+    when kl_coef = 0).
     """
     rollouts.check()
     num_rows = rollouts.input_ids.shape[0]
@@ -183,11 +123,22 @@ def compute_gradients(params, base_params, rollouts: Rollouts, *, graphdef, conf
     def body(carry, batch):
         has_loss = jnp.any(batch.loss_mask[:, 1:] > 0)
         out = jax.lax.cond(has_loss, sums_fn, lambda p, b: zeros, params, batch)
-        grads = jax.tree.map(jnp.add, carry[0], out[0])
-        sums = {k: (jnp.maximum if k.endswith("_max") else jnp.add)(carry[1][k], v) for k, v in out[1].items()}
-        return (grads, sums), None
+        return _add_sums(carry, out), None
 
-    (grad_sums, sums), _ = jax.lax.scan(body, zeros, micro_batches)
+    accumulator, _ = jax.lax.scan(body, zeros, micro_batches)
+    return _finish(accumulator)
+
+
+def _add_sums(accumulator, out):
+    """Gradient sums and statistic sums of two micro-batches combined (maxima stay maxima)."""
+    grads = jax.tree.map(jnp.add, accumulator[0], out[0])
+    sums = {k: (jnp.maximum if k.endswith("_max") else jnp.add)(accumulator[1][k], v) for k, v in out[1].items()}
+    return grads, sums
+
+
+def _finish(accumulator):
+    """Divide once: (gradient sums, statistic sums) over all micro-batches → (gradient, metrics)."""
+    grad_sums, sums = accumulator
     denominator = jnp.where(sums["denominator"] > 0, sums["denominator"], 1.0)
     tokens = jnp.maximum(sums["num_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grad_sums)
@@ -211,8 +162,29 @@ def _constrain_micro_batch(x):
     return jax.lax.with_sharding_constraint(x, P(None, axes, *([None] * (x.ndim - 2))))
 
 
-def _update(state: TrainState, base_params, rollouts: Rollouts, config: RLConfig):
-    grads, metrics = compute_gradients(state.params, base_params, rollouts, graphdef=state.graphdef, config=config)
+# ---------------------------------------------------------------------------------------------------------
+# The update as a run calls it: a host loop over length-bucketed micro-batches, three kinds of jitted program
+
+
+def _zero_accumulator(params, *, graphdef, config: RLConfig, with_base: bool):
+    """Zero gradient sums (laid out like the params) and zero statistic sums: what `_accumulate` adds to."""
+    dummy = Rollouts(*(jax.ShapeDtypeStruct((1, 16), d) for d in (jnp.int32, jnp.int32, jnp.float32, jnp.float32)),
+                     advantages=jax.ShapeDtypeStruct((1,), jnp.float32))
+    shapes = jax.eval_shape(functools.partial(_micro_batch_sums, graphdef=graphdef, config=config),
+                            params, params if with_base else None, dummy)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _accumulate(accumulator, params, base_params, micro_batch: Rollouts, *, graphdef, config: RLConfig):
+    """The accumulator plus one micro-batch's gradient and statistic sums; one program per bucket length."""
+    return _add_sums(accumulator, _micro_batch_sums(params, base_params, micro_batch, graphdef=graphdef,
+                                                    config=config))
+
+
+def _apply_update(state: TrainState, accumulator, config: RLConfig):
+    """Divide once, then the optimizer step — unless the loss or gradient is non-finite or no token carried
+    loss: then the old state is kept and `skipped` reads 1 (one decision per step)."""
+    grads, metrics = _finish(accumulator)
     tx = make_optimizer(config)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -228,75 +200,115 @@ def _update(state: TrainState, base_params, rollouts: Rollouts, config: RLConfig
     return state, metrics
 
 
-_update_jit = jax.jit(_update, static_argnames=("config",), donate_argnames=("state",))
+_GRADIENT_STATIC = ("graphdef", "config", "with_base")
+_zero_single = jax.jit(_zero_accumulator, static_argnames=_GRADIENT_STATIC)
+_accumulate_single = jax.jit(_accumulate, static_argnames=("graphdef", "config"), donate_argnums=(0,))
+_apply_single = jax.jit(_apply_update, static_argnames=("config",), donate_argnums=(0,))
+
+
+# On a mesh, `out_shardings` state that the gradient sums and the new state keep the params' layout and scalars
+# are replicated: left to propagation, XLA may hand back a replicated (per-device full-size) copy.
+@functools.lru_cache(maxsize=16)
+def _mesh_gradient_programs(treedef, leaf_shardings: tuple):
+    """(zero, accumulate) for params laid out by `leaf_shardings`."""
+    mesh = next(s.mesh for s in leaf_shardings if isinstance(s, NamedSharding))
+    accumulator = (jax.tree.unflatten(treedef, leaf_shardings), NamedSharding(mesh, P()))  # statistics replicated
+    return (jax.jit(_zero_accumulator, static_argnames=_GRADIENT_STATIC, out_shardings=accumulator),
+            jax.jit(_accumulate, static_argnames=("graphdef", "config"), donate_argnums=(0,),
+                    out_shardings=accumulator))
 
 
 @functools.lru_cache(maxsize=16)
-def _update_program(treedef, leaf_shardings: tuple):
-    """The jitted update for a state laid out by `leaf_shardings`, with `out_shardings` stating that the new
-    state keeps exactly that layout and the metrics are replicated: left to propagation, XLA may hand back a
-    replicated (per-device full-size) copy of the params or moments."""
-    state_shardings = jax.tree.unflatten(treedef, leaf_shardings)
+def _mesh_apply_program(treedef, leaf_shardings: tuple):
+    """The optimizer step for a state laid out by `leaf_shardings`."""
     mesh = next(s.mesh for s in leaf_shardings if isinstance(s, NamedSharding))
-    return jax.jit(_update, static_argnames=("config",), donate_argnames=("state",),
-                   out_shardings=(state_shardings, NamedSharding(mesh, P())))
+    return jax.jit(_apply_update, static_argnames=("config",), donate_argnums=(0,),
+                   out_shardings=(jax.tree.unflatten(treedef, leaf_shardings), NamedSharding(mesh, P())))
 
 
-def _program_for(state: TrainState):
+def _gradient_programs(params):
+    if mesh_of(params) is None:
+        return _zero_single, _accumulate_single
+    leaves, treedef = jax.tree.flatten(params)
+    return _mesh_gradient_programs(treedef, tuple(leaf.sharding for leaf in leaves))
+
+
+def _apply_program(state: TrainState):
+    if mesh_of(state.params) is None:
+        return _apply_single
     leaves, treedef = jax.tree.flatten(state)
-    return _update_program(treedef, tuple(leaf.sharding for leaf in leaves))
+    return _mesh_apply_program(treedef, tuple(leaf.sharding for leaf in leaves))
 
 
-def _pad_length(rollouts: Rollouts, length: int | None) -> Rollouts:
-    """Right-pad every [B, T] array to `length` tokens (no attention, no loss): one update shape per run."""
-    T = rollouts.input_ids.shape[1]
-    if length is None or T == length:
-        return rollouts
-    if T > length:
-        raise ValueError(f"rollouts of {T} tokens exceed the update's sequence_length {length}; raise "
-                         "config.sampling.max_prompt_tokens or config.sampling.max_new_tokens")
-    xp = np if isinstance(rollouts.input_ids, np.ndarray) else jnp
-    pad = lambda x: x if x.ndim == 1 else xp.pad(x, [(0, 0), (0, length - T)])  # noqa: E731
-    return jax.tree.map(pad, rollouts)
+def planned_lengths(config: RLConfig) -> tuple[int, ...] | None:
+    """The sequence lengths the update computes micro-batches at: `num_length_buckets` evenly spaced lengths
+    up to `sequence_length` (None when it is None: each micro-batch at its own `length_bucket`)."""
+    if config.sequence_length is None:
+        return None
+    return length_buckets(config.sequence_length, config.num_length_buckets)
 
 
-def abstract_state(graphdef: nnx.GraphDef, abstract_params: nnx.State, config: RLConfig) -> TrainState:
-    """The TrainState `TrainState.create` makes for params of these shapes and shardings, as ShapeDtypeStructs
-    (nothing allocated): what the dry run lowers the update with."""
-    leaves, treedef = jax.tree.flatten(abstract_params)
-    initialize = _state_initializer(_program_config(config), treedef, tuple(leaves))
-    params, opt_state, step, rng, num_rollouts = jax.eval_shape(initialize, abstract_params, np.uint32(0))
-    return TrainState(params=params, opt_state=opt_state, step=step, rng=rng, num_rollouts=num_rollouts,
-                      graphdef=graphdef)
+def micro_batch_rows(config: RLConfig, num_rows: int, mesh) -> int:
+    """Rows per micro-batch: micro_batch_size, or (None) the whole batch rounded up to the mesh's batch axes."""
+    multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
+    if config.micro_batch_size is not None and config.micro_batch_size % multiple:
+        raise ValueError(f"micro_batch_size {config.micro_batch_size} must be a multiple of the mesh's batch "
+                         f"axes (data × fsdp = {multiple})")
+    return config.micro_batch_size or -(-num_rows // multiple) * multiple
 
 
-def lower_update(state: TrainState, base_params, rollouts: Rollouts, config: RLConfig):
-    """Lower (without arrays) the program `update` runs for this state, base and padded rollout shape: the
-    same jitted function, static config and shardings, so compiling it fills the cache `update` hits."""
-    config = _program_config(RLConfig.from_config(config))
+def lower_update(state: TrainState, base_params, config: RLConfig, *, rows: int,
+                 lengths: Sequence[int], platform: str | None = None) -> dict[str, Any]:
+    """Lower (without arrays) every program `update` runs for this state and base: "zero" (fresh gradient
+    sums), "gradients@T" (one micro-batch of `rows` rows at T tokens, for each T in `lengths`) and "apply" (the
+    optimizer step). The same jitted functions, static config and shardings as `update`, so compiling them
+    fills the caches it hits. `platform` ("cuda", "tpu"): lower for that backend instead of this machine's
+    (for inspection; such programs cannot be compiled here)."""
+    config = program_config(RLConfig.from_config(config))
     mesh = mesh_of(state.params)
-    if mesh is None:
-        return _update_jit.lower(state, base_params, rollouts, config)
-    with jax.set_mesh(mesh):
-        return _program_for(state).lower(state, base_params, rollouts, config)
+    zero_program, accumulate_program = _gradient_programs(state.params)
+    sharding = (lambda ndim: None) if mesh is None else (lambda ndim: parallel.batch_sharding(mesh, ndim))  # noqa: E731
+    lower = ((lambda f, *a, **k: f.lower(*a, **k)) if platform is None else  # noqa: E731
+             (lambda f, *a, **k: f.trace(*a, **k).lower(lowering_platforms=(platform,))))
+    with_base = base_params is not None
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        zero = lower(zero_program, state.params, graphdef=state.graphdef, config=config, with_base=with_base)
+        accumulator = zero.out_info
+        lowered = {"zero": zero}
+        for length in lengths:
+            sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(len(shape)))  # noqa: E731
+            batch = Rollouts(input_ids=sds((rows, length), jnp.int32), attention_mask=sds((rows, length), jnp.int32),
+                             loss_mask=sds((rows, length), jnp.float32),
+                             old_logprobs=sds((rows, length), jnp.float32), advantages=sds((rows,), jnp.float32))
+            lowered[f"gradients@{length}"] = lower(accumulate_program, accumulator, state.params, base_params, batch,
+                                                   graphdef=state.graphdef, config=config)
+        lowered["apply"] = lower(_apply_program(state), state, accumulator, config)
+    return lowered
 
 
 def update(state: TrainState, base_params, rollouts: Rollouts,
            config: RLConfig | Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `rollouts`; returns (new state, metrics as device scalars).
 
-    The jitted core donates `state` (its buffers are reused: do not touch the old state afterwards) and is
-    compiled once per (config, rollout shape, graphdef). Rollouts are padded with empty rows to a multiple of
-    micro_batch_size × the mesh's batch size and placed with `parallel.shard_batch` on the params' mesh (the
-    mesh of their NamedShardings; `base_params` must be laid out the same way, e.g. both by
-    `parallel.param_shardings(..., TRAIN_RULES)`).
-    A NaN/inf loss or gradient is never applied: the state is returned unchanged (step not advanced) and
-    `metrics["skipped"]` and `metrics["nonfinite"]` are 1.
+    The rows that carry loss are sorted by length and cut into micro-batches of micro_batch_size rows (None:
+    one micro-batch of the whole batch), each computed at the smallest planned length that holds its longest
+    row (`planned_lengths`; `rollouts.micro_batches`): one jitted gradient program per length, called once per
+    micro-batch and adding into donated gradient sums, then one jitted optimizer step that divides once. The
+    loss and gradient are those of the whole batch padded to one length (`compute_gradients`), under every
+    aggregation: each row's tokens stay in one micro-batch and sums and denominators are divided once.
+
+    The state is donated (do not touch the old one afterwards). On a mesh (the params' NamedShardings;
+    `base_params` laid out the same way, e.g. both by `parallel.param_shardings(..., TRAIN_RULES)`) each
+    micro-batch is split over the batch axes with `parallel.shard_batch`. A NaN/inf loss or gradient is never
+    applied: the state is returned unchanged (step not advanced) and `metrics["skipped"]` and
+    `metrics["nonfinite"]` are 1.
 
     Metrics: loss, policy_loss, kl (to the base), entropy (token mean), importance_weight_mean/_max,
     truncated_fraction (CISPO: ρ > τ) or clip_fraction/_low/_high (PPO), grad_norm (before clipping),
-    learning_rate (of this update), num_tokens, num_rows, skipped, nonfinite. Token statistics are over the
-    loss tokens (response tokens of kept groups) and read 0 when there are none.
+    learning_rate (of this update), num_tokens, num_rows, skipped, nonfinite; update_padding_ratio (tokens
+    computed / prompt + response tokens of the rows that carry loss; 0 when none does) and
+    update_micro_batches. Token statistics are over the loss tokens (response tokens of kept groups) and read
+    0 when there are none.
     """
     config = RLConfig.from_config(config)
     if base_params is None and config.kl_coef > 0:
@@ -305,21 +317,45 @@ def update(state: TrainState, base_params, rollouts: Rollouts,
     if base_params is not None and _shares_buffers(state.params, base_params):
         raise ValueError("base_params share buffers with state.params, which update donates; build the state "
                          "with TrainState.create (it copies the params) or pass a separate base copy")
-    rollouts.check()
+    accumulator, measures = _accumulate_micro_batches(state.params, base_params, rollouts, graphdef=state.graphdef,
+                                                      config=config)
     mesh = mesh_of(state.params)
-    multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
-    if config.micro_batch_size is not None and config.micro_batch_size % multiple:
-        raise ValueError(f"micro_batch_size {config.micro_batch_size} must be a multiple of the mesh's batch "
-                         f"axes (data × fsdp = {multiple})")
-    multiple = config.micro_batch_size or multiple
-    rollouts = pad_rows(rollouts, -(-rollouts.input_ids.shape[0] // multiple) * multiple)
-    rollouts = _pad_length(rollouts, config.sequence_length)
-    config = _program_config(config)
-    if mesh is None:
-        return _update_jit(state, base_params, rollouts, config)
-    with jax.set_mesh(mesh):
-        rollouts = parallel.shard_batch(rollouts, mesh) if isinstance(rollouts.input_ids, np.ndarray) else rollouts
-        return _program_for(state)(state, base_params, rollouts, config)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        state, metrics = _apply_program(state)(state, accumulator, program_config(config))
+    metrics.update(measures)
+    return state, metrics
+
+
+def bucketed_gradients(params, base_params, rollouts: Rollouts, *, graphdef, config: RLConfig):
+    """(gradient, metrics) exactly as `update` computes them before its optimizer step: length-bucketed
+    micro-batches of the rows that carry loss (host loop), divided once. Equals `compute_gradients` of the same
+    rollouts up to float32 summation order."""
+    config = RLConfig.from_config(config)
+    accumulator, measures = _accumulate_micro_batches(params, base_params, rollouts, graphdef=graphdef,
+                                                      config=config)
+    grads, metrics = _finish_program(accumulator)
+    return grads, {**metrics, **measures}
+
+
+_finish_program = jax.jit(_finish)
+
+
+def _accumulate_micro_batches(params, base_params, rollouts: Rollouts, *, graphdef, config: RLConfig):
+    """(gradient and statistic sums over the micro-batches, {update_padding_ratio, update_micro_batches})."""
+    rollouts.check()
+    mesh = mesh_of(params)
+    rows = micro_batch_rows(config, rollouts.input_ids.shape[0], mesh)
+    groups = micro_batches(rollouts, rows, planned_lengths(config))
+    zero_program, accumulate_program = _gradient_programs(params)
+    static = dict(graphdef=graphdef, config=program_config(config))
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        accumulator = zero_program(params, with_base=base_params is not None, **static)
+        for group in groups:
+            if mesh is not None:
+                group = parallel.shard_batch(group, mesh)
+            accumulator = accumulate_program(accumulator, params, base_params, group, **static)
+    return accumulator, {"update_padding_ratio": np.float32(padding_ratio(rollouts, groups)),
+                         "update_micro_batches": np.float32(len(groups))}
 
 
 def _shares_buffers(a, b) -> bool:

@@ -14,7 +14,10 @@ position 0 can never carry loss (its mask is ignored).
 Shapes are bucketed so that the jitted update compiles for few distinct shapes: T is rounded up by
 `length_bucket` (≤ 12.5% padding on long sequences), and B to `row_multiple` with all-padding rows. Rows that
 should not count (zero-variance groups) are removed and replaced by padding rows at the end, so that the batch
-shape does not depend on how many groups were dropped and whole padding micro-batches can be skipped.
+shape does not depend on how many groups were dropped.
+
+The update does not compute this batch as it is: `micro_batches` sorts the rows that carry loss by length and
+cuts each micro-batch to the smallest of a few planned lengths (`length_buckets`) that holds its longest row.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Rollouts", "build_rollouts", "length_bucket", "pad_rows", "question_field", "render_prompts",
-           "score_completions"]
+__all__ = ["Rollouts", "build_rollouts", "length_bucket", "length_buckets", "micro_batches", "pad_rows",
+           "padding_ratio", "question_field", "render_prompts", "row_lengths", "score_completions"]
 
 
 def question_field(problem: Mapping[str, Any]) -> str:
@@ -176,3 +179,67 @@ def build_rollouts(
         row_advantages[row] = advantages[b]
     return Rollouts(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
                     old_logprobs=old_logprobs, advantages=row_advantages)
+
+
+def length_buckets(max_length: int, count: int, align: int = 16) -> tuple[int, ...]:
+    """The update's planned sequence lengths: `count` evenly spaced lengths up to `max_length`, each rounded up
+    to a multiple of `align` (duplicates dropped), e.g. (640, 1280, …, 5120) for 5120 and 8. A row of n tokens
+    is computed at the smallest length ≥ n, so at most max_length / count tokens of padding per row."""
+    if not (isinstance(count, int) and count >= 1):
+        raise ValueError(f"length_buckets: count must be an integer ≥ 1, got {count!r}")
+    if max_length < 1:
+        raise ValueError(f"length_buckets: max_length must be ≥ 1, got {max_length}")
+    lengths = set()
+    for i in range(1, count + 1):
+        even = -(-max_length * i // count)  # ⌈max_length · i / count⌉
+        lengths.add(min(max_length, -(-even // align) * align))
+    return tuple(sorted(lengths))
+
+
+def row_lengths(rollouts: Rollouts) -> np.ndarray:
+    """[B] tokens of each row up to its last real one (prompt + response; 0 for an all-padding row)."""
+    mask = np.asarray(rollouts.attention_mask) > 0
+    return np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+
+
+def micro_batches(rollouts: Rollouts, rows: int, buckets: Sequence[int] | None = None, *,
+                  min_length: int = 16) -> list[Rollouts]:
+    """The host-side micro-batches the update computes: the rows that carry loss (a response token after
+    position 0), longest first, in groups of `rows` (the last group filled with all-padding rows), each cut to
+    the smallest of `buckets` that holds its longest row (None: that row's `length_bucket`).
+
+    Sorting puts rows of similar length together, so each group pads little; rows without loss (dropped
+    groups, padding rows) count in no sum or denominator, so leaving them out changes no loss or gradient.
+    Raises ValueError when a row is longer than the largest bucket.
+    """
+    host = jax.tree.map(np.asarray, rollouts)
+    lengths = row_lengths(host)
+    carries_loss = (host.loss_mask[:, 1:] > 0).any(axis=1)
+    order = [int(b) for b in np.argsort(-lengths, kind="stable") if carries_loss[b]]
+    if buckets is not None and order and lengths[order[0]] > max(buckets):
+        raise ValueError(f"a rollout of {lengths[order[0]]} tokens exceeds the update's longest planned length "
+                         f"{max(buckets)}; raise config.sampling.max_prompt_tokens or config.sampling.max_new_tokens")
+    groups = []
+    for start in range(0, len(order), rows):
+        index = order[start:start + rows]
+        longest = int(lengths[index[0]])
+        length = (min(b for b in buckets if b >= longest) if buckets is not None
+                  else length_bucket(max(longest, 1), min_length))
+        group = jax.tree.map(lambda x: x[index] if x.ndim == 1 else _fit(x[index], length), host)
+        groups.append(pad_rows(group, rows))
+    return groups
+
+
+def padding_ratio(rollouts: Rollouts, groups: Sequence[Rollouts]) -> float:
+    """Tokens the micro-batches `groups` compute over the prompt + response tokens of the rollouts' rows that
+    carry loss (1 = no padding computed; 0 when no row carries loss and nothing is computed)."""
+    host = jax.tree.map(np.asarray, rollouts)
+    useful = int(row_lengths(host)[(host.loss_mask[:, 1:] > 0).any(axis=1)].sum())
+    return sum(int(np.size(g.input_ids)) for g in groups) / useful if useful else 0.0
+
+
+def _fit(x: np.ndarray, length: int) -> np.ndarray:
+    """[b, T] → [b, length]: cut (only padding lies beyond a row's length) or right-pad with zeros."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return np.pad(x, [(0, 0), (0, length - x.shape[1])])

@@ -1,7 +1,7 @@
 """The shapes of a run's jitted programs, shared by the run and its dry run (`fst_jax.trainer.dry_run`): the mesh, the
 sampler calls a run makes (`sampler_calls`: each kind's prompts, samples and token limits, so a run compiles
-only the programs its plan lowered), the prompt buckets they run at, and the update's and the KL evaluation's
-sequence lengths."""
+only the programs its plan lowered), the prompt buckets they run at, the update's sequence lengths and the KL
+evaluation's."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import dataclasses
 from fst_jax.trainer import evals
 from fst_jax.runtime import parallel
 from fst_jax import sampling
-from fst_jax.rl.rollouts import length_bucket
+from fst_jax.rl.rollouts import length_bucket, length_buckets
 
 __all__ = ["SamplerCall", "sampler_calls", "sampler_rows", "prompt_buckets", "mesh_config", "update_length",
-           "kl_length"]
+           "update_lengths", "kl_length"]
 
 
 def mesh_config(config) -> dict[str, int]:
@@ -29,9 +29,21 @@ def sampler_rows(config) -> int:
 
 
 def update_length(config) -> int:
-    """The update's sequence length: every rollout batch is padded to it, so the run compiles one update."""
+    """The longest rollout the update takes: the largest prompt bucket plus max_new_tokens, bucketed."""
     return length_bucket(sampling.bucket_length(int(config.sampling.max_prompt_tokens))
                          + int(config.sampling.max_new_tokens))
+
+
+def update_lengths(config) -> tuple[int, ...]:
+    """The lengths the update computes micro-batches at (one gradient program each, all planned):
+    `rl.num_length_buckets` evenly spaced up to `update_length` (`rl.policy_update.planned_lengths`), less
+    those below the one that holds the shortest possible row (`sampling.min_prompt_tokens` + 1), when set."""
+    lengths = length_buckets(update_length(config), int(config.rl.get("num_length_buckets", 10)))
+    low = config.sampling.get("min_prompt_tokens")
+    if not low:
+        return lengths
+    floor = min((n for n in lengths if n >= int(low) + 1), default=lengths[-1])
+    return tuple(n for n in lengths if n >= floor)
 
 
 def kl_length(config) -> int:
