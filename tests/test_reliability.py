@@ -46,7 +46,7 @@ SMALL = ["--config.total_steps=2", "--config.cycle.rl_steps=1", "--config.cycle.
     ("tasks.math.val_fraction", 1.0, r"config.tasks.math.val_fraction must be a number in \[0, 1\)"),
     ("rl.loss", "grpo", "config.rl.loss must be one of cispo, ppo_clip; got 'grpo'"),
     ("model.remat", "all", "config.model.remat must be one of none, full, dots_saveable, nothing_saveable"),
-    ("model.attention", "flash", "config.model.attention must be one of xla, dot_product; got 'flash'"),
+    ("model.attention", "flash", "config.model.attention must be one of auto, xla, dot_product, cudnn; got 'flash'"),
     ("gepa.reflection.kind", "anthropic", "config.gepa.reflection.kind must be one of local, openai"),
 ])
 def test_every_config_value_is_checked_with_its_full_path(path, value, message):
