@@ -2,6 +2,7 @@
 
     python launch/bench.py sampler            # our sampler vs transformers' generate on CPU, + roofline
     python launch/bench.py sampler --gpu      # Qwen3-8B shape, bf16, random weights, on the accelerator
+    python launch/bench.py rollout            # the rollout regime: engine vs static vs transformers CB/generate
     python launch/bench.py gpu                # ≤ 8 min on one H100/H200: decode roofline, update MFU, FST cycle
 
 Add a benchmark by writing `add_<name>_args(parser)` and `run_<name>(args)` and registering them in
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from bench_gpu import add_gpu_args, run_gpu  # noqa: E402  (launch/bench_gpu.py, beside this file)
+from bench_rollout import add_rollout_args, run_rollout  # noqa: E402
 
 # The CPU benchmark's model: Qwen3-0.6B's widths with 4 layers (the 151936 × 1024 tied embedding dominates).
 CPU_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
@@ -187,6 +189,7 @@ def _run_sampler_gpu(args) -> None:
 
 BENCHMARKS = {
     "sampler": (add_sampler_args, run_sampler, "sampler tokens/s vs transformers' generate and the roofline"),
+    "rollout": (add_rollout_args, run_rollout, "useful tokens/s on run-shaped work: engine vs static vs transformers"),
     "gpu": (add_gpu_args, run_gpu, "one-shot accelerator check: prefill/decode vs roofline, update MFU, FST cycle"),
 }
 

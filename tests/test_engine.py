@@ -1,0 +1,135 @@
+"""The request engine: the same tokens whatever the schedule (slot count, insertion order, compaction),
+distinct noise for identical prompts, log-probs equal to a full forward pass, attention bounded by the live
+length. Greedy parity with transformers goes through `Sampler.generate` (tests/test_sampling.py)."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from fst_jax.models.hf import load_pretrained
+from fst_jax.sampling import Sampler
+import fst_jax.sampling.engine as engine_module
+from fst_jax.sampling.engine import Engine, Request, prompt_bucket
+from fst_jax.sampling.engine_programs import length_buckets, row_buckets
+
+NEW = 24
+LENGTHS = [5, 13, 20, 27, 9, 40, 3, 17, 33]
+
+
+@pytest.fixture(scope="module")
+def tied(hf_checkpoints):
+    model = load_pretrained(hf_checkpoints["tied"][0])
+    return model, Sampler(model)
+
+
+def _requests(vocab, num_samples=2, lengths=LENGTHS, seed=0):
+    rng = np.random.RandomState(seed)
+    return [Request(rng.randint(1, vocab, n).tolist(), num_samples, NEW - (i % 3) * 5)
+            for i, n in enumerate(lengths)]
+
+
+def _run(sampler, requests, slots, *, stops=(3, 7, 11, 19), temperature=1.0, chunk_steps=8, seed=4, columns=None):
+    stop_ids = np.full(8, -1, np.int32)
+    stop_ids[:len(stops)] = stops
+    columns = columns or prompt_bucket(max(len(r.prompt) for r in requests)) + NEW
+    engine = Engine(sampler.config, slots=slots, columns=columns, max_new_tokens=NEW, cache_dtype="float32",
+                    chunk_steps=chunk_steps)
+    out = engine.run(sampler.weights, requests, seed=seed, temperature=temperature, top_p=1.0, top_k=0,
+                     stop_ids=stop_ids, pad_id=0)
+    return out, engine.stats
+
+
+@pytest.fixture(scope="module")
+def schedules(tied):
+    """The same sampled requests with 4 slots (many insertions) and 16 slots (compaction in the tail)."""
+    _, sampler = tied
+    requests = _requests(sampler.config.vocab_size)
+    return requests, {slots: _run(sampler, requests, slots) for slots in (4, 16)}
+
+
+def test_four_and_sixteen_slots_give_the_same_tokens_and_logprobs(schedules):
+    requests, runs = schedules
+    (tokens4, logprobs4, finished4), stats4 = runs[4]
+    (tokens16, logprobs16, finished16), stats16 = runs[16]
+    assert stats4.inserts > stats16.inserts and stats16.compactions >= 1  # really different schedules
+    assert tokens4 == tokens16 and finished4 == finished16
+    for a, b in zip(logprobs4, logprobs16):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert len(tokens4) == sum(r.num_samples for r in requests)
+    lengths = [len(t) for t in tokens4]
+    assert len(set(lengths)) > 3 and any(finished4) and not all(finished4)  # stop tokens end rows early
+    for r, req in enumerate(requests):  # each completion within its own request's limit
+        for j in range(req.num_samples):
+            assert lengths[2 * r + j] <= req.max_new_tokens
+
+
+def test_sampled_logprobs_equal_a_full_forward_pass(tied, schedules):
+    model, _ = tied
+    requests, runs = schedules
+    (tokens, logprobs, _), _ = runs[4]
+    graphdef, params = nnx.split(model, nnx.Param)
+    width = 64
+    for row, (tok, lp) in enumerate(zip(tokens, logprobs)):
+        prompt = requests[row // 2].prompt
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :len(prompt) + len(tok)] = prompt + tok
+        logits = np.asarray(nnx.merge(graphdef, params)(ids), np.float64)[0]
+        at = logits[len(prompt) - 1:len(prompt) + len(tok) - 1]
+        ref = at - at.max(-1, keepdims=True)
+        ref = (ref - np.log(np.exp(ref).sum(-1, keepdims=True)))[np.arange(len(tok)), tok]
+        np.testing.assert_allclose(lp, ref, atol=1e-4, rtol=0)
+        if row == 5:
+            break
+
+
+def test_identical_prompts_get_distinct_noise(tied):
+    _, sampler = tied
+    prompt = _requests(sampler.config.vocab_size, 1, [12])[0]
+    (tokens, _, _), _ = _run(sampler, [prompt, prompt, prompt], 4, stops=())
+    assert len({tuple(t) for t in tokens}) == 3  # position in the list, not content, keys the noise
+
+
+def test_a_request_keeps_its_tokens_when_its_neighbours_change(tied, schedules):
+    _, sampler = tied
+    requests, runs = schedules
+    (tokens, logprobs, _), _ = runs[4]
+    # request 2 alone is request 0 of its own call: its key changes. Request 2 after two others differs in
+    # neighbours and prompt bucket but keeps index 2, and so its tokens.
+    other = _requests(sampler.config.vocab_size, 2, [30, 6], seed=9)
+    (mixed, mixed_lp, _), _ = _run(sampler, other + [requests[2]], 16)
+    assert mixed[4:6] == tokens[4:6]
+    np.testing.assert_allclose(mixed_lp[4], logprobs[4], atol=1e-5, rtol=0)
+
+
+def test_greedy_is_the_same_with_one_slot_per_prompt_and_many(tied):
+    _, sampler = tied
+    requests = _requests(sampler.config.vocab_size, 1)
+    (one, _, _), _ = _run(sampler, requests, 1, temperature=0.0, stops=())
+    (many, _, _), _ = _run(sampler, requests, 16, temperature=0.0, stops=())
+    assert one == many and all(len(t) == r.max_new_tokens for t, r in zip(one, requests))
+
+
+def test_buckets_are_few_and_cover_the_buffer():
+    assert length_buckets(640) == [64, 128, 256, 512, 640]
+    assert length_buckets(64) == [64]
+    assert row_buckets(64) == [64, 32, 16, 8]
+    assert row_buckets(64, multiple=8) == [64]
+    assert row_buckets(256, multiple=8, smallest=4) == [256, 128, 64, 32]
+
+
+def test_decode_attention_reads_only_the_attended_width(tied, monkeypatch):
+    """Rows of ≤ 56 columns in a 256-column buffer decode at width 64: NaNs beyond it change nothing."""
+    _, sampler = tied
+    requests = _requests(sampler.config.vocab_size, 1, [20, 9])
+    (clean, _, _), _ = _run(sampler, requests, 2, temperature=0.0, stops=(), columns=256)
+    (whole, _, _), _ = _run(sampler, requests, 2, temperature=0.0, stops=(), columns=56)  # one width: 56
+    original = engine_module.empty_state
+
+    def poisoned(*args):
+        state = original(*args)
+        nan = lambda x: x.at[:, :, 64:].set(np.nan)  # noqa: E731
+        return state._replace(k=tuple(map(nan, state.k)), v=tuple(map(nan, state.v)))
+
+    monkeypatch.setattr(engine_module, "empty_state", poisoned)
+    (dirty, _, _), _ = _run(sampler, requests, 2, temperature=0.0, stops=(), columns=256)
+    assert dirty == clean == whole
