@@ -135,7 +135,8 @@ class WandbRun:
         try:
             run = wandb.init(project=settings.get("project") or "fst_jax", entity=settings.get("entity") or None,
                              name=settings.get("name") or workdir.resolve().name, id=run_id, resume="allow",
-                             dir=files_dir, mode=settings.get("mode") or None, settings=wandb.Settings(silent=True, **flush))
+                             dir=files_dir, mode=settings.get("mode") or None,
+                             settings=wandb.Settings(silent=True, **flush))
             # once per start; a resume may change what run_config.py accepts (total_steps, the mesh...)
             run.config.update(dict(config), allow_val_change=True)
         except Exception as e:  # noqa: BLE001 - wandb's errors have no common base; the run stops in one line
@@ -147,8 +148,8 @@ class WandbRun:
         rows = max(int(state.get("rows", 0)), int(run.step or 0))
         self = cls(run, state_path, rows)
         self._save_state()
-        where = f"offline, in {Path(run.dir).parent} (upload: wandb sync {Path(run.dir).parent})" if run.offline \
-            else run.url
+        where = (f"offline, in {Path(run.dir).parent} (upload: wandb sync {Path(run.dir).parent})" if run.offline
+                 else run.url or "mode disabled: nothing is logged")
         log.info("W&B: %s run %s (%s) — %s", "continuing" if state else "started", run.name, run.id, where)
         return self
 
