@@ -174,6 +174,25 @@ def test_stale_rule_heartbeat_age_and_a_live_holder(tmp_path):
     assert not path.exists()
 
 
+def test_a_run_whose_lock_was_taken_over_stops_itself(tmp_path, monkeypatch, capsys):
+    """Two writers must never go on together: a heartbeat that finds another run's id in the lock file (this
+    run stalled past the stale age and was taken over) sends this process SIGTERM and says why."""
+    from fst_jax.runtime import workdir_lock
+
+    sent = []
+    monkeypatch.setattr(workdir_lock.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    lock = workdir_lock.WorkdirLock(str(tmp_path), heartbeat_s=0.05, stale_s=2.0)
+    lock.acquire()
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "other", "pid": 42, "run_id": "theirs"}))
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lock.release()
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    assert f"the lock on --workdir {tmp_path} was taken over by host other, pid 42" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run.lock").read_text())["run_id"] == "theirs"  # theirs stays
+
+
 # ---- config.json and the resume check ---------------------------------------------------------------------
 
 @pytest.mark.slow
