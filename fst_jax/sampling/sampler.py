@@ -245,7 +245,7 @@ def row_bucket(n_rows: int, mesh: Mesh | None = None, *, exact: bool = False) ->
 def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | None = None,
                            rules: parallel.Rules = parallel.SAMPLE_RULES, rows: int, prompt_len: int,
                            max_new_tokens: int, num_samples: int = 1, cache_dtype=None,
-                           exact_rows: bool = False) -> dict:
+                           exact_rows: bool = False, platform: str | None = None) -> dict:
     """Lower, without any array, the two programs `Sampler(model, mesh=mesh, rules=rules,
     cache_dtype=cache_dtype).generate` runs for `rows` prompts whose longest has `prompt_len` tokens:
     {"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}.
@@ -253,7 +253,8 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
     Same row and prompt buckets, static arguments, dtypes, shardings and donation as `generate` (with up to
     8 stop tokens), so compiling them fills jax's compilation cache and that `generate` then compiles
     nothing. `abstract_params`: as for `abstract_sampling_weights`. `.compile().memory_analysis()` of each
-    gives its per-device memory.
+    gives its per-device memory. `platform` ("cuda", "tpu"): lower for that backend instead (not compilable
+    here; a check that the programs hold nothing CPU-only).
     """
     n = num_samples
     shardings = _program_shardings(config, mesh, hashable_rules(rules))
@@ -270,16 +271,18 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731  (host scalars in `generate`)
     with _mesh_context(mesh):
         prompt = (batched((Bp, bucket), jnp.int32), batched((Bp, bucket), jnp.bool_))
-        prefill = prefill_jit.lower(weights, *prompt, **prefill_static)
+        lower = ((lambda f, *a, **k: f.lower(*a, **k)) if platform is None else  # noqa: E731
+                 (lambda f, *a, **k: f.trace(*a, **k).lower(lowering_platforms=(platform,))))
+        prefill = lower(prefill_jit, weights, *prompt, **prefill_static)
         cache, logits = jax.eval_shape(functools.partial(prefill_jit, **prefill_static), weights, *prompt)
         if shardings is not None:
             cache, logits = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                          (cache, logits), _prefill_out_shardings(config, shardings))
-        decode = decode_jit.lower(weights, cache, logits, batched((Bp * n,), jnp.bool_),
-                                   batched((Bp * n,), jnp.int32), scalar(jnp.uint32), scalar(jnp.float32),
-                                   scalar(jnp.float32), scalar(jnp.int32),
-                                   jax.ShapeDtypeStruct((_STOP_SLOTS,), jnp.int32), scalar(jnp.int32),
-                                   **decode_static)
+        decode = lower(decode_jit, weights, cache, logits, batched((Bp * n,), jnp.bool_),
+                       batched((Bp * n,), jnp.int32), scalar(jnp.uint32), scalar(jnp.float32),
+                       scalar(jnp.float32), scalar(jnp.int32),
+                       jax.ShapeDtypeStruct((_STOP_SLOTS,), jnp.int32), scalar(jnp.int32),
+                       **decode_static)
     return {"prefill": prefill, "decode": decode}
 
 

@@ -118,6 +118,7 @@ class Plan:
     also_compiled: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     cost: dict | None = None  # cost_model.cycle_cost: seconds per phase and GPU-hours on config.plan.device
+    lowered: dict[str, Any] = dataclasses.field(default_factory=dict)  # make_plan(platform=...): name → Lowered
 
     @property
     def peak_bytes(self) -> int:
@@ -289,12 +290,14 @@ def device_memory_gb(config) -> float:
     return float(limit) / GB if limit else DEFAULT_DEVICE_MEMORY_GB
 
 
-def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
+def make_plan(config, log=print, only: Sequence[str] | None = None, platform: str | None = None) -> Plan:
     """Lower and compile every jitted program of the run `config` describes, from abstract shapes; measure.
 
     Everything is lowered first (seconds); when the resident buffers alone (state, sampler weights, the largest
     KV cache) already exceed the budget, nothing is compiled and the plan reports that. `only`: plan just these
-    programs (names of `sampler_calls`, "kl", "update"), e.g. to iterate on one.
+    programs (names of `sampler_calls`, "kl", "update"), e.g. to iterate on one. `platform` ("cuda", "tpu"):
+    lower every program for that backend instead and compile nothing (they cannot be compiled without it);
+    `plan.lowered` holds them by name — what shows, on a CPU, that no program holds a CPU-only construct.
     """
     t_start = time.perf_counter()
     validate(config, require_checkpoint=False)
@@ -323,7 +326,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
                 programs = sampling.lower_sampler_programs(model_cfg, params, mesh=mesh, rows=call.prompts,
                                                            prompt_len=bucket, max_new_tokens=call.max_new_tokens,
                                                            num_samples=call.num_samples,
-                                                           exact_rows=call.exact_rows)
+                                                           exact_rows=call.exact_rows, platform=platform)
                 if bucket < sampling.bucket_length(call.prompt_tokens):
                     smaller.append((f"{name}@{bucket}", programs))
                     continue
@@ -341,7 +344,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
             for bucket in prompt_buckets(c, c.sampling.max_prompt_tokens):  # as for the sampler: largest accounted
                 ids = _sds((kl_rows, evals.kl_sequence_length(bucket, new)), jnp.int32, rows_sharding(2))
                 program = evals.lower_kl_program(graphdef, state.params, base, ids, ids,
-                                                 chunk_size=c.rl.logprob_chunk_size)
+                                                 chunk_size=c.rl.logprob_chunk_size, platform=platform)
                 if bucket < sampling.bucket_length(int(c.sampling.max_prompt_tokens)):
                     smaller.append((f"kl@{bucket}", {"kl": program}))
                     continue
@@ -349,10 +352,10 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
                 lowered["kl"] = (program, state_items + ("sampler_weights",))
 
         if c.method != "gepa" and wanted("update"):
-            rows = rl_update.micro_batch_rows(rl_config, int(c.cycle.problems_per_step) * int(c.cycle.rollouts_per_problem),
-                                              mesh)
+            batch_rows = int(c.cycle.problems_per_step) * int(c.cycle.rollouts_per_problem)
+            rows = rl_update.micro_batch_rows(rl_config, batch_rows, mesh)
             lengths = update_lengths(c)
-            programs = rl_update.lower_update(state, base, rl_config, rows=rows, lengths=lengths)
+            programs = rl_update.lower_update(state, base, rl_config, rows=rows, lengths=lengths, platform=platform)
             resident["gradient_sums"] = _bytes(programs["zero"].out_info)
             log(f"plan: update: micro-batches of {rows} rows at lengths {', '.join(map(str, lengths))}")
             # the sampler's copy is released after the rollouts (run_sampler), so it is not alive here; the
@@ -367,7 +370,10 @@ def make_plan(config, log=print, only: Sequence[str] | None = None) -> Plan:
                 model=_describe(model_cfg, c))
     # A lower bound first: the programs' resident buffers alone, no temporaries.
     plan.programs = {n: ProgramMemory(0, 0, 0, 0, items, 0.0, compiled=False) for n, (_, items) in lowered.items()}
-    if plan.fits:
+    if platform is not None:
+        plan.lowered = {name: program for name, (program, _) in lowered.items()}
+        plan.lowered.update({f"{name}:{part}": p for name, programs in smaller for part, p in programs.items()})
+    elif plan.fits:
         for name, (program, items) in lowered.items():
             plan.programs[name] = _compile(program, items)
             log(f"plan: compiled {name} in {plan.programs[name].compile_s:.0f} s")

@@ -71,13 +71,16 @@ def mean_at_k(sampler: Sampler, tokenizer, task: Task, problems: Sequence[Mappin
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def sequence_logprobs(graphdef: nnx.GraphDef, params: nnx.State, input_ids_bt, attention_mask_bt, *,
                       chunk_size: int | None = None) -> jax.Array:
-    """log π(x_{t+1} | x_≤t) at every position t (the last position gets 0) — [B, T]."""
+    """log π(x_{t+1} | x_≤t) at every position t (the last position gets 0) — [B, T]. Rows are right-padded:
+    `attention_mask_bt` is each row's prefix of real tokens (as `rl.build_rollouts` lays them out)."""
     return _sequence_logprobs(graphdef, params, input_ids_bt, attention_mask_bt, chunk_size)
 
 
 def _sequence_logprobs(graphdef, params, input_ids_bt, attention_mask_bt, chunk_size):
     model = nnx.merge(graphdef, params)
-    hidden = model.forward(input_ids_bt, attention_mask=attention_mask_bt, compute_logits=False).last_hidden
+    # rows are right-padded (`build_rollouts`): their lengths are the form a fused attention kernel takes
+    lengths_b = jnp.sum(attention_mask_bt, axis=1, dtype=jnp.int32)
+    hidden = model.forward(input_ids_bt, lengths=lengths_b, compute_logits=False).last_hidden
     targets = jnp.concatenate([input_ids_bt[:, 1:], jnp.zeros_like(input_ids_bt[:, :1])], axis=1)
     return losses.token_logprobs(hidden, model.unembed_matrix(), targets, chunk_size=chunk_size)
 
@@ -96,9 +99,13 @@ def kl_sequence_length(prompt_bucket: int, max_new_tokens: int) -> int:
 
 
 def lower_kl_program(graphdef: nnx.GraphDef, params, base_params, input_ids_bt, attention_mask_bt, *,
-                     chunk_size: int | None = None):
-    """Lower (abstract arguments allowed) the program `kl_to_base` runs after sampling."""
-    return _log_ratio.lower(graphdef, params, base_params, input_ids_bt, attention_mask_bt, chunk_size=chunk_size)
+                     chunk_size: int | None = None, platform: str | None = None):
+    """Lower (abstract arguments allowed) the program `kl_to_base` runs after sampling; `platform` ("cuda",
+    "tpu"): for that backend instead of this machine's."""
+    args = (graphdef, params, base_params, input_ids_bt, attention_mask_bt)
+    if platform is None:
+        return _log_ratio.lower(*args, chunk_size=chunk_size)
+    return _log_ratio.trace(*args, chunk_size=chunk_size).lower(lowering_platforms=(platform,))
 
 
 KL_ESTIMATOR = "k3"  # the estimator kl_to_base reports, named in every eval record
