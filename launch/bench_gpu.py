@@ -3,9 +3,13 @@
 1. prefill tokens/s, Qwen3-8B shape, bf16, random weights;
 2. decode tokens/s at batch 64 and 256, with the fraction of the HBM roofline (weights + KV read per step ÷
    the measured device copy bandwidth);
-3. the update's MFU on a Qwen3-1.7B shape at configs/fst_qwen3.py's micro-batch and sequence length;
+3. the update as configs/fst_qwen3.py runs it per device (32 rows of 1024 + answers of up to 4096 tokens,
+   length-bucketed micro-batches of 1 row per device) on Qwen3-1.7B (configs/fst_qwen3_1gpu.py), FSDP over
+   every device present: seconds beside the cost model's prediction for the same programs (what calibrates
+   `plan.compute_efficiency`), FLOPs computed (HLO) and model FLOPs on the real tokens as fractions of peak;
 4. one FST cycle on a Qwen3-0.6B shape (random weights, the tiny task) with the recipe's T, B, G, K and
-   shorter lengths, split into GEPA / sampling / update / evaluation wall time.
+   shorter lengths, planned first (`--dry_run`'s make_plan: the run then compiles nothing) and split into
+   rollouts / GEPA / update / evaluation wall time beside the plan's prediction of each.
 
 `--allow-cpu` runs the same code on tiny shapes (what the tests run); the numbers then mean nothing.
 """
@@ -79,7 +83,7 @@ def run_gpu(args) -> None:
     if "update" not in args.skip:
         _update(shape("1.7B"), tiny, device, jax, jnp, nnx, Qwen3)
     if "cycle" not in args.skip:
-        _cycle(tiny, jax, nnx, Qwen3, Qwen3Config)
+        _cycle(tiny, device, nnx, Qwen3, Qwen3Config)
 
 
 def _sampler(config, args, bandwidth, tiny, jax, jnp, nnx, Qwen3) -> None:
@@ -116,29 +120,71 @@ def _sampler(config, args, bandwidth, tiny, jax, jnp, nnx, Qwen3) -> None:
 
 
 def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
-    from configs.fst_qwen3 import get_config
+    """The update as the flagship runs it, per device: configs/fst_qwen3.py's B·G / 8 = 32 rows of prompt +
+    answer ≤ 1024 + 4096 tokens and micro-batches of 1 row per device, on a model that fits one GPU
+    (configs/fst_qwen3_1gpu.py's Qwen3-1.7B, fp32 params, its remat and attention), FSDP over every device
+    present. Answer lengths are drawn (seed 0) from the cost model's distribution (uniform on [mean − w,
+    mean + w], `cost_model.answer_range`, mean `plan.mean_answer_tokens`): random weights would not stop.
+    Printed beside the cost model's prediction for the same compiled programs and micro-batches, so a lent
+    accelerator calibrates `plan.compute_efficiency`."""
+    from configs.fst_qwen3 import get_config as flagship
+    from configs.fst_qwen3_1gpu import get_config as one_gpu
 
-    from fst_jax.trainer import shapes as run_shapes
-    from fst_jax.rl.rollouts import Rollouts
-    from fst_jax.rl import TrainState, rl_config_from_run, update
+    from fst_jax.rl import TrainState, lower_update, rl_config_from_run, update
+    from fst_jax.rl.rollouts import Rollouts, micro_batches
+    from fst_jax.runtime import parallel
+    from fst_jax.trainer import cost_model, shapes
 
-    run = get_config()
-    rows = 8 if tiny else int(run.rl.micro_batch_size)
-    T = 64 if tiny else run_shapes.update_length(run)
-    config = config.replace(param_dtype="float32", remat="none" if tiny else run.model.remat)
+    flag, run = flagship(), one_gpu()
+    flag_devices = int(flag.mesh.data) * int(flag.mesh.fsdp) * int(flag.mesh.tensor)
+    devices = len(jax.devices())
+    per_device = int(flag.cycle.problems_per_step) * int(flag.cycle.rollouts_per_problem) // flag_devices
+    micro_per_device = int(flag.rl.micro_batch_size) // flag_devices
+    if tiny:  # the same code at tiny shapes: 4 rows of ≤ 16 + 48 tokens, micro-batches of 2
+        run.sampling.max_prompt_tokens, run.sampling.max_new_tokens, per_device, micro_per_device = 16, 48, 4, 2
+    else:
+        config = config.replace(remat=run.model.remat, attention=run.model.get("attention", "xla"))
+    config = config.replace(param_dtype="float32", remat="none" if tiny else config.remat)
+    run.mesh.data, run.mesh.fsdp, run.mesh.tensor = 1, devices, 1
+    run.rl.micro_batch_size = micro_per_device * devices
+    rows, prompt, cap = per_device * devices, int(run.sampling.max_prompt_tokens), int(run.sampling.max_new_tokens)
+    mesh = parallel.make_mesh(shapes.mesh_config(run))
     graphdef, params = _random_params(config, jax, jnp, nnx, Qwen3)
-    rl_config = rl_config_from_run(run, micro_batch_size=rows, sequence_length=None)
+    params = jax.device_put(params, parallel.param_shardings(params, mesh, parallel.TRAIN_RULES))
+    rl_config = rl_config_from_run(run, sequence_length=shapes.update_length(run))
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     state = TrainState.create((graphdef, params), rl_config)
     del params
+
     rng = np.random.default_rng(0)
-    loss_mask = np.zeros((rows, T), np.float32)
-    loss_mask[:, T // 4:] = 1.0
+    lo, hi = cost_model.answer_range(cap, cost_model.mean_answer_tokens(run))
+    lengths = prompt + np.clip(np.rint(rng.uniform(lo, hi, rows)), 1, cap).astype(int)
+    T = shapes.update_length(run)
+    positions = np.arange(T)[None, :]
+    loss_mask = ((positions >= prompt) & (positions < lengths[:, None])).astype(np.float32)
     rollouts = Rollouts(input_ids=rng.integers(0, config.vocab_size, (rows, T)).astype(np.int32),
-                        attention_mask=np.ones((rows, T), np.int32), loss_mask=loss_mask,
-                        old_logprobs=np.full((rows, T), -2.0, np.float32) * loss_mask,
+                        attention_mask=(positions < lengths[:, None]).astype(np.int32), loss_mask=loss_mask,
+                        old_logprobs=np.float32(-2.0) * loss_mask,
                         advantages=rng.standard_normal(rows).astype(np.float32))
-    state, metrics = update(state, base, rollouts, rl_config)  # compile
+
+    # The prediction: the programs this update runs, compiled here (which fills the caches `update` hits),
+    # costed by the plan's model, times the micro-batches this batch makes at each length.
+    t0 = time.perf_counter()
+    planned = shapes.update_lengths(run)
+    used: dict[int, int] = {}
+    for group in micro_batches(rollouts, int(run.rl.micro_batch_size), planned):
+        used[group.input_ids.shape[1]] = used.get(group.input_ids.shape[1], 0) + 1
+    lowered = lower_update(state, base, rl_config, rows=int(run.rl.micro_batch_size), lengths=sorted(used))
+    costs = {name: cost_model.program_cost(program.compile()) for name, program in lowered.items()}
+    compile_s = time.perf_counter() - t0
+    calls = {name: used[int(name.split("@")[1])] if "@" in name else 1 for name in costs}
+    kind = cost_model.device_named(getattr(device, "device_kind", "")) or run.plan.device
+    target = cost_model.DEVICES[kind]
+    eff = (target, float(run.plan.compute_efficiency), float(run.plan.bandwidth_efficiency))
+    predicted = sum(calls[n] * cost_model.roofline_seconds(c.flops, c.bytes, *eff) for n, c in costs.items())
+    computed = sum(calls[n] * c.flops for n, c in costs.items())  # per device: remat, padding, attention as run
+
+    state, metrics = update(state, base, rollouts, rl_config)  # warm: every program already compiled
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(2):
@@ -148,19 +194,30 @@ def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
     c = config
     matmul = c.num_layers * (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
                              + 3 * c.hidden_size * c.intermediate_size) + c.vocab_size * c.hidden_size
-    attention = 2 * c.num_layers * T * c.num_heads * c.head_dim  # causal QKᵀ and PV, per token, forward
-    tokens = rows * T
-    # policy forward + backward (3×) and the frozen base's forward (1×); remat's recompute is not counted
-    flops = tokens * 4 * (2 * matmul + attention)
-    peak = _peak_flops(device)
-    mfu = f"{flops / seconds / peak:.1%} MFU" if peak else "MFU: unknown peak for this device"
-    print(f"update: {c.num_layers}-layer {c.hidden_size}-wide shape, {rows} rows × {T} tokens, remat {c.remat}: "
-          f"{seconds:.2f} s/update, {flops / seconds / 1e12:.1f} TFLOP/s model, {mfu}")
+    # model FLOPs on the real tokens: policy forward + backward (3×) and the base's forward (1×), causal
+    # attention over each row's own length (QKᵀ and PV); remat's recompute and padding not counted
+    useful = 4 * sum(2 * matmul * n + 2 * n * n * c.num_heads * c.head_dim * c.num_layers for n in lengths) / devices
+    peak = _peak_flops(device) or target.peak_flops
+    print(f"update: {c.num_layers}-layer {c.hidden_size}-wide shape, fp32 params, remat {c.remat}, attention "
+          f"{c.attention}; {rows} rows ({per_device}/device) of {prompt} + answers uniform on [{lo:g}, {hi:g}] "
+          f"(mean {float(np.mean(lengths - prompt)):.0f}), micro-batches of {micro_per_device}/device, FSDP over "
+          f"{devices} device(s); micro-batches per length {dict(sorted(used.items()))}, padding ratio "
+          f"{float(metrics['update_padding_ratio']):.2f}; compiled in {compile_s:.0f} s")
+    print(f"update: {seconds:.2f} s/update measured vs {predicted:.2f} s predicted (cost model: {target.name} at "
+          f"{eff[1]:.0%} of peak, {eff[2]:.0%} of HBM) = {seconds / max(predicted, 1e-12):.2f}x; computed "
+          f"{computed / 1e12:.1f} TFLOP/device (HLO: remat, padding and attention as run) = "
+          f"{computed / seconds / peak:.1%} of peak (calibrates plan.compute_efficiency); model FLOPs on real "
+          f"tokens {useful / seconds / peak:.1%} MFU")
 
 
-def _cycle(tiny, jax, nnx, Qwen3, Qwen3Config) -> None:
+def _cycle(tiny, device, nnx, Qwen3, Qwen3Config) -> None:
+    """One FST cycle with the recipe's T, B, G, K (tiny shapes on the CPU), planned first: the plan compiles
+    every program the run calls (so the run compiles nothing) and predicts each phase, printed beside the
+    run's measured phases."""
     from configs.fst_tiny import ASSETS, get_config
 
+    from fst_jax.trainer import cost_model
+    from fst_jax.trainer.dry_run import make_plan
     from fst_jax.trainer.runner import FSTRunner
     from fst_jax.models.hf import load_tokenizer, save_pretrained
 
@@ -181,11 +238,25 @@ def _cycle(tiny, jax, nnx, Qwen3, Qwen3Config) -> None:
             c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
             c.sampling.max_new_tokens = c.eval.max_new_tokens = 256
             c.gepa.reflection.max_new_tokens = 128
+            c.plan.mean_answer_tokens = c.sampling.max_new_tokens  # random weights: rows run to the cap
+        else:  # the plan compiles every planned update length; on the CPU two keep the smoke run short
+            c.rl.num_length_buckets = 2
+        c.plan.device = cost_model.device_named(getattr(device, "device_kind", "")) or c.plan.device
+        t0 = time.perf_counter()
+        plan = make_plan(config, log=lambda *_: None)
+        plan_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         runner = FSTRunner(config, os.path.join(tmp, "run"))
         runner.run()
         total = time.perf_counter() - t0
     k = runner.counters
+    if plan.cost:
+        p = plan.cost["cycle_seconds"]
+        print(f"FST cycle predicted (plan in {plan_s:.0f} s; cost model on {plan.cost['device']}, answers "
+              f"{plan.cost['answer_lengths'].split(';')[0]}): rollouts {p['rollouts']:.3g} s, GEPA "
+              f"{p['gepa'] + p['reflection']:.3g} s (reflection {p['reflection']:.3g}), update {p['update']:.3g} s, "
+              f"evaluation {p['evaluations']:.3g} s; measured: rollouts {k.time_rl_sampling:.3g} s, GEPA "
+              f"{k.time_gepa:.3g} s, update {k.time_update:.3g} s, evaluation {k.time_eval:.3g} s")
     print(f"FST cycle ({'tiny model' if tiny else 'Qwen3-0.6B shape'}; T={c.cycle.rl_steps}, "
           f"B={c.cycle.problems_per_step}, G={c.cycle.rollouts_per_problem}, K={c.cycle.population_size}, "
           f"{c.sampling.max_new_tokens} new tokens): {total:.0f} s with start-up and compiles; GEPA {k.time_gepa:.0f} s "

@@ -64,12 +64,14 @@ def test_decode_steps_of_the_static_sampler():
 
 
 def _flagship():
-    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end)."""
+    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end) and 8
+    planned update lengths."""
     sys.path.insert(0, ROOT)
     from configs.fst_qwen3 import get_config
 
     config = get_config()
     config.total_steps = 192
+    config.rl.num_length_buckets = 8  # the update's planned lengths: 640, 1280, …, 5120
     return config
 
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from fst_jax.trainer.hlo_cost import HloCost, hlo_cost
 from fst_jax.trainer.shapes import sampler_calls, update_lengths
 
-__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "program_cost", "decode_steps", "update_micro_batches",
+__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "device_named", "program_cost", "answer_range", "decode_steps", "update_micro_batches",
            "mean_answer_tokens", "program_uses", "roofline_seconds", "cycle_cost", "cost_table"]
 
 
@@ -46,6 +46,11 @@ DEVICES = {
     "H200": Device("NVIDIA H200 SXM 141 GB", 989e12, 4.8e12),
     "TPU v5p": Device("Google TPU v5p", 459e12, 2.76e12),
 }
+
+
+def device_named(kind: str) -> str | None:
+    """The DEVICES key whose name a jax `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5p") contains, else None."""
+    return next((key for key in DEVICES if key.lower() in kind.lower()), None)
 PHASES = ("rollouts", "gepa", "reflection", "update", "evaluations")
 # The dry run's sampler call kinds (trainer/shapes.py `sampler_calls`) by phase of a cycle.
 _PHASE_OF_CALL = {"rollout": "rollouts", "gepa": "gepa", "gepa_minibatch": "gepa", "reflection": "reflection",
@@ -85,12 +90,18 @@ def roofline_seconds(flops: float, nbytes: float, device: Device, compute_effici
     return max(flops / (device.peak_flops * compute_efficiency), nbytes / (device.hbm_bytes_per_s * bandwidth_efficiency))
 
 
-def _answer_length(rank: int, rows: int, max_new_tokens: int, mean_tokens: float) -> float:
-    """The expected `rank`-th shortest of `rows` answer lengths uniform on [mean − w, mean + w], w = min(mean,
-    cap − mean) (the mean clipped to the cap): mean − w + 2w·rank/(rows + 1)."""
+def answer_range(max_new_tokens: int, mean_tokens: float) -> tuple[float, float]:
+    """The answer lengths the cost model assumes: uniform on [mean − w, mean + w], w = min(mean, cap − mean)
+    (the mean clipped to [1, cap]), so that no answer is longer than its cap."""
     mean = min(max(float(mean_tokens), 1.0), float(max_new_tokens))
     w = min(mean, max_new_tokens - mean)
-    return mean - w + 2 * w * rank / (rows + 1)
+    return mean - w, mean + w
+
+
+def _answer_length(rank: int, rows: int, max_new_tokens: int, mean_tokens: float) -> float:
+    """The expected `rank`-th shortest of `rows` answer lengths (`answer_range`): lo + (hi − lo)·rank/(rows + 1)."""
+    lo, hi = answer_range(max_new_tokens, mean_tokens)
+    return lo + (hi - lo) * rank / (rows + 1)
 
 
 def decode_steps(rows: int, max_new_tokens: int, mean_tokens: float) -> float:
@@ -221,12 +232,12 @@ def cycle_cost(config, uses: list[ProgramUse], devices: int, unknown: tuple[str,
     at_start = one_evaluation if config.eval.at_start else 0.0
     run_seconds = int(config.total_steps) / T * cycle + at_start
     mean = mean_answer_tokens(config)
+    lo, hi = answer_range(int(config.sampling.max_new_tokens), mean)
     return {"device": device.name, "devices": devices, "peak_tflops": device.peak_flops / 1e12,
             "hbm_tb_per_s": device.hbm_bytes_per_s / 1e12, "compute_efficiency": eff[1],
             "bandwidth_efficiency": eff[2], "mean_answer_tokens": mean,
-            "answer_lengths": f"uniform on [{mean - min(mean, int(config.sampling.max_new_tokens) - mean)}, "
-                              f"{mean + min(mean, int(config.sampling.max_new_tokens) - mean)}] tokens; "
-                              "a sampler call runs until its longest row stops",
+            "answer_lengths": f"uniform on [{lo:g}, {hi:g}] tokens; a sampler call runs until its longest row "
+                              "stops; prompts at sampling.max_prompt_tokens",
             "cycle_seconds": {k: round(v, 1) for k, v in phases.items()}, "cycle_total_seconds": round(cycle, 1),
             "step_seconds": round(cycle / T, 1), "total_steps": int(config.total_steps),
             "total_gpu_hours": round(devices * run_seconds / 3600, 1), "programs": programs,

@@ -40,6 +40,7 @@ _ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "
                 "round-nearest-even", "round-nearest-afz", "shift-left", "shift-right-logical",
                 "shift-right-arithmetic", "atan2"}
 _SLICING = {"dynamic-slice", "slice", "gather"}
+_PASS_THROUGH = {"convert", "bitcast", "copy"}
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul", "__onednn$matmul")
 
 
@@ -87,8 +88,9 @@ class _Instruction:
         return _shape_bytes(self.shape)
 
     def called(self, key: str) -> list[str]:
-        m = re.search(key + r"=\{?([^}\s]*(?:, %[^}\s,]*)*)\}?", self.attrs)
-        return [] if not m else [s.strip().lstrip("%").rstrip(",") for s in m.group(1).split(",") if s.strip()]
+        """The computations named by attribute `key` (calls=, to_apply=, body=, branch_computations={…})."""
+        m = re.search(key + r"=(\{[^}]*\}|%[^\s,}]+)", self.attrs)
+        return re.findall(r"%([^\s,}]+)", m.group(1)) if m else []
 
 
 def _shape_bytes(shape: str) -> int:
@@ -267,10 +269,11 @@ class _Walker:
                 size = 0
             read += size
         written = inst.nbytes
-        root = fused[-1] if fused else inst
-        if root.op == "dynamic-update-slice" and len(root.operands) > 1:
+        update = _in_place_update(fused) if fused else (inst if inst.op == "dynamic-update-slice" else None)
+        if update is not None:  # written in place: only the update (at the buffer's element size)
             src = {i.name: i.shape for i in fused} if fused else shapes
-            written = _shape_bytes(src.get(root.operands[1], ""))
+            elements = _elements(src.get(update.operands[1], ""))
+            written = elements * inst.nbytes / max(inst.elements, 1)
         return read + written
 
 
@@ -280,14 +283,29 @@ def _elements(shape: str) -> int:
 
 def _fused_read(fused: list[_Instruction], k: int, full: float) -> float:
     """Bytes a fusion reads of its k-th operand: the slices it takes when it only slices it, none when it only
-    updates it in place, else all of it."""
+    updates it in place (through XLA:CPU's converts: convert → dynamic-update-slice → convert back), else all."""
     param = next((i for i in fused if i.op == "parameter" and i.args.strip() == str(k)), None)
-    users = [] if param is None else [i for i in fused if param.name in i.operands]
+    if param is None:
+        return full
+    users = [i for i in fused if param.name in i.operands]
     if users and all(u.op in _SLICING and u.operands[0] == param.name for u in users):
         return float(sum(u.nbytes for u in users))
-    if users and all(u.op == "dynamic-update-slice" and u.operands[0] == param.name for u in users):
+    value = param.name
+    while len(users) == 1 and users[0].op in _PASS_THROUGH:
+        value = users[0].name
+        users = [i for i in fused if value in i.operands]
+    if users and all(u.op == "dynamic-update-slice" and u.operands[0] == value for u in users):
         return 0.0
     return full
+
+
+def _in_place_update(fused: list[_Instruction]) -> _Instruction | None:
+    """The dynamic-update-slice a fusion's result is (maybe under converts back to the buffer's type)."""
+    by_name = {i.name: i for i in fused}
+    root = fused[-1] if fused else None
+    while root is not None and root.op in _PASS_THROUGH and root.operands:
+        root = by_name.get(root.operands[0])
+    return root if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1 else None
 
 
 def _trip_count(inst: _Instruction) -> int | None:
