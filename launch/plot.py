@@ -180,7 +180,12 @@ def main(argv=None) -> int:
 
 
 def draw(workdir: str, out: str) -> list[Path]:
-    """Draw one run's default plot to `out` without printing the summary table (the end of `launch/train.py`)."""
+    """Draw one run's default plot to `out` without printing the summary table (the end of `launch/train.py`);
+    nothing without matplotlib (the end of the run then says how to draw it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
     run = load_run(workdir)
     metrics = pick_metrics([run], None)
     if not metrics:

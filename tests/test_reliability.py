@@ -274,8 +274,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint_and_resumes(env, 
     assert r.returncode == 0
     head, _, body = r.stdout.partition("\n")
     assert head == f"already finished: 2 steps in {workdir} (nothing to do); its last evaluation (step 2):"
-    final = json.loads(body)
-    assert final["val/reward"] == _records(workdir, "eval")[-1]["val/reward"] and final["rl_steps"] == 2
+    final = json.loads((workdir / "final_eval.json").read_text())
+    assert final == _records(workdir, "eval")[-1] and final["rl_steps"] == 2
+    assert f"  seed prompt     {final['val/reward']:.3f}  (method rl: the prompt stays the seed)" in body
 
 
 @pytest.mark.slow
