@@ -44,6 +44,30 @@ def test_qwen3_8b_plan_fits_on_8x80gb(tmp_path):
     # × bf16, split 8 ways
     assert report["resident"]["rollout_kv_cache"] == pytest.approx(64 * 5120 * 36 * 8 * 128 * 2 * 2 / 8 / 1e9, rel=1e-3)
     assert "fits: peak" in result.stdout
+    _check_flagship_cost(report["cost"])
+    assert "GPU-hours" in result.stdout and "NOT COSTED" not in result.stdout
+
+
+def _check_flagship_cost(cost):
+    """What configs/fst_qwen3.py costs (fst_jax/trainer/cost_model.py) on 8 H100s at 40% of peak / 70% of HBM,
+    answers of mean 2048: every program has its calls per cycle; a rollout decode step is memory-bound and reads
+    the bf16 sampler weights (16.38 GB) and the call's KV cache (6.04 GB) per device; its FLOPs are 8 rows × 2 ×
+    8.19e9 and attention; the update's micro-batch at 5120 tokens ≈ 10 × 7.57e9 matmul params × 5120 (policy
+    forward, backward ×2, remat's recompute, the base's forward) + [T, T] attention; the GPU-hours are 8 devices
+    × (200 / 6 cycles × the cycle + the evaluation at the start) with evaluations every 12 steps and at the end
+    (17 in 200 / 6 cycles)."""
+    assert cost["device"] == "NVIDIA H100 SXM 80 GB" and cost["devices"] == 8 and cost["mean_answer_tokens"] == 2048
+    assert cost["programs_without_calls"] == []
+    assert set(cost["cycle_seconds"]) == {"rollouts", "gepa", "reflection", "update", "evaluations"}
+    assert all(seconds > 0 for seconds in cost["cycle_seconds"].values())
+    decode = cost["programs"]["rollout_decode"]
+    assert decode["bound"] == "memory" and decode["steps_per_call"] == pytest.approx(4096 * 64 / 65, abs=0.1)
+    assert (16.38 + 6.04) * 1e9 < decode["step_bytes"] < 1.15 * (16.38 + 6.04) * 1e9
+    assert 8 * 2 * 8.19e9 < decode["step_flops"] < 1.15 * 8 * 2 * 8.19e9
+    assert 10 * 7.57e9 * 5120 < cost["programs"]["update"]["flops"] < 1.25 * 10 * 7.57e9 * 5120
+    evaluation = cost["cycle_seconds"]["evaluations"] / (17 / (200 / 6))
+    assert cost["total_gpu_hours"] == pytest.approx(
+        8 * (200 / 6 * cost["cycle_total_seconds"] + evaluation) / 3600, rel=0.01)
 
 
 @pytest.mark.slow
@@ -124,6 +148,7 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     with _Compiles() as planned:
         report = plan.make_plan(config, log=lambda *_: None)
     assert report.fits and set(planned.names) == set(PROGRAMS)
+    assert report.cost["programs_without_calls"] == [] and report.cost["cycle_total_seconds"] > 0
     with _Compiles() as run:
         runner = FSTRunner(config, str(tmp_path))
         runner.run()
