@@ -145,29 +145,56 @@ def run_rollout(args) -> None:
               f"({stats.tail_s / seconds:.0%}), {stats.chunks} chunks, {stats.inserts} insertions, "
               f"{stats.compactions} compactions; first run with compilation {first:.1f} s")
     if "buffer" not in args.skip:
-        _buffer_check(model.config, sampler.weights, args.buffer_rows)
+        _buffer_check(model.config, sampler.weights, args.buffer_rows, sampler=sampler)
 
 
-def _buffer_check(config, weights, rows: int, steps: int = 32, repeats: int = 3) -> None:
-    """Decode step time with rows 64 tokens long, in a 512-column and a 4096-column buffer."""
-    from fst_jax.sampling.engine import Engine, Request
+def _buffer_check(config, weights, rows: int, steps: int = 16, repeats: int = 3, sampler=None) -> None:
+    """Decode step time (the decode program alone) with rows 64 tokens long, in a 512-column and a 4096-column
+    buffer: attention reads the first 128 columns either way; beside it the static sampler's step at the same
+    rows (its cache: prompt bucket 64 + new tokens), from two call lengths."""
+    import jax
 
+    from fst_jax.sampling.engine_programs import empty_state, programs
+
+    insert_jit, decode_jit, _ = programs(config)
     rng = np.random.default_rng(1)
-    requests = [Request(rng.integers(1, config.vocab_size, 64).tolist(), 1, steps + 1) for _ in range(rows)]
+    ids = rng.integers(1, config.vocab_size, (rows, 64)).astype(np.int32)
+    M = 1 + steps * (repeats + 1)
+    params = (np.float32(0.0), np.float32(1.0), np.int32(0), np.full(8, -1, np.int32))  # greedy, as the static
     times = {}
     for columns in (512, 4096):
-        engine = Engine(config, slots=rows, columns=columns, max_new_tokens=steps + 1, cache_dtype="float32",
-                        chunk_steps=steps, compact=False)
-        stop_ids = np.full(8, -1, np.int32)
-        run = lambda: engine.run(weights, requests, seed=0, temperature=1.0, top_p=1.0, top_k=0,  # noqa: E731
-                                 stop_ids=stop_ids, pad_id=0)
-        run()
+        state = empty_state(config, rows, columns, M, "float32")
+        state = insert_jit(weights, state, ids, np.ones_like(ids, bool), np.arange(rows, dtype=np.int32),
+                           np.arange(rows, dtype=np.int32), np.full(rows, M, np.int32), np.uint32(0), *params,
+                           num_samples=1)
+        chunk = lambda s: decode_jit(weights, s, np.int32(steps), np.int32(rows + 1), *params,  # noqa: E731
+                                     width=128)
+        state, _ = chunk(state)
+        jax.block_until_ready(state)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - start)
-        times[columns] = best / steps
-    print(f"  decode step, {rows} rows 64 tokens long (prefill included, {steps} steps): 512-column buffer "
+            state, n = chunk(state)
+            jax.block_until_ready(state)
+            best = min(best, (time.perf_counter() - start) / int(n))
+        times[columns] = best
+        del state
+    if sampler is not None:
+        prompts = ids.tolist()
+        call = lambda m: _best(lambda: sampler.generate(prompts, max_new_tokens=m), repeats)  # noqa: E731
+        call(steps), call(3 * steps)
+        times["static"] = (call(3 * steps) - call(steps)) / (2 * steps)
+        print(f"  static sampler decode step, {rows} rows, cache 64 + {3 * steps}: {times['static'] * 1e3:.2f} ms "
+              f"(engine's at width 128 in the 512-column buffer: {times[512] / times['static']:.2f}x)")
+    print(f"  decode step, {rows} rows 64-80 tokens long, attended width 128, greedy: 512-column buffer "
           f"{times[512] * 1e3:.2f} ms, 4096-column buffer {times[4096] * 1e3:.2f} ms "
           f"({times[4096] / times[512]:.2f}x)")
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

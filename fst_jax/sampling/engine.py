@@ -59,13 +59,14 @@ def prompt_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-def insert_buckets(slots: int, num_samples: int) -> list[int]:
-    """The prompt counts an insertion runs at: powers of two up to the most prompts that fit the slots."""
+def insert_buckets(slots: int, num_samples: int, sizes: int = 4) -> list[int]:
+    """The prompt counts an insertion runs at: the `sizes` largest powers of two up to the most prompts that
+    fit the slots (fewer prompts are padded to the smallest: a prefill row is cheap, a program is not)."""
     most = max(1, slots // num_samples)
     out = [1]
     while out[-1] * 2 <= most:
         out.append(out[-1] * 2)
-    return out
+    return out[-sizes:]
 
 
 class Engine:
@@ -101,6 +102,13 @@ class Engine:
         queue = collections.deque(range(len(requests)))
         results: dict = {}
         stats, tail_start = self.stats, None
+        # One prompt bucket per call (the longest prompt's): one insert program per insertion size.
+        P = prompt_bucket(max(len(r.prompt) for r in requests))
+        if P + max(r.max_new_tokens for r in requests) > self.columns or max(
+                r.max_new_tokens for r in requests) > self.max_new_tokens:
+            raise ValueError(f"requests need prompt bucket {P} + up to "
+                             f"{max(r.max_new_tokens for r in requests)} new tokens; the engine holds "
+                             f"{self.columns} columns and {self.max_new_tokens} new tokens: build it larger")
         while queue or any(o is not None for o in occupant):
             if queue:  # insert as many waiting prompts as the free slots hold
                 free = [i for i, o in enumerate(occupant) if o is None]
@@ -110,11 +118,11 @@ class Engine:
                 while queue and len(group) < fits and requests[queue[0]].num_samples == n:
                     group.append(queue.popleft())
                 if group:
-                    state = self._insert(insert_jit, state, weights, requests, group, free, rows, seed, params)
+                    state = self._insert(insert_jit, state, weights, requests, group, free, rows, P, seed, params)
                     for g, r in enumerate(group):
                         for j in range(n):
                             occupant[free[g * n + j]] = (r, j)
-                            column[free[g * n + j]] = prompt_bucket(max(len(requests[x].prompt) for x in group))
+                            column[free[g * n + j]] = P
                     stats.inserts += 1
             if not queue and tail_start is None:
                 tail_start = time.perf_counter()
@@ -159,10 +167,9 @@ class Engine:
         out = [results[(r, j)] for r, req in enumerate(requests) for j in range(req.num_samples)]
         return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
-    def _insert(self, insert_jit, state, weights, requests, group, free, rows, seed, params):
+    def _insert(self, insert_jit, state, weights, requests, group, free, rows, P, seed, params):
         n = requests[group[0]].num_samples
         I = next(b for b in insert_buckets(self.slots, n) if b >= len(group))
-        P = prompt_bucket(max(len(requests[r].prompt) for r in group))
         ids, mask = np.zeros((I, P), np.int32), np.zeros((I, P), bool)
         request_ids, limits = np.zeros(I, np.int32), np.ones(I, np.int32)
         for g, r in enumerate(group):
