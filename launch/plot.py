@@ -37,22 +37,28 @@ def _title(runs: list[Run]) -> str:
     def one(run):
         tasks = list(dict.fromkeys(r["task"] for r in run.records if isinstance(r.get("task"), str)))
         steps = max((r.get("step", 0) for r in run.records if r.get("kind") == "train"), default=0)
-        model = (run.config or {}).get("model", {}).get("path") if isinstance(run.config, dict) else None
-        return (f"{run.label}: {(run.method or '?').upper()} on {' → '.join(tasks) or '?'}, {steps} RL steps"
-                + (f", model {os.path.basename(os.path.normpath(model))}" if model else ""))
+        return f"{run.label}: {(run.method or '?').upper()} on {' → '.join(tasks) or '?'}, {steps} RL steps"
 
     return "\n".join(one(run) for run in runs) if len(runs) <= 3 else " vs ".join(r.label for r in runs)
 
 
-def _note(run: Run, workdir: str | None) -> str:
-    """What a single run's plot says besides its curves: the learned prompt and the comparison it lacks."""
+READING = {"val/reward": "validation reward, the learned prompt",
+           "val/reward_seed": "the seed prompt on the same weights",
+           "train/reward": "reward of the RL rollouts",
+           "kl_to_base": "drift from the base model (seed prompt)"}
+
+
+def _note(run: Run, workdir: str | None, metrics: list[str]) -> str:
+    """What a single run's plot says besides its curves: what each curve is, the learned prompt, and the
+    comparison it lacks."""
+    reading = [f"{m:<16} {READING[m]}" for m in metrics if m in READING]
     prompt = learned_prompt(run)
-    where = workdir or run.label
     other = "fst" if run.method == "rl" else "rl"
     text = (f"learned prompt (the population's best):\n{textwrap.fill(repr(prompt), 60)}" if prompt else
             "prompt: the seed prompt (not evolved in this run)")
-    return (f"{text}\n\nOne run, no baseline. To compare, train the same config\nwith --config.method={other} "
-            f"into another workdir, then:\npython launch/plot.py {where} <that workdir>")
+    return "\n".join(reading + ["", text, "", "One run, no baseline. To compare, train the same config",
+                                 f"with --config.method={other} into another workdir, then:",
+                                 f"python launch/plot.py {workdir or run.label} <that workdir>"]).lstrip("\n")
 
 
 def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path,
@@ -67,7 +73,7 @@ def plot(runs: list[Run], metrics: list[str], reward: str, kl: str, out: Path,
     with_rollouts = any(rollouts(r) is not None for run in runs for r in run.records)
     with_kl = any(series(run.records, kl)[0].size and series(run.records, reward)[0].size for run in runs)
     cols = 2 if with_rollouts else 1
-    note = _note(runs[0], (workdirs or [None])[0]) if len(runs) == 1 else None
+    note = _note(runs[0], (workdirs or [None])[0], metrics) if len(runs) == 1 else None
     note_row = note is not None and not (with_kl and cols == 2)  # else the KL row's free panel holds the note
     rows = len(metrics) + int(with_kl) + int(note_row)
     # constrained layout sizes the margins to the tick and axis labels (tight_layout cut `kl_to_base` at the left)
