@@ -208,6 +208,9 @@ def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
           f"{computed / 1e12:.1f} TFLOP/device (HLO: remat, padding and attention as run) = "
           f"{computed / seconds / peak:.1%} of peak (calibrates plan.compute_efficiency); model FLOPs on real "
           f"tokens {useful / seconds / peak:.1%} MFU")
+    uncounted = sorted({target for c in costs.values() for target in c.uncounted})
+    if uncounted:  # e.g. cuDNN's fused attention: its FLOPs are in neither the prediction nor "computed"
+        print(f"update: custom calls whose FLOPs the cost model does not count: {', '.join(uncounted)}")
 
 
 def _cycle(tiny, device, nnx, Qwen3, Qwen3Config) -> None:

@@ -22,7 +22,6 @@ GPU or TPU does not do. `hlo_cost` walks the optimized module instead:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -164,10 +163,16 @@ class _Walker:
     def __init__(self, hlo_text: str):
         self.computations, self.entry = _parse_module(hlo_text)
         self.upcast_computations = {name for name, insts in self.computations.items() if _is_upcast(insts)}
+        self._flops: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._costs: dict[tuple[str, frozenset[int]], HloCost] = {}
 
-    @functools.lru_cache(maxsize=None)
     def flops(self, name: str) -> tuple[float, tuple[str, ...]]:
         """FLOPs of a fused or called computation (everything inside counted, loops by trip count)."""
+        if name not in self._flops:
+            self._flops[name] = self._computation_flops(name)
+        return self._flops[name]
+
+    def _computation_flops(self, name: str) -> tuple[float, tuple[str, ...]]:
         shapes = {i.name: i.shape for i in self.computations[name]}
         total, uncounted = 0.0, set()
         for inst in self.computations[name]:
@@ -199,10 +204,15 @@ class _Walker:
             return max(branches, default=(0.0, ()))
         return 0.0, ()
 
-    @functools.lru_cache(maxsize=None)
     def cost(self, name: str, upcast_inputs: frozenset[int] = frozenset()) -> HloCost:
         """Cost of a computation run as a sequence of kernels; `upcast_inputs`: indices of its (tuple) parameter
         that are XLA:CPU's float32 copies of bf16 values."""
+        key = (name, upcast_inputs)
+        if key not in self._costs:
+            self._costs[key] = self._computation_cost(name, upcast_inputs)
+        return self._costs[key]
+
+    def _computation_cost(self, name: str, upcast_inputs: frozenset[int]) -> HloCost:
         insts = self.computations[name]
         shapes = {i.name: i.shape for i in insts}
         params = {i.name for i in insts if i.op == "parameter"}
