@@ -54,6 +54,26 @@ def test_data_dependent_loop_is_one_step_and_bf16_weights_read_at_two_bytes():
     assert bf16.total(steps=100) == (100 * MATMUL, bf16.bytes + 100 * bf16.step_bytes)
 
 
+GPU_MODULE = """HloModule jit_f
+
+ENTRY %main.4 (Arg_0.1: bf16[8,512], Arg_1.2: bf16[512,256]) -> bf16[8,256] {
+  %Arg_0.1 = bf16[8,512]{1,0} parameter(0)
+  %Arg_1.2 = bf16[512,256]{1,0} parameter(1)
+  %custom-call.1 = (bf16[8,256]{1,0}, s8[4194304]{0}) custom-call(%Arg_0.1, %Arg_1.2), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %custom-call.2 = (bf16[8,256]{1,0}, u8[0]{0}) custom-call(%Arg_0.1, %Arg_1.2), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %get-tuple-element.3 = bf16[8,256]{1,0} get-tuple-element(%custom-call.1), index=0
+}
+"""
+
+
+def test_gpu_gemm_custom_call_is_counted_and_unknown_kernels_are_named():
+    """A GPU module's cuBLAS gemm states its contraction in its backend config: 2 × 8 × 256 × 512 FLOPs; its
+    scratch workspace is not traffic. A kernel whose FLOPs are unknown (cuDNN attention) is named, not guessed."""
+    cost = hlo_cost(GPU_MODULE)
+    assert cost.flops == 2 * 8 * 256 * 512 and cost.uncounted == ("__cudnn$fmhaSoftmax",)
+    assert cost.bytes == 2 * (8 * 512 * 2 + 512 * 256 * 2 + 8 * 256 * 2)  # both calls read x, w; write [8, 256]
+
+
 def test_decode_steps_of_the_static_sampler():
     """Lengths uniform on [mean − w, mean + w], w = min(mean, cap − mean); the call runs until its longest row
     stops: E[max of n] = mean − w + 2w·n/(n + 1)."""

@@ -279,6 +279,9 @@ class _Walker:
                 size = 0
             read += size
         written = inst.nbytes
+        if inst.op == "custom-call" and inst.shape.startswith("("):  # (result, scratch workspace): the result
+            first = _ARRAY.search(inst.shape)
+            written = _shape_bytes(first.group(0)) if first else 0
         update = _in_place_update(fused) if fused else (inst if inst.op == "dynamic-update-slice" else None)
         if update is not None:  # written in place: only the update (at the buffer's element size)
             src = {i.name: i.shape for i in fused} if fused else shapes
