@@ -131,7 +131,7 @@ def resumed_run(tmp_path_factory):
     """A W&B-logged run killed while saving its last checkpoint, then resumed by the same command."""
     tmp = tmp_path_factory.mktemp("wandb")
     workdir, marker, files = tmp / "run", tmp / "saving", tmp / "wandb_files"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, PWD=str(ROOT), PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_DIR=str(files),
                WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
@@ -202,5 +202,6 @@ def test_the_config_is_logged_once_and_redacted(resumed_run):
         assert config["method"] == "fst" and config["cycle"]["rl_steps"] == 1 and config["log"]["wandb"]["project"] \
             == "fst-test"
         assert config["gepa"]["reflection"]["api_key_env"] == "<redacted>"  # a credential-named field
+        assert config["model"]["path"] == str(ROOT / "assets" / "tiny-qwen3")  # a path under $PWD is no secret
     every_file = [p for p in resumed_run["files"].rglob("*") if p.is_file()]
     assert every_file and not [p for p in every_file if SECRET.encode() in p.read_bytes()]

@@ -61,8 +61,13 @@ def is_sensitive_name(name: str) -> bool:
     return False
 
 
+# The shell's working directories: "pwd" reads as a password field, but $PWD is a path every path under it contains
+_NOT_SECRETS = frozenset({"PWD", "OLDPWD"})
+
+
 def _env_secrets() -> list[str]:
-    return [v for k, v in os.environ.items() if is_sensitive_name(k) and len(v) >= _MIN_ENV_SECRET_LEN]
+    return [v for k, v in os.environ.items()
+            if is_sensitive_name(k) and len(v) >= _MIN_ENV_SECRET_LEN and k not in _NOT_SECRETS]
 
 
 def _scrub(text: str, env_secrets: list[str]) -> str:
