@@ -254,15 +254,16 @@ def lock_for_run(workdir: str, *, command: Sequence[str] | None = None) -> Workd
     from fst_jax.runtime import distributed
 
     lock, verdict = None, None
-    if jax.process_index() == 0:
-        lock = WorkdirLock(workdir, command=command)
+    if jax.process_index() == 0:  # any failure becomes the verdict: the other processes wait for it
         try:
+            lock = WorkdirLock(workdir, command=command)
             lock.acquire()
             _HELD.append(lock)
-        except WorkdirBusyError as e:
-            verdict = str(e)
+        except ValueError as e:  # WorkdirBusyError, or a bad $FST_JAX_LOCK_* value
+            lock, verdict = None, str(e)
         except OSError as e:
-            verdict = f"--workdir {lock.workdir}: could not write its lock {lock.path}: {e.strerror or e}"
+            lock, verdict = None, (f"--workdir {workdir}: could not write its lock {LOCK_NAME}: "
+                                   f"{e.strerror or e} ({e.filename or workdir})")
     verdict = distributed.broadcast_json(verdict)
     if verdict is not None:
         raise WorkdirBusyError(verdict)
