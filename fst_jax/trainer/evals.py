@@ -6,8 +6,8 @@ problem is the mean reward of its k samples, the score of the set the mean over 
 KL to base: responses are sampled from the current policy on held-out prompts; for each response token, with
 r = log π_base(y_t) − log π_θ(y_t), the k3 estimator exp(r) − 1 − r (the one the RL penalty uses) is an
 unbiased sample of the token-level KL(π_θ ‖ π_base) that is never negative (k1, −r, is unbiased too, but its
-mean over a finite sample can read negative). Reported as the mean over all response tokens; each eval record names it
-(`kl_estimator`: "k3").
+mean over a finite sample can read negative). Reported as the mean over all response tokens; each eval record
+names it (`kl_estimator`: "k3").
 
 `evaluate_run(runner, task)` is a run's evaluation: mean@k with the population's best and the seed prompt,
 KL to base under each, and the forgetting tasks under the seed prompt — one `eval` record.
