@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import tempfile
 import time
@@ -175,7 +176,9 @@ def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
     for group in micro_batches(rollouts, int(run.rl.micro_batch_size), planned):
         used[group.input_ids.shape[1]] = used.get(group.input_ids.shape[1], 0) + 1
     lowered = lower_update(state, base, rl_config, rows=int(run.rl.micro_batch_size), lengths=sorted(used))
-    costs = {name: cost_model.program_cost(program.compile()) for name, program in lowered.items()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:  # XLA compiles in parallel
+        compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
+    costs = {name: cost_model.program_cost(program) for name, program in compiled.items()}
     compile_s = time.perf_counter() - t0
     calls = {name: used[int(name.split("@")[1])] if "@" in name else 1 for name in costs}
     kind = cost_model.device_named(getattr(device, "device_kind", "")) or run.plan.device
