@@ -223,7 +223,7 @@ def cycle_cost(config, uses: list[ProgramUse], devices: int, unknown: tuple[str,
                               "steps_per_call": round(use.steps, 1), "flops": flops, "bytes": nbytes,
                               "step_flops": use.cost.step_flops, "step_bytes": use.cost.step_bytes,
                               "xla_cost_analysis": {"flops": use.cost.xla_flops, "bytes": use.cost.xla_bytes},
-                              "seconds_per_call": float(f"{per_call:.4g}"), "bound": bound,
+                              "seconds_per_call": _round(per_call), "bound": bound,
                               "uncounted_custom_calls": list(use.cost.uncounted)}
     T = int(config.cycle.rl_steps)
     cycle = sum(phases.values())
@@ -238,14 +238,19 @@ def cycle_cost(config, uses: list[ProgramUse], devices: int, unknown: tuple[str,
             "bandwidth_efficiency": eff[2], "mean_answer_tokens": mean,
             "answer_lengths": f"uniform on [{lo:g}, {hi:g}] tokens; a sampler call runs until its longest row "
                               "stops; prompts at sampling.max_prompt_tokens",
-            "cycle_seconds": {k: round(v, 1) for k, v in phases.items()}, "cycle_total_seconds": round(cycle, 1),
-            "step_seconds": round(cycle / T, 1), "total_steps": int(config.total_steps),
-            "total_gpu_hours": round(devices * run_seconds / 3600, 1), "programs": programs,
+            "cycle_seconds": {k: _round(v) for k, v in phases.items()}, "cycle_total_seconds": _round(cycle),
+            "step_seconds": _round(cycle / T), "total_steps": int(config.total_steps),
+            "total_gpu_hours": _round(devices * run_seconds / 3600), "programs": programs,
             "programs_without_calls": list(unknown),
             "leaves_out": "host time (tokenizing, reward scoring, GEPA bookkeeping), compile time, checkpoints, "
                           "communication between devices, a hosted reflection LM, GEPA's window evaluations of "
                           "accepted children, rollouts reused from GEPA, forgetting-task evaluations, prompts "
                           "shorter than the largest bucket"}
+
+
+def _round(x: float) -> float:
+    """Six significant digits: readable in plan.json, and a tiny model's microseconds stay non-zero."""
+    return float(f"{x:.6g}")
 
 
 def cost_table(cost: Mapping[str, Any]) -> str:
@@ -257,9 +262,9 @@ def cost_table(cost: Mapping[str, Any]) -> str:
     for name, p in cost["programs"].items():
         lines.append(f"{name:<24}{p['phase']:<12}{p['calls_per_cycle']:>12g}{p['steps_per_call']:>7.0f}"
                      f"{p['flops'] / 1e12:>10.3g}{p['bytes'] / 1e9:>10.4g}{p['seconds_per_call']:>9.3g}  {p['bound']}")
-    phases = ", ".join(f"{k} {v:.0f} s" for k, v in cost["cycle_seconds"].items())
-    lines += ["", f"cycle: {phases}; total {cost['cycle_total_seconds']:.0f} s ({cost['step_seconds']:.0f} s per RL "
-                  f"step); {cost['total_steps']} steps: {cost['total_gpu_hours']:.1f} GPU-hours",
+    phases = ", ".join(f"{k} {v:.4g} s" for k, v in cost["cycle_seconds"].items())
+    lines += ["", f"cycle: {phases}; total {cost['cycle_total_seconds']:.4g} s ({cost['step_seconds']:.4g} s per RL "
+                  f"step); {cost['total_steps']} steps: {cost['total_gpu_hours']:.4g} GPU-hours",
               f"left out: {cost['leaves_out']}"]
     if cost["programs_without_calls"]:
         lines.append(f"NOT COSTED (no calls per cycle known): {', '.join(cost['programs_without_calls'])}")
