@@ -235,8 +235,9 @@ class _Walker:
                 carried = frozenset(k for k, o in enumerate(tuple_in.operands if tuple_in else []) if o in upcast)
                 body = self.cost(inst.called("body")[0], carried)
                 trips = _trip_count(inst)
-                if trips is None:  # a data-dependent loop: its body is one step
-                    total += HloCost(step_flops=body.flops, step_bytes=body.bytes, uncounted=body.uncounted)
+                if trips is None:  # a data-dependent loop: its body is one step (a loop of that kind inside it: once)
+                    total += HloCost(step_flops=body.flops + body.step_flops, step_bytes=body.bytes + body.step_bytes,
+                                     uncounted=body.uncounted)
                 else:
                     total += body.scaled(trips)
                 continue
