@@ -276,12 +276,15 @@ def test_comparison_rules():
     new.model.path = "/scratch/Qwen3-8B/"
     assert run_config.compare(old, new) == [{"field": "model.path", "old": "/data/models/Qwen3-8B",
                                              "new": "/scratch/Qwen3-8B/", "accepted": "a moved path (same file names)"}]
+    old["tasks"]["math"]["train_files"] = "<redacted>"  # masked by an older redaction: not comparable
+    assert run_config.compare(old, new)[1] == {"field": "tasks.math.train_files", "old": "<redacted>", "new": "",
+                                               "accepted": "masked in one copy"}
     new.sampling.max_rows, new.mesh.tensor, new.tasks.other = 64, 2, {"train_files": "x.jsonl"}
     new.rl.learning_rate, new.seed, new.method, new.model.path = 2e-6, 1, "rl", "/data/models/Qwen3-4B"
     verdict = {c["field"]: c["accepted"] for c in run_config.compare(old, new)}
     assert verdict == {"sampling.max_rows": "sampler rows", "mesh.tensor": "the mesh (a checkpoint restores on any "
                        "topology)", "tasks.other.train_files": "a task the run does not use", "rl.learning_rate": None,
-                       "seed": None, "method": None, "model.path": None}
+                       "seed": None, "method": None, "model.path": None, "tasks.math.train_files": "masked in one copy"}
     with pytest.raises(run_config.ConfigChangeError, match=r"config.method: \"fst\" → \"rl\"; config.model.path: "
                        r"\"/data/models/Qwen3-8B\" → \"/data/models/Qwen3-4B\"; config.rl.learning_rate: 1e-06 → "
                        r"2e-06; config.seed: 0 → 1; rerun"):

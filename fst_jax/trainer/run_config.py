@@ -31,6 +31,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from fst_jax.runtime.metrics import REDACTED
+
 log = logging.getLogger("fst_jax")
 
 __all__ = ["ACCEPTED", "CONFIG_NAME", "ConfigChangeError", "check_resume", "check_workdir", "compare", "flatten",
@@ -137,7 +139,9 @@ def compare(saved: Mapping, config: Any) -> list[dict[str, Any]]:
         a, b = old.get(path, defaults.get(path)), new.get(path, defaults.get(path))
         if a == b or (a in (None, {}) and b in (None, {})):
             continue
-        changes.append({"field": path, "old": a, "new": b, "accepted": _rule(path, a, b, used)})
+        # a value masked on one side only (an older copy masked more, e.g. paths under $PWD) cannot be judged
+        why = "masked in one copy" if REDACTED in (a, b) else _rule(path, a, b, used)
+        changes.append({"field": path, "old": a, "new": b, "accepted": why})
     return changes
 
 
