@@ -168,7 +168,7 @@ def main(argv) -> None:
         check_workdir(workdir, config, allow=_ALLOW_CHANGE.value)  # a refused resume costs no model load
         with exit_when_a_peer_fails():
             runner = FSTRunner(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
-            result = runner.run()
+            runner.run()  # its last evaluation is read back from metrics.jsonl by _report
     except (WorkdirBusyError, ConfigChangeError) as e:
         _exit(f"error: {e}", 1)
     except KeyboardInterrupt as e:

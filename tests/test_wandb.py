@@ -75,6 +75,29 @@ def test_a_missing_package_or_login_is_one_line_before_the_run_starts(monkeypatc
                                "pip install '.[wandb]' (or turn it off: --config.log.wandb.enabled=false)")
 
 
+def test_a_named_run_logs_each_record_as_one_row(tmp_path):
+    """`MetricsWriter` with W&B on, in a process of its own (W&B's console capture and pytest's, in one process,
+    lose the run's records)."""
+    script = ("from fst_jax.runtime.metrics import MetricsWriter\n"
+              "settings = dict(enabled=True, mode='offline', name='a-name', project='p', entity='')\n"
+              f"with MetricsWriter({str(tmp_path / 'run')!r}, resume_step=-1, wandb=settings, run_config={{'seed': 3}},"
+              " process_index=0) as writer:\n"
+              "    writer.write(1, 'train', {'train/reward': 0.5, 'loss': 1.25}, task='rule')\n"
+              "    writer.write(1, 'eval', {'val/reward': 0.75})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # files under the workdir
+    env.update(PYTHONPATH=str(ROOT), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    seg = segment(run_dir)
+    assert seg["name"] == "a-name" and seg["config"]["seed"] == 3
+    assert [{k: v for k, v in r.items() if not k.startswith("_") or k == "_step"} for r in seg["rows"]] == [
+        {"train/reward": 0.5, "train/loss": 1.25, "rl_step": 1, "_step": 0}, {"val/reward": 0.75, "rl_step": 1,
+                                                                              "_step": 1}]
+    assert json.loads((tmp_path / "run" / "wandb_run.json").read_text()) == {"id": seg["id"], "project": "p",
+                                                                              "rows": 2}
+
+
 # ---- kill and resume, offline -------------------------------------------------------------------------------
 
 def wandb_records(path: Path):
@@ -117,7 +140,7 @@ def segment(run_dir: Path) -> dict:
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            seg["id"] = record.run.run_id
+            seg["id"], seg["name"], seg["entity"] = record.run.run_id, record.run.display_name, record.run.entity
             seg["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             seg["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
@@ -136,12 +159,14 @@ def resumed_run(tmp_path_factory):
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_DIR=str(files),
                WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                WANDB_DATA_DIR=str(tmp / "wandb_data"), OPENAI_API_KEY=SECRET)
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "FST_JAX_TRACEBACK"):
+    # WANDB_SERVICE: a W&B run made by an earlier test in this process would serve these runs too
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SERVICE", "FST_JAX_TRACEBACK"):
         env.pop(var, None)
     files.mkdir()
     command = ["launch/train.py", "--config", TINY, "--workdir", str(workdir), *SMALL,
                "--config.log.wandb.enabled=true", "--config.log.wandb.mode=offline",
-               "--config.log.wandb.project=fst-test", "--config.checkpoint.async_save=True"]
+               "--config.log.wandb.project=fst-test", "--config.log.wandb.entity=fst-team",
+               "--config.checkpoint.async_save=True"]
     killed = subprocess.Popen([sys.executable, "tests/fault_injection.py", f"stall:2:{marker}", *command], cwd=ROOT,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -176,6 +201,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(resumed_run):
     assert len(dirs) == 2, dirs  # the killed run's directory and the resumed run's, one W&B run id
     killed, resumed = map(segment, dirs)
     assert killed["id"] == resumed["id"] == run_id
+    assert killed["name"] == resumed["name"] == "run" and resumed["entity"] == "fst-team"  # name: the workdir's
     # W&B's rows continue after the killed run's (no row rejected as "step not increasing"; `wandb sync` replays
     # both directories into one run)
     assert min(r["_step"] for r in resumed["rows"]) > max(r["_step"] for r in killed["rows"])

@@ -135,10 +135,8 @@ class WandbRun:
         try:
             run = wandb.init(project=settings.get("project") or "fst_jax", entity=settings.get("entity") or None,
                              name=settings.get("name") or workdir.resolve().name, id=run_id, resume="allow",
-                             dir=files_dir, mode=settings.get("mode") or None,
-                             settings=wandb.Settings(silent=True, **flush))
-            # once per start; a resume may change what run_config.py accepts (total_steps, the mesh...)
-            run.config.update(dict(config), allow_val_change=True)
+                             dir=files_dir, mode=settings.get("mode") or None, config=dict(config),
+                             settings=wandb.Settings(silent=True, **flush))  # the config: once per start
         except Exception as e:  # noqa: BLE001 - wandb's errors have no common base; the run stops in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WandbError(f"W&B could not start run {run_id} ({first}); check `wandb login` and the network, "
