@@ -174,7 +174,7 @@ def resumed_run(tmp_path_factory):
         while not marker.exists() and killed.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert marker.exists(), "the save of step 2 never started"
-        time.sleep(2)  # W&B writes its run file every second (wandb_log.py); what it has not written is lost
+        time.sleep(3)  # W&B writes its run file every second (wandb_log.py); what it has not written is lost
         killed.send_signal(signal.SIGKILL)  # step 2's records are logged; its checkpoint is not written
         killed.wait(30)
     finally:
