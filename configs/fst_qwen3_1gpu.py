@@ -11,6 +11,10 @@ except the model and the memory levers. On one device nothing is sharded: fp32 p
 take 12 bytes a parameter, the bf16 frozen base and the bf16 sampler copy 4 more, so Qwen3-4B's 4.0 B
 parameters need 64 GB before any KV cache; Qwen3-1.7B's 2.0 B need 33 GB. The rollouts (256 × 5120 tokens of
 KV cache = 150 GB at 28 layers) run in calls of 16 rows, the update in micro-batches of 2 rows.
+
+`python launch/bench.py gpu` runs its update on this model (fp32 params, its remat and attention) at
+configs/fst_qwen3.py's per-device regime and prints it beside the cost model's prediction (docs/planning.md,
+"What a run costs").
 """
 
 from configs.fst_qwen3 import get_config as flagship

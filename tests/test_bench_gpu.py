@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_gpu_runs_on_cpu_at_tiny_shapes():
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "gpu", "--allow-cpu"],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = result.stdout
     for line in ("sampler batch 8: prefill", "sampler batch 16: prefill", "of the HBM roofline", "update: 2-layer",
