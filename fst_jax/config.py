@@ -145,7 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.log.wandb.enabled = False
     c.log.wandb.project = "fst_jax"
     c.log.wandb.entity = ""             # "" = your default W&B entity
-    c.log.wandb.name = ""               # "" = the workdir's name; a resumed run keeps its W&B run (WORKDIR/wandb_run.json)
+    c.log.wandb.name = ""               # "" = the workdir's name; a resume continues its run (WORKDIR/wandb_run.json)
     c.log.wandb.mode = ""               # "" = W&B's choice ($WANDB_MODE, else online) | online | offline | disabled
 
     # The cost the dry run predicts (--dry_run → plan.json "cost"; fst_jax/trainer/cost_model.py).
