@@ -151,6 +151,9 @@ def test_cycle_seconds_and_gpu_hours_on_a_named_device():
     assert cost["step_seconds"] == pytest.approx(cycle / 6, rel=1e-5)
     assert cost["total_gpu_hours"] == pytest.approx(8 * (32 * cycle + 2 * evaluations) / 3600, rel=1e-5)
     assert cost["mean_answer_tokens"] == 1000 and cost["programs"]["update"]["bound"] == "compute"
+    table = cost_model.cost_table(cost)
+    assert f"192 steps: {cost['total_gpu_hours']:.4g} GPU-hours" in table and "NOT COSTED" not in table
+    assert "answers uniform on [0, 2000] tokens" in table
     config.plan.device = "H200"
     h200 = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
     assert h200["cycle_seconds"]["rollouts"] == pytest.approx(rollouts * 3.35 / 4.8, rel=1e-5)
