@@ -2,8 +2,8 @@
 
 Every run is a real `launch/train.py` in subprocesses: 2 processes × 4 CPU devices with the coordinator on
 127.0.0.1 (a free port each time), against 1 process × 8 devices, on configs/fst_tiny.py for 2 cycles at
-reduced sizes. Every process runs under a timeout. A persistent compilation cache shared by the runs of this
-module keeps the later runs short.
+reduced sizes. Every process runs under a timeout. The test session's persistent compilation cache (conftest's
+`jax_cache_env`) keeps the later runs short.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def compile_cache(jax_cache_env):
+    return jax_cache_env["JAX_COMPILATION_CACHE_DIR"]
 
 
 def _env(devices: int, cache: str) -> dict:

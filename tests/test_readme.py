@@ -161,14 +161,12 @@ def test_the_readme_shows_the_commands_this_test_knows():
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
+def scratch(tmp_path_factory, jax_cache_env):
     """A directory that looks like the repo's root to the commands, so their outputs stay out of the repo."""
     d = tmp_path_factory.mktemp("readme")
     for name in ("launch", "tools", "configs", "assets", "fst_jax"):
         os.symlink(os.path.join(ROOT, name), d / name)
-    cache = d / ".jax_cache"
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(os.environ, PYTHONPATH=ROOT, **jax_cache_env)
     return d, env
 
 

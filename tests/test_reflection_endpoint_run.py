@@ -34,9 +34,9 @@ def command(workdir, url, *extra):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs: the same programs compile once."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def cache(jax_cache_env):
+    """The session's persistent compilation cache (conftest): the same programs compile once."""
+    return jax_cache_env["JAX_COMPILATION_CACHE_DIR"]
 
 
 def run(cmd, cache, timeout=600):

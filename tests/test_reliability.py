@@ -162,10 +162,9 @@ def test_quiet_stderr_drops_only_closed_event_loop_tracebacks():
 # ---- the real launch/train.py ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The environment of a user's shell plus a compilation cache shared by this module's runs."""
-    e = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env(jax_cache_env):
+    """The environment of a user's shell plus the session's persistent compilation cache (conftest)."""
+    e = dict(os.environ, PYTHONPATH=ROOT, **jax_cache_env)
     e.pop("FST_JAX_TRACEBACK", None)
     return e
 

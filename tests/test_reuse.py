@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(workdir, *flags):
+def _train(workdir, jax_cache_env, *flags):
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"),
            f"--config={os.path.join(ROOT, 'configs', 'fst_tiny.py')}", f"--workdir={workdir}",
            "--config.total_steps=2", "--config.cycle.rl_steps=2", "--config.cycle.problems_per_step=4",
@@ -20,7 +20,7 @@ def _train(workdir, *flags):
            "--config.gepa.minibatch_size=2", "--config.eval.k=1", "--config.eval.num_problems=2",
            "--config.eval.kl_prompts=0", "--config.eval.at_start=false", "--config.forgetting_tasks=",
            "--config.log.progress=false", "--noplot", *flags]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **jax_cache_env)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -28,8 +28,8 @@ def _train(workdir, *flags):
 
 
 @pytest.mark.parametrize("staleness", [0, 3])
-def test_gepa_rollouts_replace_rl_rollouts_of_the_same_prompts(tmp_path, staleness):
-    steps = _train(tmp_path / "reuse", "--config.cycle.reuse_gepa_rollouts=true",
+def test_gepa_rollouts_replace_rl_rollouts_of_the_same_prompts(tmp_path, staleness, jax_cache_env):
+    steps = _train(tmp_path / "reuse", jax_cache_env, "--config.cycle.reuse_gepa_rollouts=true",
                    f"--config.cycle.reuse_max_staleness={staleness}")
     first, second = steps
     assert first["rollouts_this_step"] == 32

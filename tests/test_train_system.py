@@ -131,7 +131,7 @@ def test_config_errors_name_the_field(tiny_checkpoint, change, message):
         validate(c)
 
 
-def test_cli_end_to_end(tiny_checkpoint, tmp_path):
+def test_cli_end_to_end(tiny_checkpoint, tmp_path, jax_cache_env):
     """`launch/train.py` with a config file and command-line overrides: runs, writes metrics, the plot,
     checkpoints; a second invocation resumes instead of starting over."""
     import subprocess
@@ -147,7 +147,7 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path):
            "--config.gepa.proposals_per_iteration=2", "--config.sampling.max_new_tokens=4",
            "--config.eval.k=1", "--config.eval.num_problems=2", "--config.eval.kl_prompts=2",
            "--config.forgetting_tasks=copy", "--config.log.progress=false"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **jax_cache_env)
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "done: 2 steps" in first.stdout
@@ -225,7 +225,7 @@ def _check_end_of_run_lines(stdout, workdir, head):
     assert "--config.total_steps=2" in rl_command and not any(a.startswith("--workdir=") for a in rl_command[:-1])
 
 
-def test_killed_process_resumes_exactly(tmp_path):
+def test_killed_process_resumes_exactly(tmp_path, jax_cache_env):
     """SIGKILL a CLI run of the real tiny model (configs/fst_tiny.py, reduced sizes) right after its first
     cycle's checkpoint; the restarted command ends with a metrics.jsonl equal record for record to an
     uninterrupted run's: train, eval, every GEPA proposal (reflections sampled by the local reflection LM after
@@ -247,10 +247,8 @@ def test_killed_process_resumes_exactly(tmp_path):
                 "--config.eval.kl_prompts=0", "--config.eval.every=2", "--config.eval.at_start=false",
                 "--config.forgetting_tasks=", "--config.log.progress=false", "--noplot"]
 
-    # one persistent compilation cache for the three processes: only the first compiles (same programs)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    # the session's persistent compilation cache: only the first of the three processes compiles
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **jax_cache_env)
     straight = subprocess.run(command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
 

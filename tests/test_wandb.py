@@ -150,13 +150,12 @@ def segment(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory):
+def resumed_run(tmp_path_factory, jax_cache_env):
     """A W&B-logged run killed while saving its last checkpoint, then resumed by the same command."""
     tmp = tmp_path_factory.mktemp("wandb")
     workdir, marker, files = tmp / "run", tmp / "saving", tmp / "wandb_files"
     env = dict(os.environ, PWD=str(ROOT), PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", WANDB_DIR=str(files),
+               **jax_cache_env, WANDB_DIR=str(files),
                WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                WANDB_DATA_DIR=str(tmp / "wandb_data"), OPENAI_API_KEY=SECRET)
     # WANDB_SERVICE: a W&B run made by an earlier test in this process would serve these runs too

@@ -29,11 +29,10 @@ NEW_RULE = '--config.tasks.rule.options={"rule": "sort, then shift 3"}'
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(jax_cache_env):
     e = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             **jax_cache_env,
              FST_JAX_LOCK_HEARTBEAT_S="1", FST_JAX_LOCK_STALE_S="60")
     e.pop("FST_JAX_TRACEBACK", None)
     return e
