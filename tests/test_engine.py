@@ -2,14 +2,14 @@
 distinct noise for identical prompts, log-probs equal to a full forward pass, attention bounded by the live
 length. Greedy parity with transformers goes through `Sampler.generate` (tests/test_sampling.py)."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from fst_jax.models.hf import load_pretrained
 from fst_jax.sampling import Sampler
-import fst_jax.sampling.engine as engine_module
-from fst_jax.sampling.engine import Engine, Request, prompt_bucket
+from fst_jax.sampling.engine import Engine, Request, kv_bytes, lower_engine_programs, prompt_bucket
 from fst_jax.sampling.engine_programs import length_buckets, row_buckets
 
 NEW = 24
@@ -123,13 +123,61 @@ def test_decode_attention_reads_only_the_attended_width(tied, monkeypatch):
     requests = _requests(sampler.config.vocab_size, 1, [20, 9])
     (clean, _, _), _ = _run(sampler, requests, 2, temperature=0.0, stops=(), columns=256)
     (whole, _, _), _ = _run(sampler, requests, 2, temperature=0.0, stops=(), columns=56)  # one width: 56
-    original = engine_module.empty_state
+    original = Engine._empty_state
 
-    def poisoned(*args):
-        state = original(*args)
+    def poisoned(self, rows):
+        state = original(self, rows)
         nan = lambda x: x.at[:, :, 64:].set(np.nan)  # noqa: E731
         return state._replace(k=tuple(map(nan, state.k)), v=tuple(map(nan, state.v)))
 
-    monkeypatch.setattr(engine_module, "empty_state", poisoned)
+    monkeypatch.setattr(Engine, "_empty_state", poisoned)
     (dirty, _, _), _ = _run(sampler, requests, 2, temperature=0.0, stops=(), columns=256)
     assert dirty == clean == whole
+
+
+def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
+    _, sampler = tied
+    requests = _requests(sampler.config.vocab_size, 2)
+    columns = prompt_bucket(40) + NEW
+    weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sampler.weights)
+    lowered = lower_engine_programs(sampler.config, weights, slots=16, columns=columns, max_new_tokens=NEW,
+                                    num_samples=[2], prompt_buckets=[64], cache_dtype="float32")
+    assert sorted(lowered) == ["compact_B16_to8", "decode_B16_W64", "decode_B16_W88", "decode_B8_W64",
+                               "decode_B8_W88", "empty_B16", "insert_I1_P64_n2", "insert_I2_P64_n2",
+                               "insert_I4_P64_n2", "insert_I8_P64_n2"]
+    for program in lowered.values():
+        program.compile()
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        (tokens, _, _), stats = _run(sampler, requests, 16, seed=11)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert stats.compactions >= 1 and len(tokens) == 2 * len(requests)
+    assert compiles == []
+    assert kv_bytes(sampler.config, 16, columns, "float32") == 2 * 2 * 16 * 2 * 88 * 16 * 4
+
+
+def test_a_mesh_gives_the_tokens_of_one_device(tied, schedules):
+    """Slots split over 4 data shards: the same samples as on one device (the host schedules from gathered
+    flags; GSPMD places the scatters)."""
+    from fst_jax.runtime import parallel
+
+    model, _ = tied
+    mesh = parallel.make_mesh({"data": 4}, devices=jax.devices()[:4])
+    sharded = Sampler(model, mesh=mesh)
+    requests, runs = schedules
+    (tokens, logprobs, _), _ = runs[16]
+    columns = prompt_bucket(max(len(r.prompt) for r in requests)) + NEW
+    engine = Engine(sharded.config, slots=16, columns=columns, max_new_tokens=NEW,
+                    cache_dtype="float32", chunk_steps=8, mesh=mesh)
+    got, got_lp, _ = engine.run(sharded.weights, requests, seed=4, temperature=1.0, top_p=1.0, top_k=0,
+                                stop_ids=(3, 7, 11, 19))
+    assert got == tokens
+    for a, b in zip(got_lp, logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

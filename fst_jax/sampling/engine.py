@@ -13,18 +13,22 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from fst_jax.models.config import canonical_dtype
 from fst_jax.runtime import parallel
-from fst_jax.sampling.engine_programs import empty_state, length_buckets, programs, row_buckets
+from fst_jax.sampling.engine_programs import length_buckets, programs, row_buckets
 
-__all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "prompt_bucket"]
+__all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "lower_engine_programs", "prompt_bucket",
+           "stop_array", "kv_bytes"]
 
 MIN_BUCKET = 16
+STOP_SLOTS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,14 @@ class EngineStats:
     def utilisation(self) -> float:
         """Useful tokens per row-step computed (1 = no row ever idles)."""
         return self.useful_tokens / max(self.row_steps, 1)
+
+
+def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
+    """Stop ids padded with -1 to a multiple of `STOP_SLOTS` (their number rarely changes a program)."""
+    stop_ids = [int(t) for t in stop_ids if int(t) >= 0]
+    out = np.full(max(1, -(-len(stop_ids) // STOP_SLOTS)) * STOP_SLOTS, -1, np.int32)
+    out[:len(stop_ids)] = stop_ids
+    return out
 
 
 def prompt_bucket(n: int) -> int:
@@ -90,13 +102,15 @@ class Engine:
         self.stats = EngineStats()
 
     def run(self, weights, requests: Sequence[Request], *, seed: int, temperature: float, top_p: float,
-            top_k: int, stop_ids: np.ndarray, pad_id: int):
-        """All requests' completions, request-major then sample: (tokens, logprobs, finished) lists."""
-        insert_jit, decode_jit, compact_jit = programs(self.config)
-        params = (np.float32(temperature), np.float32(top_p), np.int32(top_k), np.asarray(stop_ids, np.int32))
+            top_k: int, stop_ids: Sequence[int], pad_id: int = 0):
+        """All requests' completions, request-major then sample: (tokens, logprobs, finished) lists; a
+        completion's tokens include the stop token that ended it. `pad_id` is unused (kept for `generate`'s
+        signature): finished rows are cut to their length on the host."""
+        insert_jit, decode_jit, compact_jit, _ = programs(self.config)
+        params = (np.float32(temperature), np.float32(top_p), np.int32(top_k), stop_array(stop_ids))
         seed = np.uint32(seed % 2**32)
         rows = self.rows[0]
-        state = self._place(empty_state(self.config, rows, self.columns, self.max_new_tokens, self.cache_dtype))
+        state = self._empty_state(rows)
         occupant: list = [None] * rows  # (request, sample) per slot
         column = np.zeros(rows, np.int64)  # each live row's next column, as of the last read
         queue = collections.deque(range(len(requests)))
@@ -182,6 +196,12 @@ class Engine:
             return insert_jit(weights, state, ids, mask, slot_ids, request_ids, limits, seed, *params,
                               num_samples=n)
 
+    def _empty_state(self, rows: int):
+        empty_jit = programs(self.config)[3]
+        with self._mesh_context():
+            return self._place(empty_jit(rows=rows, columns=self.columns, max_new_tokens=self.max_new_tokens,
+                                         cache_dtype=self.cache_dtype))
+
     def _place(self, x):
         if self.mesh is None:
             return x
@@ -189,3 +209,47 @@ class Engine:
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+
+def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_tokens: int,
+                          num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype,
+                          compact: bool = True, stops: int = STOP_SLOTS) -> dict:
+    """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, compact=).run` can call
+    for requests of these sample counts whose longest prompt falls in `prompt_buckets`, lowered without any
+    array: {name: jax.stages.Lowered}, named empty_B{slots}, insert_I{prompts}_P{bucket}_n{samples}, decode_B{rows}_W{width},
+    compact_B{rows}_to{rows}. `weights`: the sampling layout (`abstract_sampling_weights`). Compiling them
+    all leaves a run of the engine nothing to compile. One device (no mesh) for now. The KV the engine holds is
+    slots × columns per layer (`kv_bytes`)."""
+    insert_jit, decode_jit, compact_jit, empty_jit = programs(config)
+    sds = jax.ShapeDtypeStruct
+    scalar = lambda dtype: sds((), dtype)  # noqa: E731
+    params = (scalar(np.float32), scalar(np.float32), scalar(np.int32), sds((stops,), np.int32))
+    rows_list = row_buckets(slots) if compact else [slots]
+    statics = dict(columns=columns, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
+    out = {f"empty_B{slots}": empty_jit.lower(rows=slots, **statics)}
+    states = {rows: jax.eval_shape(functools.partial(empty_jit, rows=rows, **statics)) for rows in rows_list}
+    for n in sorted(set(num_samples)):
+        for I in insert_buckets(slots, n):
+            for P in prompt_buckets:
+                if P + 1 > columns:
+                    continue
+                for rows, state in states.items():  # an insertion happens only before the first compaction
+                    if rows != slots:
+                        continue
+                    out[f"insert_I{I}_P{P}_n{n}"] = insert_jit.lower(
+                        weights, state, sds((I, P), np.int32), sds((I, P), np.bool_), sds((I * n,), np.int32),
+                        sds((I,), np.int32), sds((I,), np.int32), scalar(np.uint32), *params, num_samples=n)
+    for rows, state in states.items():
+        for width in length_buckets(columns):
+            out[f"decode_B{rows}_W{width}"] = decode_jit.lower(weights, state, scalar(np.int32), scalar(np.int32),
+                                                               *params, width=width)
+        for smaller in rows_list:
+            if smaller < rows:
+                out[f"compact_B{rows}_to{smaller}"] = compact_jit.lower(state, sds((smaller,), np.int32))
+    return out
+
+
+def kv_bytes(config, slots: int, columns: int, cache_dtype) -> int:
+    """Bytes of the engine's KV buffers: 2 × layers × slots × kv heads × columns × head dim."""
+    return (2 * config.num_layers * slots * config.num_kv_heads * columns * config.head_dim
+            * np.dtype(canonical_dtype(cache_dtype)).itemsize)

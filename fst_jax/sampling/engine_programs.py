@@ -227,12 +227,15 @@ def _compact(state: EngineState, keep):
 
 @functools.lru_cache(maxsize=64)
 def programs(config):
-    """The engine's jitted (insert, decode, compact) for one model config; statics select the compiled
-    variant: insert by (I, P, num_samples), decode by (rows, width), compact by (rows, kept rows)."""
+    """The engine's jitted (insert, decode, compact, empty) for one model config; statics select the compiled
+    variant: insert by (I, P, num_samples), decode by (rows, width), compact by (rows, kept rows), empty (the
+    free slots, made on the device) by its shapes."""
     insert_jit = jax.jit(functools.partial(_insert, config=config), static_argnames=("num_samples",),
                          donate_argnames=("state",))
     decode_jit = jax.jit(functools.partial(_decode, config=config), static_argnames=("width",),
                          donate_argnames=("state",))
     compact_jit = jax.jit(_compact)  # a gather into fewer rows: nothing to donate into
-    return insert_jit, decode_jit, compact_jit
+    empty_jit = jax.jit(functools.partial(empty_state, config),
+                        static_argnames=("rows", "columns", "max_new_tokens", "cache_dtype"))
+    return insert_jit, decode_jit, compact_jit, empty_jit
 
