@@ -17,7 +17,8 @@ from fst_jax.models.qwen3 import Qwen3, Qwen3Config
 
 TINY = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8)
-TRAINING = dict(platform="cuda", dtype="bfloat16", head_dim=128, num_queries=4096, cached=False, right_padded=True)
+TRAINING = {"platform": "cuda", "dtype": "bfloat16", "head_dim": 128, "num_queries": 4096, "cached": False,
+            "right_padded": True}
 
 
 def test_each_backend_and_call_gets_its_kernel():
@@ -72,8 +73,8 @@ def test_an_accelerator_that_cannot_fuse_says_why_once(model, monkeypatch, caplo
         jax.jit(lambda i, n: model.forward(i, lengths=n).logits)(ids, lengths)
         jax.jit(lambda i, n: model.forward(i, lengths=n).logits)(ids, lengths + 0)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")]
-    assert lines == ["attention: XLA einsums, not cuDNN: compute dtype float32 (cuDNN takes bfloat16/float16: "
-                     "set model.dtype=bfloat16)"]
+    assert lines == [("attention: XLA einsums, not cuDNN: compute dtype float32 (cuDNN takes bfloat16/float16: "
+                      "set model.dtype=bfloat16)")]
 
 
 on_cuda = pytest.mark.skipif(attention.current_platform() != "cuda", reason="cuDNN attention needs a CUDA GPU")
@@ -88,7 +89,7 @@ def test_cudnn_attention_matches_the_einsums_in_values_and_gradients():
         m = Qwen3(config.replace(attention=kernel), rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(m, nnx.Param)
 
-        def loss(p):
+        def loss(p, graphdef=graphdef):
             logits = nnx.merge(graphdef, p).forward(ids, lengths=lengths).logits.astype(jnp.float32)
             return jnp.sum(jax.nn.logsumexp(logits, -1) * mask) / mask.sum(), logits
 

@@ -23,7 +23,7 @@ import logging
 
 import jax
 
-__all__ = ["CUDNN", "XLA", "JAX_XLA", "select_kernel", "current_platform"]
+__all__ = ["CUDNN", "JAX_XLA", "XLA", "current_platform", "select_kernel"]
 
 CUDNN, XLA, JAX_XLA = "cudnn", "xla", "jax_xla"  # the einsums are XLA; JAX_XLA: jax.nn's XLA implementation
 _CUDNN_DTYPES = ("bfloat16", "float16")

@@ -20,14 +20,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fst_jax.rl import losses
 from fst_jax.rl.config import RLConfig, learning_rate_schedule, make_optimizer
@@ -267,8 +269,8 @@ def lower_update(state: TrainState, base_params, config: RLConfig, *, rows: int,
     config = program_config(RLConfig.from_config(config))
     mesh = mesh_of(state.params)
     zero_program, accumulate_program = _gradient_programs(state.params)
-    sharding = (lambda ndim: None) if mesh is None else (lambda ndim: parallel.batch_sharding(mesh, ndim))  # noqa: E731
-    lower = ((lambda f, *a, **k: f.lower(*a, **k)) if platform is None else  # noqa: E731
+    sharding = (lambda ndim: None) if mesh is None else (lambda ndim: parallel.batch_sharding(mesh, ndim))
+    lower = ((lambda f, *a, **k: f.lower(*a, **k)) if platform is None else
              (lambda f, *a, **k: f.trace(*a, **k).lower(lowering_platforms=(platform,))))
     with_base = base_params is not None
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
@@ -276,7 +278,7 @@ def lower_update(state: TrainState, base_params, config: RLConfig, *, rows: int,
         accumulator = zero.out_info
         lowered = {"zero": zero}
         for length in lengths:
-            sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(len(shape)))  # noqa: E731
+            sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(len(shape)))
             batch = Rollouts(input_ids=sds((rows, length), jnp.int32), attention_mask=sds((rows, length), jnp.int32),
                              loss_mask=sds((rows, length), jnp.float32),
                              old_logprobs=sds((rows, length), jnp.float32), advantages=sds((rows,), jnp.float32))
@@ -347,7 +349,7 @@ def _accumulate_micro_batches(params, base_params, rollouts: Rollouts, *, graphd
     rows = micro_batch_rows(config, rollouts.input_ids.shape[0], mesh)
     groups = micro_batches(rollouts, rows, planned_lengths(config))
     zero_program, accumulate_program = _gradient_programs(params)
-    static = dict(graphdef=graphdef, config=program_config(config))
+    static = {"graphdef": graphdef, "config": program_config(config)}
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         accumulator = zero_program(params, with_base=base_params is not None, **static)
         for group in groups:

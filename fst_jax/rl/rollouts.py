@@ -22,8 +22,10 @@ cuts each micro-batch to the smallest of a few planned lengths (`length_buckets`
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import chex
 import flax.struct
@@ -225,7 +227,7 @@ def micro_batches(rollouts: Rollouts, rows: int, buckets: Sequence[int] | None =
         longest = int(lengths[index[0]])
         length = (min(b for b in buckets if b >= longest) if buckets is not None
                   else length_bucket(max(longest, 1), min_length))
-        group = jax.tree.map(lambda x: x[index] if x.ndim == 1 else _fit(x[index], length), host)
+        group = jax.tree.map(functools.partial(_take_rows, index=index, length=length), host)
         groups.append(pad_rows(group, rows))
     return groups
 
@@ -236,6 +238,11 @@ def padding_ratio(rollouts: Rollouts, groups: Sequence[Rollouts]) -> float:
     host = jax.tree.map(np.asarray, rollouts)
     useful = int(row_lengths(host)[(host.loss_mask[:, 1:] > 0).any(axis=1)].sum())
     return sum(int(np.size(g.input_ids)) for g in groups) / useful if useful else 0.0
+
+
+def _take_rows(x: np.ndarray, *, index: list[int], length: int) -> np.ndarray:
+    """Rows `index` of a [B] or [B, T] array, cut or padded to `length` tokens."""
+    return x[index] if x.ndim == 1 else _fit(x[index], length)
 
 
 def _fit(x: np.ndarray, length: int) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fst_jax.rl.config import RLConfig, make_optimizer
 
@@ -38,7 +40,7 @@ class TrainState:
 
     @classmethod
     def create(cls, model: nnx.Module | tuple[nnx.GraphDef, nnx.State], config: RLConfig | Mapping[str, Any],
-               *, seed: int = 0) -> "TrainState":
+               *, seed: int = 0) -> TrainState:
         """A fresh state for `model` (or (graphdef, params)) with optimizer state laid out like the params.
 
         The params are *copied*: `update` donates the state, so the caller's arrays (typically also the frozen
