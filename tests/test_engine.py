@@ -181,3 +181,15 @@ def test_a_mesh_gives_the_tokens_of_one_device(tied, schedules):
     assert got == tokens
     for a, b in zip(got_lp, logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_requests_it_cannot_serve_are_refused_in_one_line(tied):
+    _, sampler = tied
+    engine = Engine(sampler.config, slots=4, columns=64, max_new_tokens=16, cache_dtype="float32")
+    run = lambda reqs: engine.run(sampler.weights, reqs, seed=0, temperature=1.0, top_p=1.0, top_k=0,  # noqa: E731
+                                  stop_ids=())
+    for reqs, message in [([Request([1, 2], 5, 8)], "raise slots"), ([Request([], 1, 8)], "empty prompt"),
+                          ([Request([1, 200], 1, 8)], "outside the vocabulary"), ([Request([1], 1, 17)], "1 to 16"),
+                          ([Request([1] * 60, 1, 16)], "build it larger")]:
+        with pytest.raises(ValueError, match=message):
+            run(reqs)

@@ -86,7 +86,7 @@ class Engine:
 
     `chunk_steps`: decode steps between host round trips (the host inserts and collects between chunks);
     `refill`: the share of the slots that must be free before the engine stops decoding to insert waiting
-    prompts; `compact`: shrink the batch to smaller row buckets in the tail.
+    prompts; `compact`: shrink the batch to smaller row buckets in the tail. `stats` accumulates over calls.
     """
 
     def __init__(self, config, *, slots: int, columns: int, max_new_tokens: int, cache_dtype, mesh=None,
@@ -106,6 +106,7 @@ class Engine:
         """All requests' completions, request-major then sample: (tokens, logprobs, finished) lists; a
         completion's tokens include the stop token that ended it. `pad_id` is unused (kept for `generate`'s
         signature): finished rows are cut to their length on the host."""
+        self._check(requests)
         insert_jit, decode_jit, compact_jit, _ = programs(self.config)
         params = (np.float32(temperature), np.float32(top_p), np.int32(top_k), stop_array(stop_ids))
         seed = np.uint32(seed % 2**32)
@@ -195,6 +196,25 @@ class Engine:
         with self._mesh_context():
             return insert_jit(weights, state, ids, mask, slot_ids, request_ids, limits, seed, *params,
                               num_samples=n)
+
+    def _check(self, requests: Sequence[Request]) -> None:
+        """One-line errors for requests the engine cannot serve (else it would wait forever or read garbage)."""
+        if not requests:
+            raise ValueError("the engine needs at least one request")
+        V = self.config.vocab_size
+        for i, r in enumerate(requests):
+            if len(r.prompt) == 0:
+                raise ValueError(f"request {i} has an empty prompt; every prompt needs at least one token")
+            if not 1 <= r.num_samples <= self.slots:
+                raise ValueError(f"request {i} asks for {r.num_samples} samples; the engine has {self.slots} slots "
+                                 f"and needs 1 ≤ num_samples ≤ slots (raise slots)")
+            if not 1 <= r.max_new_tokens <= self.max_new_tokens:
+                raise ValueError(f"request {i} asks for max_new_tokens={r.max_new_tokens}; this engine serves 1 to "
+                                 f"{self.max_new_tokens}")
+            low, high = min(r.prompt), max(r.prompt)
+            if low < 0 or high >= V:
+                raise ValueError(f"request {i} has token id {low if low < 0 else high} outside the vocabulary "
+                                 f"[0, {V})")
 
     def _empty_state(self, rows: int):
         empty_jit = programs(self.config)[3]
