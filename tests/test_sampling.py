@@ -1,6 +1,8 @@
 """The jitted sampler: parity with transformers' generate, logprobs, filtering, statistics, seeds, stop tokens,
 compilation reuse and sharding. Shapes are reused across tests so each compiles once."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,7 @@ def test_prompt_alone_and_inside_a_padded_batch_give_the_same_completion(sampler
 # ------------------------------------------------------------------------------------------- the sampling step
 
 _step = jax.jit(sample_logits)
+_step_inverse_cdf = jax.jit(functools.partial(sample_logits, draw="inverse_cdf"))  # the engine's draw
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -143,8 +146,9 @@ def test_samples_stay_inside_the_top_k_set_and_top_p_nucleus(logits, temperature
     logits_bv = np.asarray(logits, np.float32).reshape(4, 16)
     keys = jax.random.split(jax.random.key(seed), 4)
     tokens, logprobs = jax.device_get(_step(logits_bv, keys, temperature, top_p, top_k))
+    tokens_i, logprobs_i = jax.device_get(_step_inverse_cdf(logits_bv, keys, temperature, top_p, top_k))
     scaled = logits_bv.astype(np.float64) / np.float32(temperature)
-    for row, tok in enumerate(tokens):
+    for row, tok in list(enumerate(tokens)) + list(enumerate(tokens_i)):
         order = np.argsort(-scaled[row], kind="stable")
         ranked = scaled[row][order]
         k = len(ranked) if top_k == 0 else min(top_k, len(ranked))
@@ -156,7 +160,7 @@ def test_samples_stay_inside_the_top_k_set_and_top_p_nucleus(logits, temperature
         last = np.max(np.nonzero(mass_before < top_p + 1e-5)[0])
         assert scaled[row, tok] >= ranked[last], "outside the top-p nucleus"
         expected_logprob = scaled[row, tok] - np.log(np.exp(scaled[row] - scaled[row].max()).sum()) - scaled[row].max()
-        assert abs(logprobs[row] - expected_logprob) < 1e-4
+        assert abs((logprobs if tok == tokens[row] else logprobs_i)[row] - expected_logprob) < 1e-4
 
 
 def test_greedy_step_is_argmax_with_untempered_logprob():
@@ -166,18 +170,20 @@ def test_greedy_step_is_argmax_with_untempered_logprob():
     np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[np.arange(2), np.array([1, 0])], atol=1e-6)
 
 
-_draw = jax.jit(lambda logits_v, keys, top_p, top_k: sample_logits(
-    jnp.broadcast_to(logits_v, (keys.shape[0], logits_v.shape[0])), keys, 1.0, top_p, top_k)[0])
+_draw = jax.jit(lambda logits_v, keys, top_p, top_k, draw: sample_logits(
+    jnp.broadcast_to(logits_v, (keys.shape[0], logits_v.shape[0])), keys, 1.0, top_p, top_k, draw=draw)[0],
+    static_argnames=("draw",))
 
 
+@pytest.mark.parametrize("draw", ["gumbel", "inverse_cdf"])
 @pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (1.0, 3), (0.8, 0)], ids=["unfiltered", "top_k=3", "top_p=0.8"])
-def test_token_frequencies_match_the_softmax(top_p, top_k):
+def test_token_frequencies_match_the_softmax(top_p, top_k, draw):
     """N = 40000 draws from an 8-token vocabulary, fixed seed. Two checks: Pearson's chi-square below its
     0.1% critical value for 7 degrees of freedom (24.32), and every frequency within 0.01 of its probability
     (≈ 4 standard errors at p = 0.5)."""
     logits = np.array([1.2, 0.3, -0.5, 2.0, 0.0, -2.0, 0.9, 1.5], np.float32)
     n = 40_000
-    tokens = np.asarray(_draw(logits, jax.random.split(jax.random.key(123), n), top_p, top_k))
+    tokens = np.asarray(_draw(logits, jax.random.split(jax.random.key(123), n), top_p, top_k, draw))
     probs = np.exp(logits - logits.max()).astype(np.float64)
     probs /= probs.sum()
     if top_k:

@@ -120,7 +120,7 @@ def _choose(keys_b2, count_b, logits_vb, params):
     """Sample each row's token number `count_b` from its own key: (tokens [B], logprobs [B])."""
     temperature, top_p, top_k = params
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys_b2), count_b)
-    return sample_vb(logits_vb, keys, temperature, top_p, top_k)
+    return sample_vb(logits_vb, keys, temperature, top_p, top_k, draw="inverse_cdf")
 
 
 # -------------------------------------------------------------------------------------------- the programs

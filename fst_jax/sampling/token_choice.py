@@ -1,7 +1,7 @@
-"""One sampling step on vocab-major logits: greedy or an inverse-CDF draw with top-k / top-p filtering, and the
+"""One sampling step on vocab-major logits: greedy or a random draw with top-k / top-p filtering, and the
 chosen token's log-prob. Every parameter is a traced value (a new temperature never recompiles).
 
-The draw takes one uniform number per row and inverts the CDF in two levels (which block of `_CDF_BLOCK`
+The request engine's draw ("inverse_cdf") takes one uniform number per row and inverts the CDF in two levels (which block of `_CDF_BLOCK`
 tokens, then which token in it): a Gumbel-max draw needs one random number per vocabulary entry, and
 generating those cost 102 ms of a 64-row step at vocab 32 000 on this 2-core CPU against 5 ms for the two-level
 inversion (launch/bench.py rollout is where it shows)."""
@@ -33,15 +33,15 @@ def _filter_top_k_top_p(scaled_bv: jax.Array, top_p: jax.Array, top_k: jax.Array
     return jnp.where(scaled_bv >= threshold_b[:, None], scaled_bv, -jnp.inf)
 
 
-def sample_logits(logits_bv: jax.Array, keys_b: jax.Array, temperature, top_p, top_k):
+def sample_logits(logits_bv: jax.Array, keys_b: jax.Array, temperature, top_p, top_k, *, draw: str = "gumbel"):
     """One sampling step: (tokens [B] int32, logprobs [B] float32).
 
-    temperature ≤ 0 is greedy (argmax, first index on ties). Otherwise an inverse-CDF draw (one uniform number
-    per row) from softmax(logits / temperature) restricted by top-k (0 = off) and top-p (1 = off); the sort that
+    temperature ≤ 0 is greedy (argmax, first index on ties). Otherwise a draw (`draw`: see `sample_vb`)
+    from softmax(logits / temperature) restricted by top-k (0 = off) and top-p (1 = off); the sort that
     filtering needs is skipped by `lax.cond` when both are off. `keys_b` holds one PRNG key per row. The log-prob is
     always that of the unfiltered softmax(logits / temperature), temperature 1 when greedy.
     """
-    return sample_vb(jnp.asarray(logits_bv).T, keys_b, temperature, top_p, top_k)
+    return sample_vb(jnp.asarray(logits_bv).T, keys_b, temperature, top_p, top_k, draw=draw)
 
 
 _CDF_BLOCK = 256
@@ -82,9 +82,11 @@ def _first_argmax_v(x_vb: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x_vb == best_b, index_v, x_vb.shape[0]), axis=0)
 
 
-def sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k):
+def sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k, *, draw: str = "gumbel"):
     """`sample_logits` on vocab-major logits [V, B], the layout the sampler's LM head produces cheaply:
-    the greedy path then needs no transpose of the [V, B] array."""
+    the greedy path then needs no transpose of the [V, B] array. `draw`: "gumbel" (Gumbel-max, one random
+    number per vocabulary entry: the static sampler's, so a run's records stay as they were) or "inverse_cdf"
+    (one uniform per row, see the module doc: the request engine's). Same distribution, different noise."""
     logits_vb = logits_vb.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
@@ -92,7 +94,14 @@ def sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k
     greedy = temperature <= 0
     scaled_vb = logits_vb / jnp.where(greedy, 1.0, temperature)
 
-    def draw(scaled_vb):
+    def gumbel_draw(scaled_vb):
+        scaled_bv = scaled_vb.T
+        filtered_bv = jax.lax.cond((top_p < 1) | (top_k > 0), _filter_top_k_top_p, lambda s, p, k: s,
+                                   scaled_bv, top_p, top_k)
+        gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[-1:], jnp.float32))(keys_b)
+        return _first_argmax_v((filtered_bv + gumbel_bv).T)
+
+    def inverse_cdf_draw(scaled_vb):
         filtered_vb = jax.lax.cond((top_p < 1) | (top_k > 0),
                                    lambda s, p, k: _filter_top_k_top_p(s.T, p, k).T, lambda s, p, k: s,
                                    scaled_vb, top_p, top_k)
@@ -100,7 +109,10 @@ def sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k
         uniform_b = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_b)
         return _inverse_cdf_v(weights_vb, uniform_b)
 
-    tokens_b = jax.lax.cond(greedy, _first_argmax_v, draw, scaled_vb)
+    if draw not in ("gumbel", "inverse_cdf"):
+        raise ValueError(f"draw must be 'gumbel' or 'inverse_cdf', got {draw!r}")
+    tokens_b = jax.lax.cond(greedy, _first_argmax_v, gumbel_draw if draw == "gumbel" else inverse_cdf_draw,
+                            scaled_vb)
     best_b = jnp.max(scaled_vb, axis=0)
     log_norm_b = best_b + jnp.log(jnp.sum(jnp.exp(scaled_vb - best_b), axis=0))
     chosen_b = jnp.take_along_axis(scaled_vb, tokens_b[None, :], axis=0)[0]
