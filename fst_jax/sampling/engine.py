@@ -24,8 +24,8 @@ from fst_jax.models.config import canonical_dtype
 from fst_jax.runtime import parallel
 from fst_jax.sampling.engine_programs import length_buckets, programs, row_buckets
 
-__all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "lower_engine_programs", "prompt_bucket",
-           "stop_array", "kv_bytes"]
+__all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lower_engine_programs",
+           "prompt_bucket", "stop_array"]
 
 MIN_BUCKET = 16
 STOP_SLOTS = 8

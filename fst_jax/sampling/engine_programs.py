@@ -131,7 +131,6 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
     (index B = no slot: padding prompts). Each sample's first token is sampled here (token 0 of its key)."""
     c, n = config, num_samples
     I, P = prompt_ids_ip.shape
-    B = state.live.shape[0]
     dtype = state.k[0].dtype
     zeros = jnp.zeros((I, c.num_kv_heads, P, c.head_dim), dtype)
     cache = KVCache(k=None, v=None, key_mask=jnp.zeros((I, P), bool), index=jnp.zeros((), jnp.int32),
