@@ -159,7 +159,7 @@ def _buffer_check(config, weights, rows: int, steps: int = 16, repeats: int = 3,
 
     from fst_jax.sampling.engine_programs import empty_state, programs
 
-    insert_jit, decode_jit, _ = programs(config)
+    insert_jit, decode_jit = programs(config)[:2]
     rng = np.random.default_rng(1)
     ids = rng.integers(1, config.vocab_size, (rows, 64)).astype(np.int32)
     M = 1 + steps * (repeats + 1)
