@@ -155,7 +155,7 @@ COMMANDS = list(SOURCE)
 def test_the_readme_shows_the_commands_this_test_knows():
     assert len(COMMANDS) >= 9, COMMANDS  # the extraction itself still works on the pages' layout
     assert any("configs/fst_tiny.py" in c for c in COMMANDS) and any("launch/plot.py" in c for c in COMMANDS)
-    assert {SOURCE[c] for c in COMMANDS} >= {"README.md", "docs/training.md", "docs/meshes.md"}
+    assert {SOURCE[c] for c in COMMANDS} >= {"README.md", "docs/tasks.md", "docs/meshes.md"}
     for command in COMMANDS:
         row_for(command)
 
