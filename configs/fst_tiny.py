@@ -65,6 +65,10 @@ def get_config():
     c.sampling.min_prompt_tokens = 33
     c.sampling.max_rows = 256              # GEPA's window scoring in one call (32 items × up to 8 children)
 
+    # Micro-batches of 8 rows at 3 planned lengths: 1.2x the real tokens instead of 5.1x with one micro-batch of
+    # all 64 rows, and 3 gradient programs to compile instead of 10 (the records equal to fp32 rounding).
+    c.rl.micro_batch_size = 8
+    c.rl.num_length_buckets = 3
     c.rl.learning_rate = 3e-4
     c.rl.warmup_steps = 2
     c.rl.kl_coef = 1e-3
