@@ -18,6 +18,8 @@ sees the data an uninterrupted one would. With `--minutes`, the phase-B step is 
 the step count when 80% of the time has passed (then a linear cool-down to the end); all three go to
 make_tiny_model.json, so e.g. `--steps 4982 --phase-b-step 2712 --cooldown-start 4157` reproduces the
 shipped model's schedule without a clock.
+
+Over 400 lines: a standalone, resumable trainer with its own evaluation, used only to rebuild assets/tiny-qwen3.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ scored on the same random subset of ⌊seed_budget / K⌋ validation items (the 
 means over the items scored). A single seed within the allowance is scored exactly as the reference does.
 Other stops: iteration count, iterations without a better best aggregate, wall time, and
 `max_consecutive_reflection_failures` failed reflection calls in a row (a reflection endpoint that is down).
+
+Over 400 lines on purpose: the four phases of an iteration share the state bookkeeping that the `gepa` package's
+semantics (checked by the oracle tests) tie together; the pluggable policies already live in their own modules.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ sample's tokens depend on the seed, its index in the request and the model, neve
 padded or sharded.
 
 Shape letters: B rows (prompts × samples, padded), P prompt bucket, S cache slots, M max new tokens, V vocab.
+
+Just over 400 lines: the static sampler's prefill, decode and their planning stay together until the request engine
+(`engine.py`) replaces it as the run's sampler.
 """
 
 from __future__ import annotations
