@@ -1,2 +1,3 @@
 """What a run stands on: the device mesh and sharding rules (`parallel`), several processes (`distributed`),
-checkpoints (`checkpoint`) and what storage failures mean (`storage_errors`), records and logs (`metrics`)."""
+checkpoints (`checkpoint`) and what storage failures mean (`storage_errors`), one run per workdir
+(`workdir_lock`), records and logs (`metrics`, `wandb_log`)."""
