@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from bench_gpu import add_gpu_args, run_gpu  # noqa: E402  (launch/bench_gpu.py, beside this file)
-from bench_rollout import add_rollout_args, run_rollout  # noqa: E402
+from bench_rollout import add_rollout_args, best_wall_time, run_rollout  # noqa: E402
 
 # The CPU benchmark's model: Qwen3-0.6B's widths with 4 layers (the 151936 × 1024 tied embedding dominates).
 CPU_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
@@ -39,16 +39,6 @@ def host_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - start)
     return 2 * src.nbytes / best
-
-
-def _timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls of fn (fn must block until its result is ready)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 # --------------------------------------------------------------------------------------------------- sampler
@@ -91,7 +81,7 @@ def run_sampler(args) -> None:
                       pad_token_id=0)
         with torch.inference_mode():
             hf_model.generate(ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-            hf_s = _timed(lambda: hf_model.generate(ids, **kwargs), args.hf_repeats)
+            hf_s = best_wall_time(lambda: hf_model.generate(ids, **kwargs), args.hf_repeats)
             hf_tokens = hf_model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})[:, P:]
         hf_tps = B * M / hf_s
 
@@ -109,9 +99,9 @@ def run_sampler(args) -> None:
     start = time.perf_counter()
     out = sampler.generate(prompts, max_new_tokens=M)
     compile_s = time.perf_counter() - start
-    ours_s = _timed(lambda: sampler.generate(prompts, max_new_tokens=M), args.repeats)
+    ours_s = best_wall_time(lambda: sampler.generate(prompts, max_new_tokens=M), args.repeats)
     sampler.generate(prompts, max_new_tokens=1)
-    prefill_s = _timed(lambda: sampler.generate(prompts, max_new_tokens=1), args.repeats)
+    prefill_s = best_wall_time(lambda: sampler.generate(prompts, max_new_tokens=1), args.repeats)
     ours_tps = B * M / ours_s
     decode_tps = B * (M - 1) / (ours_s - prefill_s)
     bandwidth = host_copy_bandwidth()
@@ -164,7 +154,7 @@ def _run_sampler_gpu(args) -> None:
     copy = jax.jit(lambda x: x + 1)
     big = jnp.zeros((1 << 30,), jnp.bfloat16)
     copy(big).block_until_ready()
-    hbm = 2 * big.nbytes / _timed(lambda: copy(big).block_until_ready(), 5)
+    hbm = 2 * big.nbytes / best_wall_time(lambda: copy(big).block_until_ready(), 5)
     del big
     print(f"Qwen3-{args.gpu_preset} shape ({config.num_layers} layers), bf16, random weights; prompt {P}, {M} new "
           f"tokens, greedy, no early stop; {weight_bytes / 1e9:.1f} GB of weights; measured device copy bandwidth "
@@ -175,7 +165,7 @@ def _run_sampler_gpu(args) -> None:
         kv_bytes = 2 * config.num_layers * B * (P + M / 2) * config.num_kv_heads * config.head_dim * 2
         try:
             sampler.generate(prompts, max_new_tokens=M)
-            seconds = _timed(lambda: sampler.generate(prompts, max_new_tokens=M), 1)
+            seconds = best_wall_time(lambda: sampler.generate(prompts, max_new_tokens=M), 1)
         except Exception as e:  # e.g. out of memory at batch 256: report it and go on to the next shape
             print(f"batch {B}: failed: {type(e).__name__}: {str(e)[:300]}")
             continue

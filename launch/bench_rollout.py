@@ -184,7 +184,7 @@ def _buffer_check(config, weights, rows: int, steps: int = 16, repeats: int = 3,
         del state
     if sampler is not None:
         prompts = ids.tolist()
-        call = lambda m: _best(lambda: sampler.generate(prompts, max_new_tokens=m), repeats)  # noqa: E731
+        call = lambda m: best_wall_time(lambda: sampler.generate(prompts, max_new_tokens=m), repeats)  # noqa: E731
         call(steps), call(3 * steps)
         times["static"] = (call(3 * steps) - call(steps)) / (2 * steps)
         print(f"  static sampler decode step, {rows} rows, cache 64 + {3 * steps}: {times['static'] * 1e3:.2f} ms "
@@ -194,7 +194,8 @@ def _buffer_check(config, weights, rows: int, steps: int = 16, repeats: int = 3,
           f"({times[4096] / times[512]:.2f}x)")
 
 
-def _best(fn, repeats: int) -> float:
+def best_wall_time(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls of fn (fn must block until its result is ready)."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -270,8 +270,7 @@ def lower_update(state: TrainState, base_params, config: RLConfig, *, rows: int,
     mesh = mesh_of(state.params)
     zero_program, accumulate_program = _gradient_programs(state.params)
     sharding = (lambda ndim: None) if mesh is None else (lambda ndim: parallel.batch_sharding(mesh, ndim))
-    lower = ((lambda f, *a, **k: f.lower(*a, **k)) if platform is None else
-             (lambda f, *a, **k: f.trace(*a, **k).lower(lowering_platforms=(platform,))))
+    lower = functools.partial(parallel.lower_for, platform=platform)
     with_base = base_params is not None
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         zero = lower(zero_program, state.params, graphdef=state.graphdef, config=config, with_base=with_base)

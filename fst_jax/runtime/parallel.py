@@ -180,3 +180,12 @@ def mesh_of(tree: Any) -> Mesh | None:
         if isinstance(sharding, NamedSharding):
             return sharding.mesh
     return None
+
+
+def lower_for(jitted: Any, *args, platform: str | None = None, **kwargs) -> Any:
+    """`jitted.lower(*args, **kwargs)` for this machine's backend, or, with `platform` ("cuda", "tpu"), for that
+    backend without its device (traced, then lowered with `lowering_platforms`): such a program cannot be
+    compiled here, but lowering it shows that nothing in it is CPU-only."""
+    if platform is None:
+        return jitted.lower(*args, **kwargs)
+    return jitted.trace(*args, **kwargs).lower(lowering_platforms=(platform,))

@@ -274,8 +274,7 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731  (host scalars in `generate`)
     with _mesh_context(mesh):
         prompt = (batched((Bp, bucket), jnp.int32), batched((Bp, bucket), jnp.bool_))
-        lower = ((lambda f, *a, **k: f.lower(*a, **k)) if platform is None else  # noqa: E731
-                 (lambda f, *a, **k: f.trace(*a, **k).lower(lowering_platforms=(platform,))))
+        lower = functools.partial(parallel.lower_for, platform=platform)
         prefill = lower(prefill_jit, weights, *prompt, **prefill_static)
         cache, logits = jax.eval_shape(functools.partial(prefill_jit, **prefill_static), weights, *prompt)
         if shardings is not None:

@@ -103,9 +103,7 @@ def lower_kl_program(graphdef: nnx.GraphDef, params, base_params, input_ids_bt, 
     """Lower (abstract arguments allowed) the program `kl_to_base` runs after sampling; `platform` ("cuda",
     "tpu"): for that backend instead of this machine's."""
     args = (graphdef, params, base_params, input_ids_bt, attention_mask_bt)
-    if platform is None:
-        return _log_ratio.lower(*args, chunk_size=chunk_size)
-    return _log_ratio.trace(*args, chunk_size=chunk_size).lower(lowering_platforms=(platform,))
+    return parallel.lower_for(_log_ratio, *args, chunk_size=chunk_size, platform=platform)
 
 
 KL_ESTIMATOR = "k3"  # the estimator kl_to_base reports, named in every eval record
