@@ -13,7 +13,7 @@ import pytest
 from fst_jax.trainer import dry_run as plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ("jit(_prefill)", "jit(_decode)", "jit(_zero_accumulator)", "jit(_accumulate)", "jit(_apply_update)",
+PROGRAMS = ("jit(_insert)", "jit(_decode)", "jit(_compact)", "jit(_empty)", "jit(_zero_accumulator)", "jit(_accumulate)", "jit(_apply_update)",
             "jit(_log_ratio)")
 
 
@@ -108,12 +108,12 @@ def test_cpu_upcast_of_bf16_arguments_is_not_counted():
 def test_prompt_longer_than_planned_is_an_error():
     from fst_jax.trainer.shared_sampler import SharedSampler
 
-    shared = SharedSampler(None, {}, {"policy": (128, "config.sampling.max_prompt_tokens")})
+    shared = SharedSampler(None, {"policy": (128, "config.sampling.max_prompt_tokens")})
     with pytest.raises(ValueError, match=r"prompt of 129 tokens exceeds config.sampling.max_prompt_tokens=128"):
         shared.view("policy").generate([[1] * 129], max_new_tokens=4)
     from fst_jax.gepa.reflection import ReflectionLMError
 
-    shared = SharedSampler(None, {}, {"base": (64, "config.gepa.reflection.max_prompt_tokens")})
+    shared = SharedSampler(None, {"base": (64, "config.gepa.reflection.max_prompt_tokens")})
     with pytest.raises(ReflectionLMError, match="gepa.reflection.max_prompt_tokens=64"):  # GEPA rejects, goes on
         shared.view("base").generate([[1] * 65], max_new_tokens=4)
 
@@ -139,7 +139,7 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     """The shapes the plan compiles are the shapes the run calls: after `make_plan`, a short FST run of
     configs/fst_tiny.py (GEPA with local reflection, RL steps, mean@k and KL evaluations) compiles no sampler,
     KL or update program. GEPA's rollouts are reused for the first two steps (then too stale), so both the
-    exact-size calls for the rest of a partly reused batch and the plain rollout calls run."""
+    calls for the rest of a partly reused batch (one sample per prompt) and the plain rollout calls run."""
     sys.path.insert(0, ROOT)
     from configs.fst_tiny import get_config
     from fst_jax.trainer.runner import FSTRunner
