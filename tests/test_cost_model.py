@@ -54,6 +54,19 @@ def test_data_dependent_loop_is_one_step_and_bf16_weights_read_at_two_bytes():
     assert bf16.total(steps=100) == (100 * MATMUL, bf16.bytes + 100 * bf16.step_bytes)
 
 
+def test_scatter_into_a_donated_buffer_moves_only_its_rows():
+    """The engine writes each row's new KV at its own column with a scatter into the donated cache: XLA updates
+    the buffer in place, so the bytes are the 4 updated rows (and indices), not the 4 MB buffer."""
+    def write(buf, rows, idx):
+        return buf.at[idx].set(rows, mode="drop")
+
+    compiled = jax.jit(write, donate_argnums=0).lower(
+        jax.ShapeDtypeStruct((1024, 1024), jnp.float32), jax.ShapeDtypeStruct((4, 1024), jnp.float32),
+        jax.ShapeDtypeStruct((4,), jnp.int32)).compile()
+    cost = hlo_cost(compiled.as_text())
+    assert 2 * 4 * 1024 * 4 <= cost.bytes < 0.05 * 1024 * 1024 * 4
+
+
 GPU_MODULE = """HloModule jit_f
 
 ENTRY %main.4 (Arg_0.1: bf16[8,512], Arg_1.2: bf16[512,256]) -> bf16[8,256] {
@@ -88,14 +101,15 @@ def test_decode_steps_of_the_engine():
 
 
 def _flagship():
-    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end) and 8
-    planned update lengths."""
+    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end), 8
+    planned update lengths and 256 sampler slots."""
     sys.path.insert(0, ROOT)
     from configs.fst_qwen3 import get_config
 
     config = get_config()
     config.total_steps = 192
     config.rl.num_length_buckets = 8  # the update's planned lengths: 640, 1280, …, 5120
+    config.sampling.slots = 256  # one step's rollouts all in flight
     return config
 
 

@@ -45,8 +45,9 @@ class Request:
 
 @dataclasses.dataclass
 class EngineStats:
-    """What a call computed: useful tokens, row-steps (rows × decode steps, live or not), chunks (host round
-    trips), insertions, compactions, and the wall time after the queue emptied (`tail_s`)."""
+    """What a call computed: useful tokens, row-steps (rows × decode steps, live or not, plus the rows of each
+    insertion, which draw the first tokens), chunks (host round trips), insertions, compactions, and the wall
+    time after the queue emptied (`tail_s`)."""
 
     useful_tokens: int = 0
     row_steps: int = 0
@@ -183,6 +184,7 @@ class Engine:
                             occupant[free[g * n + j]] = (r, j)
                             column[free[g * n + j]] = P
                     stats.inserts += 1
+                    stats.row_steps += next(b for b in self._insert_sizes(n) if b >= len(group)) * n  # first tokens
             if not queue and tail_start is None:
                 tail_start = time.perf_counter()
             live_cols = [column[i] for i, o in enumerate(occupant) if o is not None]
@@ -291,14 +293,15 @@ class Engine:
 def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_tokens: int,
                           num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype, mesh=None,
                           rules=parallel.SAMPLE_RULES, draw: str = "gumbel", compact: bool = True,
-                          stops: int = STOP_SLOTS, platform: str | None = None) -> dict:
+                          stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None) -> dict:
     """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, mesh=, rules=, draw=,
     compact=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
     lowered without any array: {name: jax.stages.Lowered}, named empty_B{slots}_C{columns}, insert_B{slots}_C{columns}_I{prompts}_P{bucket}_n{samples},
     decode_B{rows}_C{columns}_W{width}, compact_B{rows}_C{columns}_to{rows}. `weights`: the sampling layout
     (`abstract_sampling_weights`, with its shardings on a mesh). Compiling them all leaves a run of the engine
-    nothing to compile. `platform` ("cuda", "tpu"): lower for that backend (not compilable here). The KV the
-    engine holds is slots × columns per layer (`kv_bytes`)."""
+    nothing to compile. `platform` ("cuda", "tpu"): lower for that backend (not compilable here); `known`:
+    programs lowered before, by (name, max_new_tokens), reused rather than lowered again. The KV the engine holds is slots ×
+    columns per layer (`kv_bytes`)."""
     insert_jit, decode_jit, compact_jit, empty_jit = programs(config, draw, state_shardings(config, mesh, rules))
     sds = jax.ShapeDtypeStruct
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -308,7 +311,14 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     rows_list = row_buckets(slots, multiple) if compact else [slots]
     cache_dtype = canonical_dtype(cache_dtype).name
     statics = dict(columns=columns, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
-    lower = functools.partial(parallel.lower_for, platform=platform)
+    known = {} if known is None else known
+
+    def lower(name, jitted, *args, **kwargs):
+        key = (name, max_new_tokens)  # the names leave out the completion cap, which changes the outputs
+        if key not in known:
+            known[key] = parallel.lower_for(jitted, *args, platform=platform, **kwargs)
+        out[name] = known[key]
+
     shardings = state_shardings(config, mesh, rules)
 
     abstract_state = functools.partial(slot_state, config, columns=columns, max_new_tokens=max_new_tokens,  # noqa: E731
@@ -317,7 +327,8 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
     with context:
         C = columns
-        out = {f"empty_B{slots}_C{C}": lower(empty_jit, rows=slots, **statics)}
+        out = {}
+        lower(f"empty_B{slots}_C{C}", empty_jit, rows=slots, **statics)
         states = {rows: abstract_state(rows) for rows in rows_list}
         for n in sorted(set(num_samples)):
             for I in insert_buckets(slots, n, multiple=multiple):
@@ -329,18 +340,18 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
                     if P + 1 > columns:
                         continue
                     # an insertion happens only before the first compaction, at the full slot count
-                    out[f"insert_B{slots}_C{C}_I{I}_P{P}_n{n}"] = lower(
+                    lower(f"insert_B{slots}_C{C}_I{I}_P{P}_n{n}",
                         insert_jit, weights, states[slots], host((I, P), np.int32), host((I, P), np.bool_),
                         host((I * n,), np.int32), host((I,), np.int32), host((I,), np.int32), scalar(np.uint32),
                         *params, num_samples=n)
         for rows, state in states.items():
             for width in length_buckets(columns):
-                out[f"decode_B{rows}_C{C}_W{width}"] = lower(decode_jit, weights, state, scalar(np.int32),
-                                                        scalar(np.int32), *params, width=width)
+                lower(f"decode_B{rows}_C{C}_W{width}", decode_jit, weights, state, scalar(np.int32),
+                      scalar(np.int32), *params, width=width)
             for smaller in rows_list:
                 if smaller < rows:
-                    out[f"compact_B{rows}_C{C}_to{smaller}"] = lower(compact_jit, state,
-                                                                     sds((smaller,), np.int32, sharding=replicated))
+                    lower(f"compact_B{rows}_C{C}_to{smaller}", compact_jit, state,
+                          sds((smaller,), np.int32, sharding=replicated))
     return out
 
 

@@ -326,7 +326,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
 
     with jax.set_mesh(mesh):
         resident["sampler_weights"] = _bytes(sampling.abstract_sampling_weights(model_cfg, params, mesh=mesh))
-        slots, seen, aliases = sampler_slots(c), {}, {}
+        slots, seen, aliases, known = sampler_slots(c), {}, {}, {}
         for name, call in sampler_calls(c).items():
             if not wanted(name):
                 continue
@@ -335,7 +335,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             programs = sampling.lower_sampler_programs(
                 model_cfg, params, mesh=mesh, slots=slots, rows=call.prompts or slots, prompt_buckets=buckets,
                 max_new_tokens=call.max_new_tokens, num_samples=call.num_samples, draw=c.sampling.draw,
-                fixed=call.fixed, platform=platform)
+                fixed=call.fixed, platform=platform, known=known)
             # accounted: the largest start, the largest prompt bucket — its KV buffer, its largest insertion
             # (a prefill) and its decode over the whole buffer; every other program is compiled, not accounted
             start = sampling.call_slots(rows, slots, mesh)
@@ -355,13 +355,13 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             lowered[f"{name}_prefill"] = (programs[insert], state_items + ("sampler_weights", kv))
             lowered[f"{name}_decode"] = (programs[decode], state_items + ("sampler_weights", kv))
             for program_name, program in programs.items():
-                key = f"{name}@{program_name}:engine"
+                key, same = f"{name}@{program_name}:engine", (program_name, call.max_new_tokens)
                 if program_name in (insert, decode):
-                    seen.setdefault(program_name, f"{name}_{'prefill' if program_name == insert else 'decode'}")
-                elif program_name in seen:  # the same program as another kind's: compiled once, costed for both
-                    aliases[key] = seen[program_name]
+                    seen.setdefault(same, f"{name}_{'prefill' if program_name == insert else 'decode'}")
+                elif same in seen:  # the same program as another kind's: compiled once, costed for both
+                    aliases[key] = seen[same]
                 else:
-                    seen[program_name] = key
+                    seen[same] = key
                     smaller.append((f"{name}@{program_name}", {"engine": program}))
 
         if c.eval.kl_prompts and wanted("kl"):

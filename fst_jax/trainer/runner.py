@@ -204,6 +204,8 @@ class FSTRunner:
         sampling_before = self.counters.time_sampling
 
         reused = [0]
+        stats = self.sampler.shared.sampler.stats
+        useful, row_steps = stats.useful_tokens, stats.row_steps
 
         def generate(graphdef, params, prompts, **kwargs):
             def sample(prompts, num_samples, rest=False):
@@ -224,6 +226,8 @@ class FSTRunner:
         m["optimizer_step"] = m.pop("step")
         m["rollouts_this_step"] = len(batch) * self.rl_config.rollouts_per_problem
         m["reused_rollouts"] = reused[0]
+        # the rollouts' share of decode row-steps that produced a token (the engine's row utilisation)
+        m["sampler_utilisation"] = (stats.useful_tokens - useful) / max(stats.row_steps - row_steps, 1)
         self.counters.rl_rollouts += len(batch) * self.rl_config.rollouts_per_problem
         sampled = self.counters.time_sampling - sampling_before
         self.counters.time_rl_sampling += sampled
