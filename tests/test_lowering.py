@@ -52,7 +52,7 @@ def test_every_planned_program_lowers_for_the_accelerators(flagship_small, platf
     # accounted programs, every other engine program (slot counts, widths, insertion sizes) lowers too
     assert expected <= set(plan.lowered) and all(n.endswith(":engine") for n in set(plan.lowered) - expected)
     engine = {n.split("@")[1].split("_")[0] for n in set(plan.lowered) - expected}
-    assert engine == {"decode", "insert", "empty", "compact"}, sorted(plan.lowered)
+    assert {"decode", "insert", "empty"} <= engine <= {"decode", "insert", "empty", "compact"}, sorted(plan.lowered)
     for name, lowered in plan.lowered.items():
         assert "func.func public @main" in lowered.as_text(), name
 

@@ -326,7 +326,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
 
     with jax.set_mesh(mesh):
         resident["sampler_weights"] = _bytes(sampling.abstract_sampling_weights(model_cfg, params, mesh=mesh))
-        slots, seen, aliases, known = sampler_slots(c), {}, {}, {}
+        slots, seen, aliases, known = sampler_slots(c, mesh), {}, {}, {}
         for name, call in sampler_calls(c).items():
             if not wanted(name):
                 continue

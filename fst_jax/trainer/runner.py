@@ -71,7 +71,7 @@ class FSTRunner:
         # FSDP-sharded like the params. It serves the KL term and, swapped into the one sampler, local reflection.
         self.base_params = in_dtype(params, config.model.dtype)
         del params
-        sampler = Sampler((self.graphdef, self.state.params), mesh=self.mesh, slots=run_shapes.sampler_slots(c),
+        sampler = Sampler((self.graphdef, self.state.params), mesh=self.mesh, slots=run_shapes.sampler_slots(c, self.mesh),
                           draw=c.sampling.draw)
         shared = SharedSampler(sampler, {"policy": (c.sampling.max_prompt_tokens, "config.sampling.max_prompt_tokens"),
                                 "base": (c.gepa.reflection.max_prompt_tokens,

@@ -21,11 +21,18 @@ def mesh_config(config) -> dict[str, int]:
     return {axis: int(config.mesh[axis]) for axis in parallel.MESH_AXES if axis in config.mesh}
 
 
-def sampler_slots(config) -> int:
+def sampler_slots(config, mesh=None) -> int:
     """The sampler's slots (rows in flight; a call with more rows streams them through): `sampling.slots`,
-    default B·G (one RL step's rollouts all in flight)."""
+    default B·G (one RL step's rollouts all in flight) rounded up to a multiple of the mesh's data × fsdp
+    (`mesh`: the run's, else the sizes `config.mesh` names)."""
     c = config
-    return int(c.sampling.slots or c.cycle.problems_per_step * c.cycle.rollouts_per_problem)
+    if c.sampling.slots:
+        return int(c.sampling.slots)
+    axes = mesh_config(c)
+    multiple = (parallel.batch_size_multiple(mesh) if mesh is not None
+                else max(1, axes.get("data", 1)) * max(1, axes.get("fsdp", 1)))
+    rows = int(c.cycle.problems_per_step) * int(c.cycle.rollouts_per_problem)
+    return -(-rows // multiple) * multiple
 
 
 def update_length(config) -> int:
