@@ -23,6 +23,8 @@ import pytest
 from fst_jax.config import default_config, validate
 from fst_jax.runtime.wandb_log import wandb_metrics
 
+from conftest import xla_flags
+
 wandb = pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +156,7 @@ def resumed_run(tmp_path_factory, jax_cache_env):
     """A W&B-logged run killed while saving its last checkpoint, then resumed by the same command."""
     tmp = tmp_path_factory.mktemp("wandb")
     workdir, marker, files = tmp / "run", tmp / "saving", tmp / "wandb_files"
-    env = dict(os.environ, PWD=str(ROOT), PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, PWD=str(ROOT), PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(1),
                **jax_cache_env, WANDB_DIR=str(files),
                WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                WANDB_DATA_DIR=str(tmp / "wandb_data"), OPENAI_API_KEY=SECRET)
