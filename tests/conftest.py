@@ -52,6 +52,17 @@ def xla_flags(devices: int | None = None) -> str:
     return count + FAST_COMPILE
 
 
+# One tiny `launch/train.py --config configs/fst_tiny.py` run for the modules that need any short run (with
+# xla_flags(1): one device): two cycles of one RL step each; B=2, G=4, K=2; an 8-rollout GEPA budget; one
+# evaluation, at the end, on 2 problems. The same flags in every module compile the same programs, which the
+# session's persistent compilation cache (`jax_cache_env`) then compiles once for all of them.
+TINY_RUN = ("--config.total_steps=2", "--config.cycle.rl_steps=1", "--config.cycle.problems_per_step=2",
+            "--config.cycle.rollouts_per_problem=4", "--config.cycle.population_size=2",
+            "--config.gepa.budget_rollouts=8", "--config.eval.at_start=False", "--config.eval.every=0",
+            "--config.eval.num_problems=2", "--config.eval.k=1", "--config.eval.kl_prompts=1",
+            "--config.log.progress=False", "--noplot")
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """name → (directory, torch model) for each parity config."""
