@@ -46,9 +46,10 @@ def get_config():
     c.rl.logprob_chunk_size = 512          # never build [B, T, 151936] fp32 logits
     c.sampling.max_new_tokens = 4096
     c.sampling.max_prompt_tokens = 1024    # CodeIO prompts (system + program + input); longer ones are errors
-    # Rollouts, GEPA's window scoring and mean@k in calls of ≤ 64 rows: the plan puts a 128-row prefill of
-    # distinct 1024-token prompts at ≈ 36 GB/device of temporaries (79 GB peak); 64 rows halve it.
-    c.sampling.max_rows = 64
+    # The sampler's slots: 24 rows in flight per GPU (18.1 GB of KV each at 1024 + 4096 columns); one RL
+    # step's 256 rollouts, GEPA's and mean@k's rows stream through them. At 256 (all of a step's rollouts at
+    # once) the decode's peak is 72.6 GB, over the 72 GB budget (launch/train.py --dry_run).
+    c.sampling.slots = 192
     c.eval.max_new_tokens = 4096
     c.gepa.reflection.kind = "local"       # the frozen base; the paper used a hosted model ("openai")
     c.total_steps = 200

@@ -26,11 +26,10 @@ def get_config():
     c.model.preset = "1.7B"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     c.mesh.device_memory_gb = 80.0
-    # The plan's levers (launch/train.py --dry_run; first plan: 112 GB peak): rollouts, GEPA and mean@k in calls
-    # of ≤ 16 rows (≈ 9.4 GB of KV cache, 10 GB of prefill temporaries at 32 rows → half), 2-row update
-    # micro-batches (53 GB of temporaries at 4 rows), reflection prompts ≤ 4096 tokens (76 GB of prefill
-    # temporaries for 8 × 8192).
-    c.sampling.max_rows = 16
+    # The plan's levers (launch/train.py --dry_run; first plan: 112 GB peak): 16 sampler slots (≈ 9.4 GB of
+    # KV), 2-row update micro-batches (53 GB of temporaries at 4 rows), reflection prompts ≤ 4096 tokens (76 GB
+    # of prefill temporaries for 8 × 8192).
+    c.sampling.slots = 16
     c.rl.micro_batch_size = 2
     c.gepa.reflection.max_prompt_tokens = 4096
     return c

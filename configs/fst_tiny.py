@@ -63,7 +63,7 @@ def get_config():
     # 316-450: the plan compiles the 64 and 128 buckets (and 512 for reflection), the run needs no other.
     c.sampling.max_prompt_tokens = 128
     c.sampling.min_prompt_tokens = 33
-    c.sampling.max_rows = 256              # GEPA's window scoring in one call (32 items × up to 8 children)
+    c.sampling.slots = 256                 # GEPA's window scoring all in flight (32 items × up to 8 children)
 
     # Micro-batches of 8 rows at 3 planned lengths: 1.2x the real tokens instead of 5.1x with one micro-batch of
     # all 64 rows, and 3 gradient programs to compile instead of 10 (the records equal to fp32 rounding).

@@ -66,8 +66,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Shortest prompt expected: --dry_run also compiles every smaller prompt bucket down to this one (None: the
     # plan compiles the largest bucket only, and the run compiles smaller ones when it first meets them).
     c.sampling.min_prompt_tokens = ml_collections.config_dict.placeholder(int)
-    # Rows (prompts × samples) per sampler call; bigger requests are split. None = B·G, the rollout batch.
-    c.sampling.max_rows = ml_collections.config_dict.placeholder(int)
+    # The sampler's slots: rows (prompts × samples) in flight at once, over the whole mesh (a multiple of data ×
+    # fsdp); a call with more rows streams them through as rows finish. None = B·G, one RL step's rollouts.
+    c.sampling.slots = ml_collections.config_dict.placeholder(int)
+    # How a token is drawn: "gumbel" (Gumbel-max) or "inverse_cdf" (one uniform per row: far cheaper on a CPU
+    # with a large vocabulary). Same distribution, different noise (fst_jax/sampling/token_choice.py).
+    c.sampling.draw = "gumbel"
 
     c.rl = ml_collections.ConfigDict()
     c.rl.loss = "cispo"                 # paper (the slow-weight recipe) from here to warmup_steps
@@ -155,6 +159,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.plan.compute_efficiency = 0.4     # fraction of the bf16 peak a matmul-bound program reaches (assumed)
     c.plan.bandwidth_efficiency = 0.7   # fraction of HBM bandwidth a memory-bound decode step reaches (assumed)
     c.plan.eval_problems = 500          # problems per evaluation when eval.num_problems = 0 (the split's size)
+    # True: compile every program a run can call (a run after its plan then compiles nothing: the persistent
+    # cache holds them). False: compile the ones the memory table and the cost need, lower the rest (at 8B on
+    # a 2-core CPU each engine program takes ~10 s to compile; lowering shows the shapes hold).
+    c.plan.compile_all = True
     return c
 
 
@@ -310,8 +318,11 @@ def validate(config, *, require_checkpoint: bool = True) -> None:
         raise ValueError(f"config.plan.mean_answer_tokens={plan.mean_answer_tokens} exceeds "
                          f"config.sampling.max_new_tokens={config.sampling.max_new_tokens}: an answer's mean "
                          "length is at most its cap")
-    if config.sampling.max_rows is not None and config.sampling.max_rows < 1:
-        raise ValueError(f"config.sampling.max_rows must be ≥ 1 (or None = B·G), got {config.sampling.max_rows}")
+    if config.sampling.slots is not None and not (isinstance(config.sampling.slots, int) and config.sampling.slots >= 1):
+        raise ValueError(f"config.sampling.slots must be a positive integer (or None = B·G), got "
+                         f"{config.sampling.slots!r}")
+    if config.sampling.draw not in ("gumbel", "inverse_cdf"):
+        raise ValueError(f"config.sampling.draw must be 'gumbel' or 'inverse_cdf', got {config.sampling.draw!r}")
     if require_checkpoint and not config.model.path:
         raise ValueError("config.model.path is empty: set it to a local HF Qwen3 directory "
                          "(e.g. --config.model.path=~/models/Qwen3-8B)")

@@ -36,6 +36,10 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=1024, help="prefill and decode prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="decode steps timed per batch")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--requests", type=int, default=256, help="rollout regime: requests (one RL step's B·G)")
+    p.add_argument("--slots", type=int, default=256, help="rollout regime: the sampler's slots (configs/fst_qwen3.py)")
+    p.add_argument("--max-new", type=int, default=4096, help="rollout regime: completion cap (the flagship's)")
+    p.add_argument("--mean-length", type=int, default=1024, help="rollout regime: mean completion the stop set aims at")
     p.add_argument("--skip", nargs="*", default=[], choices=["sampler", "update", "cycle"])
 
 
@@ -92,7 +96,7 @@ def _sampler(config, args, bandwidth, tiny, jax, jnp, nnx, Qwen3) -> None:
 
     graphdef, params = _random_params(config, jax, jnp, nnx, Qwen3)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    sampler = Sampler((graphdef, params))
+    sampler = Sampler((graphdef, params), slots=max(args.batches + [args.slots]) if not tiny else 16)
     del params
     P, M = (16, 8) if tiny else (args.prompt_len, args.new_tokens)
     batches = [8, 16] if tiny else args.batches
@@ -117,7 +121,38 @@ def _sampler(config, args, bandwidth, tiny, jax, jnp, nnx, Qwen3) -> None:
         print(f"sampler batch {B}: prefill {B * P / prefill_s:,.0f} tokens/s ({P} tokens/row); decode "
               f"{B * (M - 1) / decode_s:,.0f} tokens/s = {B * (M - 1) / decode_s / roofline:.0%} of the HBM roofline "
               f"({roofline:,.0f} tokens/s: {weight_bytes / 1e9:.1f} GB weights + {kv_bytes / 1e9:.1f} GB KV per step)")
+    _rollout_regime(sampler, config, args, tiny, rng)
     del sampler
+
+
+def _rollout_regime(sampler, config, args, tiny, rng) -> None:
+    """What a run's rollouts do, at the flagship's shapes: `--requests` prompts of 256–1024 tokens (16–64 tiny),
+    one sample each, through `--slots` slots in a 1024 + `--max-new` column buffer (the flagship's 5,120), the
+    completions ended by a stop-token set drawn so that random weights stop after ≈ `--mean-length` tokens
+    (geometric lengths): useful tokens/s, the engine's row utilisation and its tail."""
+    requests, slots, cap, mean = (16, 16, 48, 12) if tiny else (args.requests, args.slots, args.max_new,
+                                                                 args.mean_length)
+    low, high = (16, 64) if tiny else (256, 1024)
+    prompts = [rng.integers(1, config.vocab_size, n).tolist() for n in rng.integers(low, high + 1, requests)]
+    stops = rng.choice(np.arange(1, config.vocab_size), max(1, config.vocab_size // mean), replace=False).tolist()
+    sampler.slots, sampler.stats = slots, type(sampler.stats)()
+    call = lambda: sampler.generate(prompts, max_new_tokens=cap, temperature=1.0, seed=0,  # noqa: E731
+                                    stop_token_ids=stops, max_prompt_tokens=high)
+    try:
+        call()  # compiles
+        sampler.stats = type(sampler.stats)()
+        t0 = time.perf_counter()
+        out = call()
+        seconds = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, go on
+        print(f"rollout regime: failed: {type(e).__name__}: {str(e)[:200]}")
+        return
+    useful, stats = sum(map(len, out.tokens)), sampler.stats
+    print(f"rollout regime: {requests} requests, prompts {low}-{high} tokens, {slots} slots × "
+          f"{high + cap} columns, stop set for mean ≈ {mean} (measured {useful / requests:.0f}, cap {cap}): "
+          f"{useful / seconds:,.0f} useful tokens/s ({useful} tokens in {seconds:.1f} s); utilisation "
+          f"{stats.utilisation:.1%}, tail {stats.tail_s:.1f} s, {stats.chunks} chunks, {stats.inserts} insertions, "
+          f"{stats.compactions} compactions")
 
 
 def _update(config, tiny, device, jax, jnp, nnx, Qwen3) -> None:
@@ -234,7 +269,7 @@ def _cycle(tiny, device, nnx, Qwen3, Qwen3Config) -> None:
     c.gepa.budget_rollouts = 16 if tiny else 960
     c.eval.at_start, c.eval.every, c.eval.num_problems = False, c.total_steps, 8 if tiny else 32
     c.log.tensorboard = c.log.progress = False
-    c.sampling.max_rows = None
+    c.sampling.slots = None
     with tempfile.TemporaryDirectory() as tmp:
         if not tiny:  # a Qwen3-0.6B shape with random weights and the tiny model's character tokenizer
             model_config = Qwen3Config.preset("0.6B", dtype="bfloat16", param_dtype="bfloat16")

@@ -21,7 +21,7 @@ def test_bench_gpu_runs_on_cpu_at_tiny_shapes():
     for line in ("sampler batch 8: prefill", "sampler batch 16: prefill", "of the HBM roofline", "update: 2-layer",
                  "s/update measured vs", "s predicted (cost model: NVIDIA H100", "micro-batches of 2/device, FSDP over 1",
                  "FST cycle predicted (plan in", "measured: rollouts", "FST cycle (tiny model; T=2, B=4, G=4, K=2",
-                 "GEPA"):
+                 "GEPA", "rollout regime: 16 requests", "useful tokens/s"):
         assert line in out, out
     assert "failed" not in out
 

@@ -54,6 +54,19 @@ def test_data_dependent_loop_is_one_step_and_bf16_weights_read_at_two_bytes():
     assert bf16.total(steps=100) == (100 * MATMUL, bf16.bytes + 100 * bf16.step_bytes)
 
 
+def test_scatter_into_a_donated_buffer_moves_only_its_rows():
+    """The engine writes each row's new KV at its own column with a scatter into the donated cache: XLA updates
+    the buffer in place, so the bytes are the 4 updated rows (and indices), not the 4 MB buffer."""
+    def write(buf, rows, idx):
+        return buf.at[idx].set(rows, mode="drop")
+
+    compiled = jax.jit(write, donate_argnums=0).lower(
+        jax.ShapeDtypeStruct((1024, 1024), jnp.float32), jax.ShapeDtypeStruct((4, 1024), jnp.float32),
+        jax.ShapeDtypeStruct((4,), jnp.int32)).compile()
+    cost = hlo_cost(compiled.as_text())
+    assert 2 * 4 * 1024 * 4 <= cost.bytes < 0.05 * 1024 * 1024 * 4
+
+
 GPU_MODULE = """HloModule jit_f
 
 ENTRY %main.4 (Arg_0.1: bf16[8,512], Arg_1.2: bf16[512,256]) -> bf16[8,256] {
@@ -74,24 +87,29 @@ def test_gpu_gemm_custom_call_is_counted_and_unknown_kernels_are_named():
     assert cost.bytes == 2 * (8 * 512 * 2 + 512 * 256 * 2 + 8 * 256 * 2)  # both calls read x, w; write [8, 256]
 
 
-def test_decode_steps_of_the_static_sampler():
-    """Lengths uniform on [mean − w, mean + w], w = min(mean, cap − mean); the call runs until its longest row
-    stops: E[max of n] = mean − w + 2w·n/(n + 1)."""
+def test_decode_steps_of_the_engine():
+    """Lengths uniform on [mean − w, mean + w], w = min(mean, cap − mean). Rows that all fit the slots run until
+    the longest stops: E[max of n] = mean − w + 2w·n/(n + 1); more rows stream through the slots: rows × mean
+    / slots steps, then the last slot-full drains (its longest less the mean)."""
     assert cost_model.decode_steps(64, 4096, 2048) == pytest.approx(4096 * 64 / 65)
     assert cost_model.decode_steps(64, 4096, 1000) == pytest.approx(2000 * 64 / 65)
     assert cost_model.decode_steps(64, 4096, 3596) == pytest.approx(3096 + 1000 * 64 / 65)
     assert cost_model.decode_steps(1, 4096, 1000) == pytest.approx(1000)
+    assert cost_model.decode_steps(64, 4096, 1000, slots=256) == pytest.approx(2000 * 64 / 65)
+    assert cost_model.decode_steps(2000, 4096, 1000, slots=256) == pytest.approx(
+        2000 * 1000 / 256 + 2000 * 256 / 257 - 1000)
 
 
 def _flagship():
-    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end) and 8
-    planned update lengths."""
+    """configs/fst_qwen3.py at 192 steps (32 cycles, an evaluation every 2nd, none extra at the end), 8
+    planned update lengths and 256 sampler slots."""
     sys.path.insert(0, ROOT)
     from configs.fst_qwen3 import get_config
 
     config = get_config()
     config.total_steps = 192
     config.rl.num_length_buckets = 8  # the update's planned lengths: 640, 1280, …, 5120
+    config.sampling.slots = 256  # one step's rollouts all in flight
     return config
 
 
@@ -102,36 +120,43 @@ def _costs(config, decode_step_s=1.0, update_s=1.0):
     names = [f"{k}_{p}" for k in ("rollout", "gepa_minibatch", "gepa", "reflection", "eval", "kl_sample")
              for p in ("prefill", "decode")] + ["kl", "update", "update_apply", "update_zero:zero"]
     names += [f"update@{n}:gradients" for n in (640, 1280, 1920, 2560, 3200, 3840, 4480)]
-    names += ["rollout@512:prefill", "kl@512:kl"]  # smaller prompt buckets: compiled, costed at the largest
+    names += ["rollout@insert_B64_C5120_I16_P512_n2:engine", "kl@512:kl"]  # other engine programs, buckets
     step = HloCost(step_bytes=decode_step_s * h100.hbm_bytes_per_s * 0.7)
     return {n: step if n.endswith("_decode") else HloCost(flops=update_s * h100.peak_flops * 0.4)
             if n.startswith("update@") or n == "update" else HloCost() for n in names}
 
 
 def test_calls_per_cycle_follow_the_recipe():
-    """T=6, B=32, G=8, K=4, 64 rows a call: rollouts 6 × 128 prompts / 32 = 24 calls; GEPA: the seeds' pass
-    over the 192-problem window in 64-row calls (3), then (960 − 192) / (2 × 8 proposals × 3) = 16 iterations
-    of two minibatch calls and one reflection; mean@4 on 500 problems, 16 a call, every 12 steps = every
-    2nd cycle: 16 calls a cycle. The update: 256 rows sorted longest first in 32 micro-batches of 8, the j-th
-    at the smallest planned length (640, 1280, …, 5120) holding 1024 + 4096·(256 − 8j)/257 tokens: j = 0…4 at
-    5120 (j = 4: 4594 > 4480; j = 5: 4467), 5 at each length down to 1920, j = 30, 31 at 1280 (1279, 1151);
+    """T=6, B=32, G=8, K=4, 256 slots (a quarter: 64): one rollout call of 256 rows a step; GEPA: the seeds'
+    pass over the 192-problem window (one call), then (960 − 192) / (2 × 8 proposals × 3) = 16 iterations of
+    two minibatch calls and one reflection; mean@4 on 500 problems every 12 steps = every 2nd cycle, its 2000
+    rows streamed through the 256 slots. The update: 256 rows sorted longest first in 32 micro-batches of 8, the
+    j-th at the smallest planned length (640, 1280, …, 5120) holding 1024 + 4096·(256 − 8j)/257 tokens: j = 0…4
+    at 5120 (j = 4: 4594 > 4480; j = 5: 4467), 5 at each length down to 1920, j = 30, 31 at 1280 (1279, 1151);
     one zeroing and one optimizer step a step."""
     config = _flagship()
     uses, unknown = cost_model.program_uses(config, _costs(config))
     calls = {u.name: u.calls for u in uses}
     assert unknown == []
-    assert calls["rollout_decode"] == 24 and calls["gepa_decode"] == 3 and calls["gepa_minibatch_decode"] == 32
-    assert calls["reflection_decode"] == 16 and calls["eval_decode"] == 16
+    assert calls["rollout_decode"] == calls["rollout_prefill"] == 6 and calls["gepa_decode"] == 1
+    assert calls["gepa_minibatch_decode"] == 32 and calls["reflection_decode"] == 16
+    assert calls["eval_decode"] == 0.5 and calls["eval_prefill"] == 0.5 * 8  # 2000 rows: 8 slot-fulls inserted
     assert calls["update"] == 6 * 5 and calls["update@1280:gradients"] == 6 * 2 and calls["update@640:gradients"] == 0
     assert sum(v for k, v in calls.items() if k.startswith("update@") or k == "update") == 6 * 32
     assert calls["update_apply"] == calls["update_zero:zero"] == 6
     assert calls["kl"] == calls["kl_sample_decode"] == 0.5
     steps = {u.name: u.steps for u in uses}
-    assert steps["rollout_decode"] == pytest.approx(4096 * 64 / 65)          # 32 prompts × 2 samples
+    assert steps["rollout_decode"] == pytest.approx(4096 * 256 / 257)         # 256 rows, all in flight
     assert steps["gepa_minibatch_decode"] == pytest.approx(4096 * 24 / 25)   # 8 proposals × 3 problems
     assert steps["reflection_decode"] == pytest.approx(1024 * 8 / 9)        # half its 1024-token cap, 8 rows
+    assert steps["eval_decode"] == pytest.approx(2000 * 2048 / 256 + 4096 * 256 / 257 - 2048)
     assert cost_model.program_uses(config, {"update@1000": HloCost(), "sampler_x": HloCost()})[1] == [
         "update@1000", "sampler_x"]  # not a planned length, not a known program: reported, not costed
+    typical = cost_model.sampler_work(config)["rollout"]["typical"]
+    assert typical == "rollout@decode_B256_C5120_W4096:engine"  # 1024 + a mean answer of 2048 (+ a chunk)
+    costs = dict(_costs(config), **{typical: HloCost(step_bytes=1.0)})
+    uses = {u.name: u for u in cost_model.program_uses(config, costs)[0]}
+    assert uses[typical].calls == 6 and uses["rollout_decode"].calls == 0  # the width a mean answer reads
 
 
 def test_cycle_seconds_and_gpu_hours_on_a_named_device():
@@ -140,11 +165,11 @@ def test_cycle_seconds_and_gpu_hours_on_a_named_device():
     config = _flagship()
     config.plan.mean_answer_tokens = 1000
     cost = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
-    steps = lambda rows, cap=4096, mean=1000: cost_model.decode_steps(rows, cap, mean)  # noqa: E731
-    rollouts, update = 24 * steps(64), 6.0 * 32  # each of the 32 micro-batches of a step costs 1 s
-    gepa = 3 * steps(64) + 32 * steps(24)
+    steps = lambda rows, cap=4096, mean=1000: cost_model.decode_steps(rows, cap, mean, 256)  # noqa: E731
+    rollouts, update = 6 * steps(256), 6.0 * 32  # each of the 32 micro-batches of a step costs 1 s
+    gepa = 1 * steps(192) + 32 * steps(24)
     reflection = 16 * steps(8, 1024, 250)
-    evaluations = 16 * steps(64) + 0.5 * 512  # KL samples: answers of mean 1000 cut at their 512-token cap
+    evaluations = 0.5 * steps(2000) + 0.5 * 512  # KL samples: answers of mean 1000 cut at their 512-token cap
     assert cost["cycle_seconds"] == pytest.approx({"rollouts": rollouts, "gepa": gepa, "reflection": reflection,
                                                    "update": update, "evaluations": evaluations}, rel=1e-5)
     cycle = rollouts + gepa + reflection + update + evaluations
@@ -153,7 +178,7 @@ def test_cycle_seconds_and_gpu_hours_on_a_named_device():
     assert cost["mean_answer_tokens"] == 1000 and cost["programs"]["update"]["bound"] == "compute"
     table = cost_model.cost_table(cost)
     assert f"192 steps: {cost['total_gpu_hours']:.4g} GPU-hours" in table and "NOT COSTED" not in table
-    assert "answers uniform on [0, 2000] tokens" in table
+    assert "answers uniform on [0, 2000] tokens; a sampler call streams its rows" in table
     config.plan.device = "H200"
     h200 = cost_model.cycle_cost(config, cost_model.program_uses(config, _costs(config))[0], devices=8)
     assert h200["cycle_seconds"]["rollouts"] == pytest.approx(rollouts * 3.35 / 4.8, rel=1e-5)

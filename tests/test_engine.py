@@ -41,16 +41,16 @@ def _run(sampler, requests, slots, *, stops=(3, 7, 11, 19), temperature=1.0, chu
 
 @pytest.fixture(scope="module")
 def schedules(tied):
-    """The same sampled requests with 4 slots (many insertions) and 16 slots (compaction in the tail)."""
+    """The same sampled requests with 4 slots (many insertions) and 32 slots (compaction in the tail)."""
     _, sampler = tied
     requests = _requests(sampler.config.vocab_size)
-    return requests, {slots: _run(sampler, requests, slots) for slots in (4, 16)}
+    return requests, {slots: _run(sampler, requests, slots) for slots in (4, 32)}
 
 
-def test_four_and_sixteen_slots_give_the_same_tokens_and_logprobs(schedules):
+def test_four_and_thirty_two_slots_give_the_same_tokens_and_logprobs(schedules):
     requests, runs = schedules
     (tokens4, logprobs4, finished4), stats4 = runs[4]
-    (tokens16, logprobs16, finished16), stats16 = runs[16]
+    (tokens16, logprobs16, finished16), stats16 = runs[32]
     assert stats4.inserts > stats16.inserts and stats16.compactions >= 1  # really different schedules
     assert tokens4 == tokens16 and finished4 == finished16
     for a, b in zip(logprobs4, logprobs16):
@@ -112,9 +112,11 @@ def test_greedy_is_the_same_with_one_slot_per_prompt_and_many(tied):
 def test_buckets_are_few_and_cover_the_buffer():
     assert length_buckets(640) == [64, 128, 256, 512, 640]
     assert length_buckets(64) == [64]
-    assert row_buckets(64) == [64, 32, 16, 8]
+    assert row_buckets(64) == [64, 16]
     assert row_buckets(64, multiple=8) == [64]
-    assert row_buckets(256, multiple=8, smallest=4) == [256, 128, 64, 32]
+    assert row_buckets(256, multiple=8, smallest=2) == [256, 64, 16]
+    assert row_buckets(64, factor=2) == [64, 32, 16, 8]
+    assert row_buckets(192, multiple=8) == [192, 64]  # a small call never holds all the slots
 
 
 def test_decode_attention_reads_only_the_attended_width(tied, monkeypatch):
@@ -140,11 +142,11 @@ def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
     requests = _requests(sampler.config.vocab_size, 2)
     columns = prompt_bucket(40) + NEW
     weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sampler.weights)
-    lowered = lower_engine_programs(sampler.config, weights, slots=16, columns=columns, max_new_tokens=NEW,
+    lowered = lower_engine_programs(sampler.config, weights, slots=32, columns=columns, max_new_tokens=NEW,
                                     num_samples=[2], prompt_buckets=[64], cache_dtype="float32")
-    assert sorted(lowered) == ["compact_B16_to8", "decode_B16_W64", "decode_B16_W88", "decode_B8_W64",
-                               "decode_B8_W88", "empty_B16", "insert_I1_P64_n2", "insert_I2_P64_n2",
-                               "insert_I4_P64_n2", "insert_I8_P64_n2"]
+    assert sorted(lowered) == ["compact_B32_C88_to8", "decode_B32_C88_W64", "decode_B32_C88_W88",
+                               "decode_B8_C88_W64", "decode_B8_C88_W88", "empty_B32_C88",
+                               "insert_B32_C88_I16_P64_n2", "insert_B32_C88_I1_P64_n2", "insert_B32_C88_I4_P64_n2"]
     for program in lowered.values():
         program.compile()
     compiles = []
@@ -155,7 +157,7 @@ def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        (tokens, _, _), stats = _run(sampler, requests, 16, seed=11)
+        (tokens, _, _), stats = _run(sampler, requests, 32, seed=11)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert stats.compactions >= 1 and len(tokens) == 2 * len(requests)
@@ -172,9 +174,9 @@ def test_a_mesh_gives_the_tokens_of_one_device(tied, schedules):
     mesh = parallel.make_mesh({"data": 4}, devices=jax.devices()[:4])
     sharded = Sampler(model, mesh=mesh)
     requests, runs = schedules
-    (tokens, logprobs, _), _ = runs[16]
+    (tokens, logprobs, _), _ = runs[32]
     columns = prompt_bucket(max(len(r.prompt) for r in requests)) + NEW
-    engine = Engine(sharded.config, slots=16, columns=columns, max_new_tokens=NEW,
+    engine = Engine(sharded.config, slots=32, columns=columns, max_new_tokens=NEW,
                     cache_dtype="float32", chunk_steps=8, mesh=mesh)
     got, got_lp, _ = engine.run(sharded.weights, requests, seed=4, temperature=1.0, top_p=1.0, top_k=0,
                                 stop_ids=(3, 7, 11, 19))

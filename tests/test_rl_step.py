@@ -380,7 +380,9 @@ def test_fst_step_splits_rollouts_evenly_across_the_population(tiny):
                               config=config, generate=generate)
     (prompts, kwargs), = generate.calls
     assert kwargs["num_samples"] == 3 and kwargs["max_new_tokens"] == 5 and kwargs["temperature"] == 0.7
-    assert kwargs["stop_token_ids"] == [TOKENIZER.eos_token_id] and kwargs["pad_id"] == TOKENIZER.pad_token_id
+    # one stop rule everywhere: EOS and Qwen3's turn/document ends (sampling/chat.py default_stop_token_ids)
+    eos, end = TOKENIZER.eos_token_id, TOKENIZER.get_vocab()["<|endoftext|>"]
+    assert kwargs["stop_token_ids"] == [eos, end] and kwargs["pad_id"] == TOKENIZER.pad_token_id
     texts = [TOKENIZER.decode(p) for p in prompts]
     assert len(texts) == 6  # problem-major, then population order: G/K = 3 samples of each
     for i, question in enumerate(["one?", "two?", "three?"]):

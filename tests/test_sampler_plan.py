@@ -1,5 +1,6 @@
-"""The sampler's planning API: weights in the compute dtype, row buckets, and programs lowered without arrays
-that are exactly the ones `Sampler.generate` runs (compiling them ahead leaves generate nothing to compile)."""
+"""The sampler's planning API: weights in the compute dtype, row and slot buckets, and programs lowered without
+arrays that are exactly the ones `Sampler.generate` runs (compiling them ahead leaves generate nothing to
+compile)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,8 @@ from flax import nnx
 
 from fst_jax.runtime import parallel
 from fst_jax.models.qwen3 import Qwen3, Qwen3Config
-from fst_jax.sampling import (Sampler, abstract_sampling_weights, lower_sampler_programs, row_bucket,
-                              sampling_weights)
+from fst_jax.sampling import (Sampler, abstract_sampling_weights, bucket_length, call_slots,
+                              lower_sampler_programs, row_bucket, sampling_weights)
 
 TINY = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, tie_word_embeddings=False, dtype="bfloat16", param_dtype="float32")
@@ -101,19 +102,31 @@ def test_row_bucket():
         row_bucket(0)
 
 
+def test_call_slots():
+    """A call starts with the smallest row bucket (64, 16 for 64 slots; at least 8 per shard) holding its rows."""
+    assert [call_slots(n, 64) for n in (1, 16, 17, 64, 500)] == [16, 16, 64, 64, 64]
+    fsdp8 = parallel.make_mesh({"fsdp": 8})
+    assert [call_slots(n, 256, fsdp8) for n in (1, 64, 65, 256)] == [64, 64, 256, 256]
+
+
 @pytest.mark.parametrize("mesh_config", [None, {"fsdp": 8}], ids=["one_device", "fsdp8"])
 def test_lowered_programs_are_the_ones_generate_runs(tiny, mesh_config):
     """Compile the lowered programs, then generate at that shape: no backend compilation happens."""
     mesh = None if mesh_config is None else parallel.make_mesh(mesh_config)
     sampler = Sampler(tiny, mesh=mesh)  # lays the weights out (its own, already counted, program)
     prompts = _prompts(3)
+    slots = 16 if mesh is None else 64  # 6 rows: 16 of 64 slots; on 8 shards at least 8 each
     with _Compiles() as compiles:
         programs = lower_sampler_programs(TINY, _abstract_params(TINY, mesh), mesh=mesh, rows=3,
-                                          prompt_len=max(map(len, prompts)), max_new_tokens=5, num_samples=2)
+                                          prompt_buckets=[bucket_length(max(map(len, prompts)))], max_new_tokens=5,
+                                          num_samples=2, fixed=True)
+        inserts = {16: ["I1", "I2", "I8"], 64: ["I8", "I32"]}[slots]  # one (per shard), the most that fit, ¼
+        assert sorted(programs) == sorted([f"decode_B{slots}_C21_W21", f"empty_B{slots}_C21"]
+                                          + [f"insert_B{slots}_C21_{i}_P16_n2" for i in inserts])
         for lowered in programs.values():
             assert isinstance(lowered, jax.stages.Lowered)
             assert lowered.compile().memory_analysis() is not None
-    assert compiles.count == 2  # a shape no other test uses, so both really compiled
+    assert compiles.count == len(programs)  # a shape no other test uses, so all really compiled
     with _Compiles() as compiles:
         out = sampler.generate(prompts, max_new_tokens=5, num_samples=2, temperature=0.7, seed=1,
                                stop_token_ids=[5, 6], pad_id=3)
@@ -121,14 +134,15 @@ def test_lowered_programs_are_the_ones_generate_runs(tiny, mesh_config):
     assert len(out.tokens) == 6
 
 
-def test_padding_rows_changes_no_real_row(tiny):
+def test_other_prompts_in_a_call_change_no_sample(tiny):
+    """Sample i of a call draws from its own key (seed, i, position): more prompts after it change nothing."""
     sampler = Sampler(tiny)
     kw = dict(max_new_tokens=5, temperature=1.0, seed=3, num_samples=2)
-    three = sampler.generate(_prompts(3), **kw)   # 4 rows, one inactive (the programs of the test above)
-    five = sampler.generate(_prompts(5), **kw)    # 8 rows, three inactive
+    three = sampler.generate(_prompts(3), **kw)
+    five = sampler.generate(_prompts(5), **kw)
     assert three.tokens == five.tokens[:6]
     for a, b in zip(three.logprobs, five.logprobs):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_qwen3_8b_programs_lower_without_allocating():
@@ -140,8 +154,10 @@ def test_qwen3_8b_programs_lower_without_allocating():
     assert weights["unembed_vd"].shape == (151936, 4096) and weights["layers"][35]["o_proj"].shape == (4096, 32, 128)
     nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(weights))
     assert nbytes == 2 * config.num_params()  # bf16, whole on each device under SAMPLE_RULES
-    programs = lower_sampler_programs(config, params, mesh=mesh, rows=100, prompt_len=300, max_new_tokens=64)
-    assert set(programs) == {"prefill", "decode"}
-    # 100 rows → 128, prompt 300 → bucket 512 (+ 64 new tokens): the [B, K, S, H] cache and [B, M] tokens
-    assert "tensor<128x8x576x128xbf16>" in programs["prefill"].as_text()
-    assert "tensor<128x64xi32>" in programs["decode"].as_text()
+    programs = lower_sampler_programs(config, params, mesh=mesh, rows=100, prompt_buckets=[512], max_new_tokens=64)
+    # 100 rows in 64 slots (8 per shard), prompt bucket 512 + 64 new tokens; attended widths 64 … 512, 576
+    assert sorted(programs) == sorted(["empty_B64_C576", "insert_B64_C576_I16_P512_n1", "insert_B64_C576_I64_P512_n1",
+                                       "insert_B64_C576_I8_P512_n1"]
+                                      + [f"decode_B64_C576_W{w}" for w in (64, 128, 256, 512, 576)])
+    assert "tensor<64x8x576x128xbf16>" in programs["decode_B64_C576_W128"].as_text()  # the [B, K, S, H] buffer
+    assert "tensor<64x64xi32>" in programs["decode_B64_C576_W128"].as_text()          # [B, M] tokens

@@ -272,7 +272,7 @@ def test_comparison_rules():
 
     old = run_config.snapshot(default_config())
     old["model"]["path"] = "/data/models/Qwen3-8B"
-    del old["sampling"]["max_rows"], old["eval"]["kl_prompts"]  # fields "added later"
+    del old["sampling"]["slots"], old["sampling"]["draw"], old["eval"]["kl_prompts"]  # fields "added later"
     new = default_config()
     new.model.path = "/scratch/Qwen3-8B/"
     assert run_config.compare(old, new) == [{"field": "model.path", "old": "/data/models/Qwen3-8B",
@@ -280,10 +280,10 @@ def test_comparison_rules():
     old["tasks"]["math"]["train_files"] = "<redacted>"  # masked by an older redaction: not comparable
     assert run_config.compare(old, new)[1] == {"field": "tasks.math.train_files", "old": "<redacted>", "new": "",
                                                "accepted": "masked in one copy"}
-    new.sampling.max_rows, new.mesh.tensor, new.tasks.other = 64, 2, {"train_files": "x.jsonl"}
+    new.sampling.slots, new.mesh.tensor, new.tasks.other = 64, 2, {"train_files": "x.jsonl"}
     new.rl.learning_rate, new.seed, new.method, new.model.path = 2e-6, 1, "rl", "/data/models/Qwen3-4B"
     verdict = {c["field"]: c["accepted"] for c in run_config.compare(old, new)}
-    assert verdict == {"sampling.max_rows": "sampler rows", "mesh.tensor": "the mesh (a checkpoint restores on any "
+    assert verdict == {"sampling.slots": "sampler slots", "mesh.tensor": "the mesh (a checkpoint restores on any "
                        "topology)", "tasks.other.train_files": "a task the run does not use", "rl.learning_rate": None,
                        "seed": None, "method": None, "model.path": None, "tasks.math.train_files": "masked in one copy"}
     with pytest.raises(run_config.ConfigChangeError, match=r"config.method: \"fst\" → \"rl\"; config.model.path: "

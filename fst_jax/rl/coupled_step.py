@@ -20,6 +20,7 @@ from fst_jax.rl.config import RLConfig
 from fst_jax.rl.rollouts import build_rollouts, question_field, render_prompts, score_completions
 from fst_jax.rl.policy_update import TrainState, update
 from fst_jax.runtime.parallel import mesh_of
+from fst_jax.sampling.chat import default_stop_token_ids
 
 __all__ = ["fst_step", "sampler_generate"]
 
@@ -81,7 +82,7 @@ def fst_step(
     prompt_ids = render_prompts(tokenizer, population, batch, user_message=user_message,
                                 enable_thinking=config.enable_thinking)
     if stop_token_ids is None:
-        stop_token_ids = [t for t in (tokenizer.eos_token_id,) if t is not None]
+        stop_token_ids = default_stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rng, sample_key = jax.random.split(state.rng)
     seed = int(jax.random.randint(sample_key, (), 0, np.iinfo(np.int32).max))

@@ -20,12 +20,15 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from fst_jax.models.config import canonical_dtype
 from fst_jax.runtime import parallel
-from fst_jax.sampling.engine_programs import length_buckets, programs, row_buckets
+from fst_jax.sampling.engine_programs import EngineState, empty_state, length_buckets, programs, row_buckets
+from fst_jax.sampling.weights import hashable_rules
 
 __all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lower_engine_programs",
-           "prompt_bucket", "stop_array"]
+           "prompt_bucket", "slot_state", "state_shardings", "stop_array"]
 
 MIN_BUCKET = 16
 STOP_SLOTS = 8
@@ -42,8 +45,9 @@ class Request:
 
 @dataclasses.dataclass
 class EngineStats:
-    """What a call computed: useful tokens, row-steps (rows × decode steps, live or not), chunks (host round
-    trips), insertions, compactions, and the wall time after the queue emptied (`tail_s`)."""
+    """What a call computed: useful tokens, row-steps (rows × decode steps, live or not, plus the rows of each
+    insertion, which draw the first tokens), chunks (host round trips), insertions, compactions, and the wall
+    time after the queue emptied (`tail_s`)."""
 
     useful_tokens: int = 0
     row_steps: int = 0
@@ -71,14 +75,43 @@ def prompt_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-def insert_buckets(slots: int, num_samples: int, sizes: int = 4) -> list[int]:
-    """The prompt counts an insertion runs at: the `sizes` largest powers of two up to the most prompts that
-    fit the slots (fewer prompts are padded to the smallest: a prefill row is cheap, a program is not)."""
+def insert_buckets(slots: int, num_samples: int, multiple: int = 1) -> list[int]:
+    """The prompt counts an insertion runs at: the most prompts that fit the slots, rounded down to a power of
+    two (times `multiple`, the mesh's batch multiple, when that many fit: the prefill is then split over the
+    batch shards), a quarter of that (refills after a few rows finish) and the smallest (one prompt per shard:
+    a small call's long prompts, e.g. reflection's). Fewer prompts are padded to the next size: a prefill row
+    is cheap next to a program, except at the longest prompts."""
     most = max(1, slots // num_samples)
-    out = [1]
-    while out[-1] * 2 <= most:
-        out.append(out[-1] * 2)
-    return out[-sizes:]
+    unit = multiple if most >= multiple else 1
+    top = unit
+    while top * 2 <= most:
+        top *= 2
+    return sorted({unit, max(unit, top // 4), top})
+
+
+def _insert_sharding(mesh, prompts: int):
+    """How an insertion's prompt arrays are laid out: split over the batch axes when they divide, else whole."""
+    if mesh is None:
+        return None
+    if prompts % parallel.batch_size_multiple(mesh) == 0:
+        return parallel.batch_sharding(mesh, 1)
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(config, mesh, rules=parallel.SAMPLE_RULES) -> EngineState | None:
+    """Where the slots live on a mesh: every array's rows over the batch axes (data × fsdp), the KV buffers'
+    heads as the rules place "kv_heads" (split by `tensor`); None without a mesh."""
+    if mesh is None:
+        return None
+    rules = hashable_rules(rules)
+    kv = NamedSharding(mesh, parallel.logical_to_spec(
+        ("batch", "kv_heads", None, "head_dim"), rules, mesh,
+        (parallel.batch_size_multiple(mesh), config.num_kv_heads, 1, config.head_dim)))
+    rows1, rows2 = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
+    layers = config.num_layers
+    return EngineState(k=(kv,) * layers, v=(kv,) * layers, key_mask=rows2, token=rows1, column=rows1,
+                       position=rows1, count=rows1, limit=rows1, live=rows1, finished=rows1, keys=rows2,
+                       out_tokens=rows2, out_logprobs=rows2)
 
 
 class Engine:
@@ -86,20 +119,30 @@ class Engine:
 
     `chunk_steps`: decode steps between host round trips (the host inserts and collects between chunks);
     `refill`: the share of the slots that must be free before the engine stops decoding to insert waiting
-    prompts; `compact`: shrink the batch to smaller row buckets in the tail. `stats` accumulates over calls.
+    prompts; `compact`: shrink the batch to smaller row buckets in the tail; `draw`: "gumbel" or
+    "inverse_cdf" (`engine_programs`). On a `mesh` the slots are split over its batch axes (`slots` must be a
+    multiple of data × fsdp) and `rules` lay the KV heads out. `stats` accumulates over calls.
     """
 
     def __init__(self, config, *, slots: int, columns: int, max_new_tokens: int, cache_dtype, mesh=None,
-                 chunk_steps: int = 32, refill: float = 0.125, compact: bool = True):
+                 rules=parallel.SAMPLE_RULES, draw: str = "gumbel", chunk_steps: int = 32, refill: float = 0.125,
+                 compact: bool = True):
         if slots < 1:
             raise ValueError(f"the engine needs at least one slot, got slots={slots}")
+        multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
+        if slots % multiple:
+            raise ValueError(f"slots={slots} does not split over the mesh's batch axes (data × fsdp = {multiple}): "
+                             f"use a multiple of {multiple}")
         self.config, self.slots, self.columns, self.max_new_tokens = config, slots, columns, max_new_tokens
-        self.cache_dtype, self.mesh = cache_dtype, mesh
+        self.cache_dtype, self.mesh, self.draw = canonical_dtype(cache_dtype).name, mesh, draw
         self.chunk_steps, self.refill, self.compact = chunk_steps, refill, compact
         self.widths = length_buckets(columns)
-        multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
         self.rows = row_buckets(slots, multiple) if compact else [slots]
+        self.shardings = state_shardings(config, mesh, rules)
         self.stats = EngineStats()
+
+    def _programs(self):
+        return programs(self.config, self.draw, self.shardings)
 
     def run(self, weights, requests: Sequence[Request], *, seed: int, temperature: float, top_p: float,
             top_k: int, stop_ids: Sequence[int], pad_id: int = 0):
@@ -107,7 +150,7 @@ class Engine:
         completion's tokens include the stop token that ended it. `pad_id` is unused (kept for `generate`'s
         signature): finished rows are cut to their length on the host."""
         self._check(requests)
-        insert_jit, decode_jit, compact_jit, _ = programs(self.config)
+        insert_jit, decode_jit, compact_jit, _ = self._programs()
         params = (np.float32(temperature), np.float32(top_p), np.int32(top_k), stop_array(stop_ids))
         seed = np.uint32(seed % 2**32)
         rows = self.rows[0]
@@ -115,6 +158,7 @@ class Engine:
         occupant: list = [None] * rows  # (request, sample) per slot
         column = np.zeros(rows, np.int64)  # each live row's next column, as of the last read
         queue = collections.deque(range(len(requests)))
+        first_ids = np.cumsum([0] + [r.num_samples for r in requests])[:-1]  # each request's sample 0
         results: dict = {}
         stats, tail_start = self.stats, None
         # One prompt bucket per call (the longest prompt's): one insert program per insertion size.
@@ -128,17 +172,19 @@ class Engine:
             if queue:  # insert as many waiting prompts as the free slots hold
                 free = [i for i, o in enumerate(occupant) if o is None]
                 n = requests[queue[0]].num_samples
-                fits = min(len(free) // n, insert_buckets(self.slots, n)[-1])
+                fits = min(len(free) // n, self._insert_sizes(n)[-1])
                 group = []
                 while queue and len(group) < fits and requests[queue[0]].num_samples == n:
                     group.append(queue.popleft())
                 if group:
-                    state = self._insert(insert_jit, state, weights, requests, group, free, rows, P, seed, params)
+                    state = self._insert(insert_jit, state, weights, requests, group, free, rows, P, seed, params,
+                                         first_ids)
                     for g, r in enumerate(group):
                         for j in range(n):
                             occupant[free[g * n + j]] = (r, j)
                             column[free[g * n + j]] = P
                     stats.inserts += 1
+                    stats.row_steps += next(b for b in self._insert_sizes(n) if b >= len(group)) * n  # first tokens
             if not queue and tail_start is None:
                 tail_start = time.perf_counter()
             live_cols = [column[i] for i, o in enumerate(occupant) if o is not None]
@@ -174,7 +220,7 @@ class Engine:
                 keep = [i for i, o in enumerate(occupant) if o is not None]
                 keep += [i for i, o in enumerate(occupant) if o is None][:target - len(keep)]
                 with self._mesh_context():
-                    state = compact_jit(state, self._place(np.asarray(keep, np.int32)))
+                    state = compact_jit(state, self._replicated(np.asarray(keep, np.int32)))
                 occupant, column, rows = [occupant[i] for i in keep], column[keep], target
                 stats.compactions += 1
         if tail_start is not None:
@@ -182,20 +228,32 @@ class Engine:
         out = [results[(r, j)] for r, req in enumerate(requests) for j in range(req.num_samples)]
         return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
-    def _insert(self, insert_jit, state, weights, requests, group, free, rows, P, seed, params):
+    def _insert(self, insert_jit, state, weights, requests, group, free, rows, P, seed, params, first_ids):
         n = requests[group[0]].num_samples
-        I = next(b for b in insert_buckets(self.slots, n) if b >= len(group))
+        I = next(b for b in self._insert_sizes(n) if b >= len(group))
         ids, mask = np.zeros((I, P), np.int32), np.zeros((I, P), bool)
-        request_ids, limits = np.zeros(I, np.int32), np.ones(I, np.int32)
+        firsts, limits = np.zeros(I, np.int32), np.ones(I, np.int32)
         for g, r in enumerate(group):
             prompt = requests[r].prompt
             ids[g, P - len(prompt):], mask[g, P - len(prompt):] = prompt, True
-            request_ids[g], limits[g] = r, requests[r].max_new_tokens
+            firsts[g], limits[g] = first_ids[r], requests[r].max_new_tokens
         slot_ids = np.full(I * n, rows, np.int32)  # `rows` = no slot (dropped)
         slot_ids[:len(group) * n] = free[:len(group) * n]
         with self._mesh_context():
-            return insert_jit(weights, state, ids, mask, slot_ids, request_ids, limits, seed, *params,
-                              num_samples=n)
+            return insert_jit(weights, state, *(self._host(x, I) for x in (ids, mask, slot_ids, firsts, limits)),
+                              seed, *params, num_samples=n)
+
+    def _insert_sizes(self, n: int) -> list[int]:
+        return insert_buckets(self.slots, n, multiple=1 if self.mesh is None else parallel.batch_size_multiple(self.mesh))
+
+    def _host(self, x: np.ndarray, prompts: int):
+        """An insertion's host array on the mesh (`_insert_sharding`; the same on every process)."""
+        if self.mesh is None:
+            return x
+        split = _insert_sharding(self.mesh, prompts)
+        sharding = (parallel.batch_sharding(self.mesh, x.ndim) if split.spec and split.spec[0] is not None
+                    else NamedSharding(self.mesh, PartitionSpec()))
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
     def _check(self, requests: Sequence[Request]) -> None:
         """One-line errors for requests the engine cannot serve (else it would wait forever or read garbage)."""
@@ -217,56 +275,96 @@ class Engine:
                                  f"[0, {V})")
 
     def _empty_state(self, rows: int):
-        empty_jit = programs(self.config)[3]
+        empty_jit = self._programs()[3]
         with self._mesh_context():
-            return self._place(empty_jit(rows=rows, columns=self.columns, max_new_tokens=self.max_new_tokens,
-                                         cache_dtype=self.cache_dtype))
+            return empty_jit(rows=rows, columns=self.columns, max_new_tokens=self.max_new_tokens,
+                             cache_dtype=self.cache_dtype)
 
-    def _place(self, x):
+    def _replicated(self, x: np.ndarray):
+        """A host array every device reads whole (the same on every process: it comes from gathered values)."""
         if self.mesh is None:
             return x
-        return jax.tree.map(lambda a: jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)), x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda i: x[i])
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
 
 def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_tokens: int,
-                          num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype,
-                          compact: bool = True, stops: int = STOP_SLOTS) -> dict:
-    """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, compact=).run` can call
-    for requests of these sample counts whose longest prompt falls in `prompt_buckets`, lowered without any
-    array: {name: jax.stages.Lowered}, named empty_B{slots}, insert_I{prompts}_P{bucket}_n{samples}, decode_B{rows}_W{width},
-    compact_B{rows}_to{rows}. `weights`: the sampling layout (`abstract_sampling_weights`). Compiling them
-    all leaves a run of the engine nothing to compile. One device (no mesh) for now. The KV the engine holds is
-    slots × columns per layer (`kv_bytes`)."""
-    insert_jit, decode_jit, compact_jit, empty_jit = programs(config)
+                          num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype, mesh=None,
+                          rules=parallel.SAMPLE_RULES, draw: str = "gumbel", compact: bool = True,
+                          stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None) -> dict:
+    """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, mesh=, rules=, draw=,
+    compact=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
+    lowered without any array: {name: jax.stages.Lowered}, named empty_B{slots}_C{columns}, insert_B{slots}_C{columns}_I{prompts}_P{bucket}_n{samples},
+    decode_B{rows}_C{columns}_W{width}, compact_B{rows}_C{columns}_to{rows}. `weights`: the sampling layout
+    (`abstract_sampling_weights`, with its shardings on a mesh). Compiling them all leaves a run of the engine
+    nothing to compile. `platform` ("cuda", "tpu"): lower for that backend (not compilable here); `known`:
+    programs lowered before, by (name, max_new_tokens), reused rather than lowered again. The KV the engine holds is slots ×
+    columns per layer (`kv_bytes`)."""
+    insert_jit, decode_jit, compact_jit, empty_jit = programs(config, draw, state_shardings(config, mesh, rules))
     sds = jax.ShapeDtypeStruct
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     scalar = lambda dtype: sds((), dtype)  # noqa: E731
     params = (scalar(np.float32), scalar(np.float32), scalar(np.int32), sds((stops,), np.int32))
-    rows_list = row_buckets(slots) if compact else [slots]
+    multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
+    rows_list = row_buckets(slots, multiple) if compact else [slots]
+    cache_dtype = canonical_dtype(cache_dtype).name
     statics = dict(columns=columns, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
-    out = {f"empty_B{slots}": empty_jit.lower(rows=slots, **statics)}
-    states = {rows: jax.eval_shape(functools.partial(empty_jit, rows=rows, **statics)) for rows in rows_list}
-    for n in sorted(set(num_samples)):
-        for I in insert_buckets(slots, n):
-            for P in prompt_buckets:
-                if P + 1 > columns:
-                    continue
-                for rows, state in states.items():  # an insertion happens only before the first compaction
-                    if rows != slots:
+    known = {} if known is None else known
+
+    def lower(name, jitted, *args, **kwargs):
+        key = (name, max_new_tokens)  # the names leave out the completion cap, which changes the outputs
+        if key not in known:
+            known[key] = parallel.lower_for(jitted, *args, platform=platform, **kwargs)
+        out[name] = known[key]
+
+    shardings = state_shardings(config, mesh, rules)
+
+    abstract_state = functools.partial(slot_state, config, columns=columns, max_new_tokens=max_new_tokens,  # noqa: E731
+                                       cache_dtype=cache_dtype, mesh=mesh, rules=rules)
+
+    context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+    with context:
+        C = columns
+        out = {}
+        lower(f"empty_B{slots}_C{C}", empty_jit, rows=slots, **statics)
+        states = {rows: abstract_state(rows) for rows in rows_list}
+        for n in sorted(set(num_samples)):
+            for I in insert_buckets(slots, n, multiple=multiple):
+                split = _insert_sharding(mesh, I)
+                host = lambda shape, dtype: sds(shape, dtype, sharding=None if split is None else (  # noqa: E731
+                    parallel.batch_sharding(mesh, len(shape)) if split.spec and split.spec[0] is not None
+                    else replicated))
+                for P in prompt_buckets:
+                    if P + 1 > columns:
                         continue
-                    out[f"insert_I{I}_P{P}_n{n}"] = insert_jit.lower(
-                        weights, state, sds((I, P), np.int32), sds((I, P), np.bool_), sds((I * n,), np.int32),
-                        sds((I,), np.int32), sds((I,), np.int32), scalar(np.uint32), *params, num_samples=n)
-    for rows, state in states.items():
-        for width in length_buckets(columns):
-            out[f"decode_B{rows}_W{width}"] = decode_jit.lower(weights, state, scalar(np.int32), scalar(np.int32),
-                                                               *params, width=width)
-        for smaller in rows_list:
-            if smaller < rows:
-                out[f"compact_B{rows}_to{smaller}"] = compact_jit.lower(state, sds((smaller,), np.int32))
+                    # an insertion happens only before the first compaction, at the full slot count
+                    lower(f"insert_B{slots}_C{C}_I{I}_P{P}_n{n}",
+                        insert_jit, weights, states[slots], host((I, P), np.int32), host((I, P), np.bool_),
+                        host((I * n,), np.int32), host((I,), np.int32), host((I,), np.int32), scalar(np.uint32),
+                        *params, num_samples=n)
+        for rows, state in states.items():
+            for width in length_buckets(columns):
+                lower(f"decode_B{rows}_C{C}_W{width}", decode_jit, weights, state, scalar(np.int32),
+                      scalar(np.int32), *params, width=width)
+            for smaller in rows_list:
+                if smaller < rows:
+                    lower(f"compact_B{rows}_C{C}_to{smaller}", compact_jit, state,
+                          sds((smaller,), np.int32, sharding=replicated))
     return out
+
+
+def slot_state(config, rows: int, *, columns: int, max_new_tokens: int, cache_dtype, mesh=None,
+               rules=parallel.SAMPLE_RULES) -> EngineState:
+    """The engine's slot arrays for `rows` slots as jax.ShapeDtypeStructs, with their shardings on a mesh
+    (`state_shardings`): what a call holds on the devices while it runs."""
+    state = jax.eval_shape(functools.partial(empty_state, config, rows, columns, max_new_tokens,
+                                             canonical_dtype(cache_dtype).name))
+    shardings = state_shardings(config, mesh, rules)
+    if shardings is None:
+        return state
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
 def kv_bytes(config, slots: int, columns: int, cache_dtype) -> int:

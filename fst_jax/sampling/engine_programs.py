@@ -10,7 +10,8 @@ A call streams requests (a prompt, its number of samples and token limit) throug
              token, writes its KV at the row's own column and attends over the first W columns only; the
              loop stops after `max_steps`, when `want_free` slots are free (the host then inserts), when every
              row is done, or when a live row reaches column W (the host picks a larger W).
-    compact  when no request waits and the live rows fit a smaller row bucket, gather them into it.
+    compact  when no request waits and the live rows fit a smaller row bucket (a quarter, a sixteenth … of
+             the slots), gather them into it.
 
 The host touches the device once per chunk (a few scalars and the finished rows' tokens), never per token.
 
@@ -20,8 +21,15 @@ completion). With every row's tokens in columns [0, length), a decode step's att
 Pages would share prefixes and waste no columns on short rows; at our lengths (≤ 8 K columns, one prompt
 prefix per G samples copied once) the contiguous buffer costs at most a prompt bucket of padding per row.
 
-Randomness: the key of token t of sample j of request r is fold_in(fold_in(fold_in(key(seed), r), j), t), so
-a completion never depends on its slot, its neighbours, the slot count or the schedule.
+Randomness: a sample's id is its index in the caller's output (request r's sample j: the samples of requests
+0 … r-1, plus j), and its token t is drawn with fold_in(fold_in(key(seed), id), t) — a function of the seed,
+the request's position in the caller's list, the sample's index and the token's position only, so a
+completion never depends on its slot, its neighbours in flight, the slot count or the schedule, and two
+identical prompts in one call get different noise. (It is the key the static sampler that the engine replaced gave
+row id of a call, so a run's records did not change with the switch beyond float rounding.)
+
+`draw`: "gumbel" (Gumbel-max over the vocabulary, the run's default) or "inverse_cdf" (one uniform per row: on
+a CPU with a 32 K vocabulary ~20× cheaper per step; `token_choice`). Same distribution, different noise.
 
 Shape letters: B slots (rows), I inserted prompts, P prompt bucket, S cache columns, W attended columns,
 M longest completion, V vocab, K kv heads, H head dim, D hidden.
@@ -34,6 +42,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fst_jax.models.config import canonical_dtype
 from fst_jax.models.qwen3 import FEATURE_MAJOR, KVCache, decoder_layer, rms_norm, step_masks
@@ -74,12 +83,16 @@ def length_buckets(columns: int) -> list[int]:
     return out + [columns]
 
 
-def row_buckets(slots: int, multiple: int = 1, smallest: int = 8) -> list[int]:
-    """The row counts the tail is compacted to: slots, slots/2, … while a multiple of `multiple` and ≥
-    `smallest` rows per shard (largest first)."""
-    out = [slots]
-    while out[-1] % (2 * multiple) == 0 and out[-1] // 2 >= smallest * multiple:
-        out.append(out[-1] // 2)
+def row_buckets(slots: int, multiple: int = 1, smallest: int = 8, factor: int = 4) -> list[int]:
+    """The row counts a call starts with and its tail is compacted to: slots, slots/factor, … while a multiple
+    of `multiple` and ≥ `smallest` rows per shard, then `smallest` per shard itself when the last is at least 3×
+    that (largest first), so that a small call never holds all the slots. Steps of 4 keep the programs few
+    (each row count has its own decode per width) at the price of compacting later in the tail."""
+    out, floor = [slots], smallest * multiple
+    while out[-1] % (factor * multiple) == 0 and out[-1] // factor >= floor:
+        out.append(out[-1] // factor)
+    if out[-1] >= 3 * floor:
+        out.append(floor)
     return out
 
 
@@ -109,26 +122,26 @@ def _embed_db(c, weights: dict, tokens: jax.Array) -> jax.Array:
     return x.T.reshape(-1, *tokens.shape)
 
 
-def _sample_keys(seed, request_b, sample_b) -> jax.Array:
-    """Key data [B, 2] of fold_in(fold_in(key(seed), request), sample)."""
+def _sample_keys(seed, sample_id_b) -> jax.Array:
+    """Key data [B, 2] of fold_in(key(seed), sample id)."""
     base = jax.random.key(seed)
-    keys = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(base, r), j))(request_b, sample_b)
-    return jax.random.key_data(keys)
+    return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(sample_id_b))
 
 
-def _choose(keys_b2, count_b, logits_vb, params):
+def _choose(keys_b2, count_b, logits_vb, params, draw):
     """Sample each row's token number `count_b` from its own key: (tokens [B], logprobs [B])."""
     temperature, top_p, top_k = params
     keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys_b2), count_b)
-    return sample_vb(logits_vb, keys, temperature, top_p, top_k, draw="inverse_cdf")
+    return sample_vb(logits_vb, keys, temperature, top_p, top_k, draw=draw)
 
 
 # -------------------------------------------------------------------------------------------- the programs
 
-def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids, request_ids, limits, seed,
-            temperature, top_p, top_k, stop_ids, *, config, num_samples):
+def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids, first_ids, limits, seed,
+            temperature, top_p, top_k, stop_ids, *, config, num_samples, draw, shardings):
     """Prefill I prompts over their own keys and place each one's `num_samples` samples in `slot_ids` [I·n]
-    (index B = no slot: padding prompts). Each sample's first token is sampled here (token 0 of its key)."""
+    (index B = no slot: padding prompts); `first_ids` [I]: the sample id of each prompt's sample 0. Each
+    sample's first token is sampled here (token 0 of its key)."""
     c, n = config, num_samples
     I, P = prompt_ids_ip.shape
     dtype = state.k[0].dtype
@@ -146,10 +159,10 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
     logits_vr = jnp.repeat(_logits_vb(c, weights, hidden_di), n, axis=1)
 
     rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731  (prompt-major: prompt i's samples at i·n … i·n+n-1)
-    request_r, limit_r = rep(request_ids), rep(limits)
-    sample_r = jnp.tile(jnp.arange(n, dtype=jnp.int32), I)
-    keys_r2 = _sample_keys(seed, request_r, sample_r)
-    token_r, logprob_r = _choose(keys_r2, jnp.zeros_like(sample_r), logits_vr, (temperature, top_p, top_k))
+    limit_r = rep(limits)
+    sample_r = rep(first_ids) + jnp.tile(jnp.arange(n, dtype=jnp.int32), I)
+    keys_r2 = _sample_keys(seed, sample_r)
+    token_r, logprob_r = _choose(keys_r2, jnp.zeros_like(sample_r), logits_vr, (temperature, top_p, top_k), draw)
     stopped_r = jnp.any(token_r[:, None] == stop_ids[None, :], axis=-1)
     M = state.out_tokens.shape[1]
     first = lambda a, fill: jnp.full((I * n, M), fill, a.dtype).at[:, 0].set(a)  # noqa: E731
@@ -159,18 +172,18 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
     with jax.named_scope("insert_kv"):
         ks = tuple(buf.at[slot_ids, :, :P].set(rep(k), mode="drop") for buf, k in zip(state.k, new_k))
         vs = tuple(buf.at[slot_ids, :, :P].set(rep(v), mode="drop") for buf, v in zip(state.v, new_v))
-    return EngineState(
+    return _constrain_state(shardings, EngineState(
         k=ks, v=vs, key_mask=put(state.key_mask, key_mask_rs), token=put(state.token, token_r),
         column=put(state.column, jnp.full((I * n,), P, jnp.int32)),
         position=put(state.position, rep(prompt_mask_ip.sum(axis=1, dtype=jnp.int32))),
         count=put(state.count, jnp.ones((I * n,), jnp.int32)), limit=put(state.limit, limit_r),
         live=put(state.live, ~stopped_r & (limit_r > 1)), finished=put(state.finished, stopped_r),
         keys=put(state.keys, keys_r2), out_tokens=put(state.out_tokens, first(token_r, 0)),
-        out_logprobs=put(state.out_logprobs, first(logprob_r, 0.0)))
+        out_logprobs=put(state.out_logprobs, first(logprob_r, 0.0))))
 
 
 def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_p, top_k, stop_ids, *, config,
-            width):
+            width, draw, shardings):
     """Decode steps over the first `width` columns until `max_steps`, `want_free` free rows, no live row, or a
     live row reaching column `width`. Returns (state, steps run)."""
     c, W = config, width
@@ -200,7 +213,7 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
                 new_vs.append(v.at[rows, :, column_b].set(v[:, :, W], mode="drop"))
         key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
         hidden_db = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
-        token_b, logprob_b = _choose(s.keys, s.count, _logits_vb(c, weights, hidden_db), params)
+        token_b, logprob_b = _choose(s.keys, s.count, _logits_vb(c, weights, hidden_db), params, draw)
         at_b = jnp.where(s.live, s.count, s.out_tokens.shape[1])
         stopped_b = s.live & jnp.any(token_b[:, None] == stop_ids[None, :], axis=-1)
         count_b = s.count + s.live
@@ -215,26 +228,44 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
     unpad = lambda full, win: jax.lax.dynamic_update_slice(full, win[:, :, :W], (0, 0, 0, 0))  # noqa: E731
     state = state._replace(k=tuple(map(unpad, state.k, ks)), v=tuple(map(unpad, state.v, vs)),
                            key_mask=jax.lax.dynamic_update_slice(state.key_mask, key_mask_bw, (0, 0)))
-    return state, steps
+    return _constrain_state(shardings, state), steps
 
 
-def _compact(state: EngineState, keep):
+def _compact(state: EngineState, keep, *, shardings):
     """The rows `keep` [B'] of every slot array (the tail's live rows in a smaller batch)."""
     take = lambda x: jnp.take(x, keep, axis=0)  # noqa: E731
-    return jax.tree.map(take, state)
+    return _constrain_state(shardings, jax.tree.map(take, state))
+
+
+def _empty(*, config, rows, columns, max_new_tokens, cache_dtype, shardings):
+    return _constrain_state(shardings, empty_state(config, rows, columns, max_new_tokens, cache_dtype))
+
+
+def _constrain_state(shardings: EngineState | None, state: EngineState) -> EngineState:
+    """On a mesh, every slot array keeps the layout `shardings` names (rows over the batch axes, KV heads
+    over `tensor`), so each program's outputs are the next one's inputs as they were planned."""
+    if shardings is None:
+        return state
+    return jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
 
 
 @functools.lru_cache(maxsize=64)
-def programs(config):
-    """The engine's jitted (insert, decode, compact, empty) for one model config; statics select the compiled
+def programs(config, draw: str = "gumbel", shardings: EngineState | None = None):
+    """The engine's jitted (insert, decode, compact, empty) for one model config, token draw and slot layout
+    (`shardings`: an `EngineState` of NamedShardings on a mesh, else None); statics select the compiled
     variant: insert by (I, P, num_samples), decode by (rows, width), compact by (rows, kept rows), empty (the
     free slots, made on the device) by its shapes."""
-    insert_jit = jax.jit(functools.partial(_insert, config=config), static_argnames=("num_samples",),
-                         donate_argnames=("state",))
-    decode_jit = jax.jit(functools.partial(_decode, config=config), static_argnames=("width",),
-                         donate_argnames=("state",))
-    compact_jit = jax.jit(_compact)  # a gather into fewer rows: nothing to donate into
-    empty_jit = jax.jit(functools.partial(empty_state, config),
-                        static_argnames=("rows", "columns", "max_new_tokens", "cache_dtype"))
+    statics = dict(config=config, draw=draw, shardings=shardings)
+    # On a mesh the outputs carry exactly `shardings` (out_shardings): then the programs lowered ahead of time for
+    # those shardings are the ones a call finds in jax's caches (an inferred sharding may be spelled differently).
+    out = {} if shardings is None else dict(out_shardings=shardings)
+    steps = {} if shardings is None else dict(out_shardings=(shardings, NamedSharding(shardings.token.mesh, P())))
+    insert_jit = jax.jit(functools.partial(_insert, **statics), static_argnames=("num_samples",),
+                         donate_argnames=("state",), **out)
+    decode_jit = jax.jit(functools.partial(_decode, **statics), static_argnames=("width",),
+                         donate_argnames=("state",), **steps)
+    compact_jit = jax.jit(functools.partial(_compact, shardings=shardings), **out)  # a gather into fewer rows
+    empty_jit = jax.jit(functools.partial(_empty, config=config, shardings=shardings),
+                        static_argnames=("rows", "columns", "max_new_tokens", "cache_dtype"), **out)
     return insert_jit, decode_jit, compact_jit, empty_jit
 

@@ -7,8 +7,9 @@ calls each program in one cycle of T RL steps; `cycle_cost` turns that into a ro
 
     seconds of a call = max(FLOPs ÷ (peak × compute_efficiency), bytes ÷ (HBM bandwidth × bandwidth_efficiency))
 
-taken per decode step for the sampler's loop (a step reads every weight and the whole KV cache: memory-bound)
-and once for every other program. GPU-hours = devices × (cycles × cycle seconds + the evaluation at the start)
+taken per decode step for the sampler's loop (a step reads every weight and the KV columns it attends over:
+memory-bound; the engine's decode at the width that holds a prompt and a mean answer, `decode_steps` steps with
+every slot busy) and once for every other program (an insertion's prefill once per slot-full of rows). GPU-hours = devices × (cycles × cycle seconds + the evaluation at the start)
 ÷ 3600.
 
 Left out: host time (tokenizing, reward scoring, GEPA's bookkeeping, data loading), compile time, checkpoints,
@@ -25,10 +26,12 @@ import math
 import re
 from typing import Any, Mapping
 
+from fst_jax.sampling.engine_programs import length_buckets, row_buckets
+from fst_jax.sampling.sampler import MIN_ROWS, bucket_length
 from fst_jax.trainer.hlo_cost import HloCost, hlo_cost
-from fst_jax.trainer.shapes import sampler_calls, update_lengths
+from fst_jax.trainer.shapes import mesh_config, sampler_calls, sampler_slots, update_lengths
 
-__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "device_named", "program_cost", "answer_range", "decode_steps", "update_micro_batches",
+__all__ = ["Device", "DEVICES", "PHASES", "ProgramUse", "device_named", "program_cost", "answer_range", "decode_steps", "sampler_work", "update_micro_batches",
            "mean_answer_tokens", "program_uses", "roofline_seconds", "cycle_cost", "cost_table"]
 
 
@@ -104,14 +107,18 @@ def _answer_length(rank: int, rows: int, max_new_tokens: int, mean_tokens: float
     return lo + (hi - lo) * rank / (rows + 1)
 
 
-def decode_steps(rows: int, max_new_tokens: int, mean_tokens: float) -> float:
-    """Decode steps one sampler call runs: what the CURRENT sampler computes, every row until the longest of
-    its `rows` stops (finished rows keep their slots; each step attends over the whole buffer, which the
-    compiled step's cost already holds): the expected longest of `rows` answers, mean − w + 2w·n/(n + 1).
-
-    A sampler that runs only live rows over the live length (the continuous-batching engine) replaces this
-    function and its step cost."""
-    return _answer_length(rows, rows, max_new_tokens, mean_tokens)
+def decode_steps(rows: int, max_new_tokens: int, mean_tokens: float, slots: int | None = None) -> float:
+    """Decode steps of one call of `rows` rows through the request engine with `slots` rows in flight (None:
+    as many as rows). When every row fits, the call runs until its longest row stops: the expected longest of
+    `rows` answers, mean − w + 2w·n/(n + 1). With more rows than slots, rows stream through: rows × mean ÷
+    slots steps with every slot busy, plus the drain of the last slot-full (its longest answer less the mean).
+    Each step is costed with every slot (the tail's compaction into fewer rows is not modelled)."""
+    slots = rows if slots is None else slots
+    if rows <= slots:
+        return _answer_length(rows, rows, max_new_tokens, mean_tokens)
+    lo, hi = answer_range(max_new_tokens, mean_tokens)
+    mean = (lo + hi) / 2
+    return rows * mean / slots + _answer_length(slots, slots, max_new_tokens, mean_tokens) - mean
 
 
 def update_micro_batches(rows: int, micro_batch_rows: int, lengths: tuple[int, ...], prompt_tokens: int,
@@ -146,21 +153,12 @@ def _evaluations(config) -> tuple[float, float]:
     return later / cycles, later + (1 if config.eval.at_start else 0)
 
 
-def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse], list[str]]:
-    """The recipe's calls per cycle of each program the dry run compiled (`costs`: name → cost); also the
-    names it has no count for (reported, never silently costed as 0).
-
-    rollouts: B·K prompts per step (RL-only: B), T steps. gepa: the seeds' `seed_scoring_passes` passes over the
-    window (B·T problems) in window-scoring calls, then iterations of 2 × proposals × minibatch rollouts
-    (parents and children) until `budget_rollouts` is spent, each with one reflection call. evaluations: mean@k
-    on `eval.num_problems` (0: `plan.eval_problems`) problems and the KL evaluation's sampling and scoring.
-    update: per RL step, its micro-batches at each planned length (`update_micro_batches`; "update" is the
-    longest, "update@N:gradients" the others), one zeroing of the sums and one optimizer step. Smaller prompt
-    buckets ("<call>@N:<part>") are not costed: every call is costed at the largest.
-    """
+def sampler_work(config) -> dict[str, dict[str, Any]]:
+    """Per sampler call kind: calls per cycle, rows per call, the slots it starts with, its KV columns, the mean
+    answer, the width a mean answer's decode attends over, decode steps per call and `typical` — the name the
+    dry run gives that width's decode program ("<kind>@decode_B…_C…_W…:engine")."""
     c = config
-    T, B, G, K = (int(c.cycle.rl_steps), int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem),
-                  int(c.cycle.population_size))
+    T, B, G = int(c.cycle.rl_steps), int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem)
     calls = sampler_calls(c)
     mean = mean_answer_tokens(c)
     window, proposals, minibatch = B * T, int(c.gepa.proposals_per_iteration), int(c.gepa.minibatch_size)
@@ -168,13 +166,49 @@ def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse]
     iterations = (int(c.gepa.budget_rollouts) - seed_rollouts) // (2 * proposals * minibatch)
     evals_per_cycle, _ = _evaluations(c)
     problems = int(c.eval.num_problems) or int(c.plan.eval_problems)
-    per_cycle = {"rollout": T * math.ceil(B * (1 if c.method == "rl" else K) / max(1, calls["rollout"].prompts))
-                 if "rollout" in calls else 0,
-                 "gepa": math.ceil(seed_rollouts / calls["gepa"].prompts) if "gepa" in calls else 0,
-                 "gepa_minibatch": 2 * iterations, "reflection": iterations,
-                 "eval": evals_per_cycle * math.ceil(problems / calls["eval"].prompts),
-                 "kl_sample": evals_per_cycle * math.ceil(int(c.eval.kl_prompts) / calls["kl_sample"].prompts)
-                 if "kl_sample" in calls else 0}
+    # (calls per cycle, rows per call) of each kind: every request is one call, streamed through the slots
+    gepa_prompts = calls["gepa"].prompts if "gepa" in calls else 1
+    per_cycle = {"rollout": (T, B * G), "gepa": (math.ceil(seed_rollouts / gepa_prompts), min(seed_rollouts, gepa_prompts)),
+                 "gepa_minibatch": (2 * iterations, proposals * minibatch), "reflection": (iterations, proposals),
+                 "eval": (evals_per_cycle, problems * int(c.eval.k)), "kl_sample": (evals_per_cycle, int(c.eval.kl_prompts))}
+    slots, axes = sampler_slots(c), mesh_config(c)
+    multiple = axes.get("data", 1) * axes.get("fsdp", 1)
+    out = {}
+    for kind, (n_calls, rows) in per_cycle.items():
+        if kind not in calls:
+            continue
+        call = calls[kind]
+        start = min((b for b in row_buckets(slots, multiple, MIN_ROWS) if b >= rows), default=slots)
+        prompt = bucket_length(call.prompt_tokens)
+        columns = prompt + call.max_new_tokens
+        # a reflection's length: the answers' mean as a fraction of their cap, applied to its own cap
+        tokens = mean * call.max_new_tokens / int(c.sampling.max_new_tokens) if kind == "reflection" else mean
+        width = min(w for w in length_buckets(columns) if w >= min(columns, prompt + tokens + 32))
+        out[kind] = dict(calls=n_calls, rows=rows, start=start, columns=columns, tokens=tokens, width=width,
+                         steps=decode_steps(rows, call.max_new_tokens, tokens, start),
+                         typical=f"{kind}@decode_B{start}_C{columns}_W{width}:engine")
+    return out
+
+
+def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse], list[str]]:
+    """The recipe's calls per cycle of each program the dry run compiled (`costs`: name → cost); also the
+    names it has no count for (reported, never silently costed as 0).
+
+    rollouts: one call of B·G rows per step, T steps. gepa: the seeds' `seed_scoring_passes` passes over the
+    window (B·T problems), then iterations of 2 × proposals × minibatch rollouts (parents and children) until
+    `budget_rollouts` is spent, each with one reflection call. evaluations: mean@k on `eval.num_problems` (0:
+    `plan.eval_problems`) problems and the KL evaluation's sampling and scoring. A sampler call's insertions
+    ("<kind>_prefill") run once per slot-full of rows; its decode steps (`decode_steps`) are costed with the
+    program at the width a mean answer attends over (`sampler_work`), else with "<kind>_decode" (the whole
+    buffer). update: per RL step, its micro-batches at each planned length (`update_micro_batches`; "update" is
+    the longest, "update@N:gradients" the others), one zeroing of the sums and one optimizer step. The engine's
+    other programs and smaller prompt buckets ("<kind>@…") are not costed.
+    """
+    c = config
+    T, B, G = int(c.cycle.rl_steps), int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem)
+    mean = mean_answer_tokens(c)
+    work = sampler_work(c)
+    evals_per_cycle, _ = _evaluations(c)
     n = B * G
     lengths = update_lengths(c)
     micro_batches = update_micro_batches(n, int(c.rl.micro_batch_size or n), lengths,
@@ -184,20 +218,23 @@ def program_uses(config, costs: Mapping[str, HloCost]) -> tuple[list[ProgramUse]
         kind, _, part = name.rpartition("_")
         update_at = re.fullmatch(r"update@(\d+)(:gradients)?", name)
         length = int(update_at.group(1)) if update_at else max(lengths)
-        if kind in per_cycle and part in ("prefill", "decode"):
-            call = calls[kind]
-            # a reflection's length: the answers' mean as a fraction of their cap, applied to its own cap
-            tokens = mean * call.max_new_tokens / int(c.sampling.max_new_tokens) if kind == "reflection" else mean
-            steps = decode_steps(call.prompts * call.num_samples, call.max_new_tokens, tokens) if part == "decode" else 0
-            uses.append(ProgramUse(name, _PHASE_OF_CALL[kind], cost, per_cycle[kind], steps))
+        if kind in work and part in ("prefill", "decode"):
+            w = work[kind]
+            if part == "prefill":  # one insertion per slot-full of rows
+                uses.append(ProgramUse(name, _PHASE_OF_CALL[kind], cost, w["calls"] * math.ceil(w["rows"] / w["start"])))
+            elif w["typical"] in costs:
+                uses.append(ProgramUse(name, _PHASE_OF_CALL[kind], cost, 0.0, w["steps"]))
+                uses.append(ProgramUse(w["typical"], _PHASE_OF_CALL[kind], costs[w["typical"]], w["calls"], w["steps"]))
+            else:
+                uses.append(ProgramUse(name, _PHASE_OF_CALL[kind], cost, w["calls"], w["steps"]))
         elif (name == "update" or update_at) and length in lengths:
             uses.append(ProgramUse(name, "update", cost, T * micro_batches.get(length, 0)))
         elif name in ("update_apply", "update_zero:zero"):
             uses.append(ProgramUse(name, "update", cost, T))
         elif name == "kl":
             uses.append(ProgramUse(name, "evaluations", cost, evals_per_cycle))
-        elif name.startswith("rollout_rest_") or ("@" in name and not update_at):
-            continue  # GEPA's rollouts reused: not modelled (costed as sampled); smaller prompt buckets
+        elif name.startswith("rollout_rest") or ("@" in name and not update_at):
+            continue  # GEPA's rollouts reused: not modelled (costed as sampled); the engine's other programs
         else:
             unknown.append(name)
     return uses, unknown
@@ -236,8 +273,8 @@ def cycle_cost(config, uses: list[ProgramUse], devices: int, unknown: tuple[str,
     return {"device": device.name, "devices": devices, "peak_tflops": device.peak_flops / 1e12,
             "hbm_tb_per_s": device.hbm_bytes_per_s / 1e12, "compute_efficiency": eff[1],
             "bandwidth_efficiency": eff[2], "mean_answer_tokens": mean,
-            "answer_lengths": f"uniform on [{lo:g}, {hi:g}] tokens; a sampler call runs until its longest row "
-                              "stops; prompts at sampling.max_prompt_tokens",
+            "answer_lengths": f"uniform on [{lo:g}, {hi:g}] tokens; a sampler call streams its rows through the "
+                              "slots, then drains; prompts at sampling.max_prompt_tokens",
             "cycle_seconds": {k: _round(v) for k, v in phases.items()}, "cycle_total_seconds": _round(cycle),
             "step_seconds": _round(cycle / T), "total_steps": int(config.total_steps),
             "total_gpu_hours": _round(devices * run_seconds / 3600), "programs": programs,

@@ -48,8 +48,9 @@ from fst_jax.config import validate
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 from fst_jax.rl import config as rl_config_lib, policy_update as rl_update
-from fst_jax.trainer.shapes import (kl_length, mesh_config, prompt_buckets, sampler_calls, update_length,
-                                   update_lengths)
+from fst_jax.sampling.engine import slot_state
+from fst_jax.trainer.shapes import (kl_length, mesh_config, prompt_buckets, sampler_calls, sampler_slots,
+                                   update_length, update_lengths)
 
 __all__ = ["Plan", "make_plan", "run_dry", "model_config", "HEADROOM", "EXIT_DOES_NOT_FIT"]
 
@@ -119,6 +120,7 @@ class Plan:
     programs: dict[str, ProgramMemory]
     model: str
     also_compiled: list[str] = dataclasses.field(default_factory=list)
+    lowered_only: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     cost: dict | None = None  # cost_model.cycle_cost: seconds per phase and GPU-hours on config.plan.device
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)  # make_plan(platform=...): name → Lowered
@@ -140,6 +142,7 @@ class Plan:
         return {"devices": self.devices, "device_memory_gb": self.device_memory_gb, "peak_gb": gb(self.peak_bytes),
                 "peak_program": self.peak_program, "fits": self.fits, "headroom": HEADROOM, "model": self.model,
                 "plan_seconds": round(self.seconds, 1), "also_compiled": self.also_compiled,
+                "lowered_only": self.lowered_only,
                 "resident": {k: gb(v) for k, v in self.resident.items()},
                 "programs": {n: {"temp_gb": gb(p.temp), "argument_gb": gb(p.argument), "output_gb": gb(p.output),
                                  "alias_gb": gb(p.alias), "peak_gb": gb(p.peak(self.resident)),
@@ -186,11 +189,12 @@ _LEVERS = {
     "optimizer_state": "config.mesh.fsdp",
     "base_params": "config.mesh.fsdp",
     "sampler_weights": "config.mesh.tensor",
-    "rollout": "config.sampling.max_new_tokens, sampling.max_prompt_tokens, sampling.max_rows",
-    "gepa": "config.sampling.max_rows, sampling.max_new_tokens",
+    "rollout": "config.sampling.slots, sampling.max_new_tokens, sampling.max_prompt_tokens",
+    "rollout_rest": "config.sampling.slots, sampling.max_new_tokens",
+    "gepa": "config.sampling.slots, sampling.max_new_tokens",
     "gepa_minibatch": "config.gepa.proposals_per_iteration, gepa.minibatch_size",
     "reflection": "config.gepa.reflection.max_prompt_tokens, gepa.reflection.max_new_tokens",
-    "eval": "config.eval.max_new_tokens, sampling.max_rows",
+    "eval": "config.eval.max_new_tokens, sampling.slots",
     "kl": "config.eval.kl_prompts, eval.kl_max_new_tokens",
     "update": "config.rl.micro_batch_size, model.remat, rl.logprob_chunk_size",
     "update_apply": "config.mesh.fsdp",
@@ -322,24 +326,43 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
 
     with jax.set_mesh(mesh):
         resident["sampler_weights"] = _bytes(sampling.abstract_sampling_weights(model_cfg, params, mesh=mesh))
+        slots, seen, aliases, known = sampler_slots(c), {}, {}, {}
         for name, call in sampler_calls(c).items():
             if not wanted(name):
                 continue
-            for bucket in prompt_buckets(c, call.prompt_tokens):
-                programs = sampling.lower_sampler_programs(model_cfg, params, mesh=mesh, rows=call.prompts,
-                                                           prompt_len=bucket, max_new_tokens=call.max_new_tokens,
-                                                           num_samples=call.num_samples,
-                                                           exact_rows=call.exact_rows, platform=platform)
-                if bucket < sampling.bucket_length(call.prompt_tokens):
-                    smaller.append((f"{name}@{bucket}", programs))
-                    continue
-                kv = f"{name}_kv_cache"
-                resident[kv] = _bytes(programs["prefill"].out_info[0])
-                log(f"plan: {name}: {call.rows(mesh)} prompt rows × {call.num_samples} "
-                    f"samples, prompt bucket {bucket}, {call.max_new_tokens} new tokens, KV cache "
-                    f"{resident[kv] / GB:.2f} GB/device")
-                lowered[f"{name}_prefill"] = (programs["prefill"], state_items + ("sampler_weights",))
-                lowered[f"{name}_decode"] = (programs["decode"], state_items + ("sampler_weights", kv))
+            buckets = prompt_buckets(c, call.prompt_tokens)
+            rows = call.rows(slots)
+            programs = sampling.lower_sampler_programs(
+                model_cfg, params, mesh=mesh, slots=slots, rows=call.prompts or slots, prompt_buckets=buckets,
+                max_new_tokens=call.max_new_tokens, num_samples=call.num_samples, draw=c.sampling.draw,
+                fixed=call.fixed, platform=platform, known=known)
+            # accounted: the largest start, the largest prompt bucket — its KV buffer, its largest insertion
+            # (a prefill) and its decode over the whole buffer; every other program is compiled, not accounted
+            start = sampling.call_slots(rows, slots, mesh)
+            columns = buckets[-1] + call.max_new_tokens
+            inserts = [n for n in programs if n.startswith(f"insert_B{start}_C{columns}_")
+                       and n.endswith(f"_P{buckets[-1]}_n{call.num_samples}")]
+            size = lambda n: int(re.search(r"_I(\d+)_", n).group(1))  # noqa: E731
+            most = min(call.prompts or start, max(1, start // call.num_samples))  # the largest insertion it runs
+            insert = min((n for n in inserts if size(n) >= most), key=size, default=max(inserts, key=size))
+            decode = f"decode_B{start}_C{columns}_W{columns}"
+            kv = f"{name}_kv_cache"
+            resident[kv] = _bytes(slot_state(model_cfg, start, columns=columns, max_new_tokens=call.max_new_tokens,
+                                             cache_dtype=model_cfg.dtype, mesh=mesh))
+            log(f"plan: {name}: {start} slots × {columns} KV columns (prompt bucket {buckets[-1]} + "
+                f"{call.max_new_tokens} new tokens), {call.num_samples} samples per prompt, slot state "
+                f"{resident[kv] / GB:.2f} GB/device; {len(programs)} programs")
+            lowered[f"{name}_prefill"] = (programs[insert], state_items + ("sampler_weights", kv))
+            lowered[f"{name}_decode"] = (programs[decode], state_items + ("sampler_weights", kv))
+            for program_name, program in programs.items():
+                key, same = f"{name}@{program_name}:engine", (program_name, call.max_new_tokens)
+                if program_name in (insert, decode):
+                    seen.setdefault(same, f"{name}_{'prefill' if program_name == insert else 'decode'}")
+                elif same in seen:  # the same program as another kind's: compiled once, costed for both
+                    aliases[key] = seen[same]
+                else:
+                    seen[same] = key
+                    smaller.append((f"{name}@{program_name}", {"engine": program}))
 
         if c.eval.kl_prompts and wanted("kl"):
             kl_rows = sampling.row_bucket(sampler_calls(c)["kl_sample"].prompts, mesh)
@@ -381,12 +404,21 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             plan.programs[name] = _compile(program, items)
             log(f"plan: compiled {name} in {plan.programs[name].compile_s:.0f} s")
         costs = {n: p.cost for n, p in plan.programs.items()}
+        t0 = time.perf_counter()
+        typical = {w["typical"] for w in cost_model.sampler_work(c).values()}
+        typical |= {aliases[t] for t in typical if t in aliases}  # the same program compiled under another kind
         for name, programs in smaller:
-            t0 = time.perf_counter()
+            if not (c.plan.compile_all or name.startswith("update") or f"{name}:engine" in typical):
+                plan.lowered_only.append(name)
+                continue
             for part, program in programs.items():
                 costs[f"{name}:{part}"] = cost_model.program_cost(program.compile())
             plan.also_compiled.append(name)
-            log(f"plan: compiled {name} (a smaller bucket, not accounted) in {time.perf_counter() - t0:.0f} s")
+        costs.update({alias: costs[key] for alias, key in aliases.items() if key in costs})
+        log(f"plan: compiled {len(plan.also_compiled)} more programs (other slot counts, widths, insertions, buckets "
+            f"and lengths; not accounted) in {time.perf_counter() - t0:.0f} s"
+            + (f"; lowered {len(plan.lowered_only)} more without compiling (plan.compile_all=False)"
+               if plan.lowered_only else ""))
         uses, unknown = cost_model.program_uses(c, costs)
         plan.cost = cost_model.cycle_cost(c, uses, mesh.size, unknown)
     else:

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from fst_jax.runtime import parallel
+from fst_jax.sampling.chat import default_stop_token_ids
 from fst_jax.models.hf import render_chat
 from fst_jax.rl import losses
 from fst_jax.rl.rollouts import build_rollouts, length_bucket
@@ -154,7 +155,7 @@ def kl_to_base(sampler: Sampler, graphdef: nnx.GraphDef, params: nnx.State, base
 
 
 def _stops(tokenizer) -> list[int]:
-    return [t for t in (tokenizer.eos_token_id,) if t is not None]
+    return list(default_stop_token_ids(tokenizer))
 
 
 def _pad(tokenizer) -> int:

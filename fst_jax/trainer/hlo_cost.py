@@ -13,7 +13,7 @@ GPU or TPU does not do. `hlo_cost` walks the optimized module instead:
   elementwise arithmetic and per reduced element — XLA's conventions, less its converts (0 FLOPs here);
   transcendentals are not counted (XLA counts them apart too);
 - bytes: operands read + result written by each top-level instruction (a fusion once, its insides are
-  registers), slices of an operand counted as the slice, in-place updates as the update, and float32 values
+  registers), slices of an operand counted as the slice, in-place updates (dynamic-update-slice, scatter) as the update, and float32 values
   that XLA:CPU made from bf16 counted at 2 bytes an element (the convert itself not at all);
 - a conditional counts its most expensive branch; other custom calls count 0 FLOPs and are listed in
   `uncounted` (e.g. a fused attention kernel on GPU).
@@ -163,6 +163,7 @@ class _Walker:
     def __init__(self, hlo_text: str):
         self.computations, self.entry = _parse_module(hlo_text)
         self.upcast_computations = {name for name, insts in self.computations.items() if _is_upcast(insts)}
+        self.downcast_computations = {name for name, insts in self.computations.items() if _is_downcast(insts)}
         self._flops: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._costs: dict[tuple[str, frozenset[int]], HloCost] = {}
 
@@ -230,6 +231,12 @@ class _Walker:
             if self._is_upcast(inst, shapes):
                 upcast.add(inst.name)
                 continue
+            if inst.operands and inst.operands[0] in upcast and self._is_downcast(inst):
+                continue  # back to bf16 after an in-place update in float32 (XLA:CPU): the buffer never moved
+            if inst.operands and inst.operands[0] in upcast and (
+                    inst.op in _IN_PLACE or (inst.op == "fusion" and _in_place_update(
+                        self.computations.get((inst.called("calls") or [""])[0], [])) is not None)):
+                upcast.add(inst.name)  # an in-place update of a float32 copy: still that copy (counted as the update)
             if inst.op == "while":
                 tuple_in = next((i for i in insts if i.name == inst.operands[0]), None)
                 carried = frozenset(k for k, o in enumerate(tuple_in.operands if tuple_in else []) if o in upcast)
@@ -264,6 +271,12 @@ class _Walker:
         called = inst.called("calls")
         return inst.op == "fusion" and bool(called) and called[0] in self.upcast_computations
 
+    def _is_downcast(self, inst: _Instruction) -> bool:
+        if inst.op == "convert":
+            return inst.shape.startswith("bf16")
+        called = inst.called("calls")
+        return inst.op == "fusion" and bool(called) and called[0] in self.downcast_computations
+
     def _bytes(self, inst: _Instruction, shapes, upcast: set[str]) -> float:
         """Operands read and result written; a slicing fusion reads its slice, an in-place update writes its update."""
         fused = self.computations.get((inst.called("calls") or [""])[0], []) if inst.op == "fusion" else []
@@ -276,17 +289,17 @@ class _Walker:
                 size = _fused_read(fused, k, size)
             elif inst.op in _SLICING and k == 0:
                 size = inst.nbytes
-            elif inst.op == "dynamic-update-slice" and k == 0:
+            elif inst.op in _IN_PLACE and k == 0:
                 size = 0
             read += size
         written = inst.nbytes
         if inst.op == "custom-call" and inst.shape.startswith("("):  # (result, scratch workspace): the result
             first = _ARRAY.search(inst.shape)
             written = _shape_bytes(first.group(0)) if first else 0
-        update = _in_place_update(fused) if fused else (inst if inst.op == "dynamic-update-slice" else None)
+        update = _in_place_update(fused) if fused else (inst if inst.op in _IN_PLACE else None)
         if update is not None:  # written in place: only the update (at the buffer's element size)
             src = {i.name: i.shape for i in fused} if fused else shapes
-            elements = _elements(src.get(update.operands[1], ""))
+            elements = _elements(src.get(update.operands[_UPDATE_OPERAND[update.op]], ""))
             written = elements * inst.nbytes / max(inst.elements, 1)
         return read + written
 
@@ -302,29 +315,46 @@ def _fused_read(fused: list[_Instruction], k: int, full: float) -> float:
     if param is None:
         return full
     users = [i for i in fused if param.name in i.operands]
-    if users and all(u.op in _SLICING and u.operands[0] == param.name for u in users):
-        return float(sum(u.nbytes for u in users))
     value = param.name
-    while len(users) == 1 and users[0].op in _PASS_THROUGH:
+    while len(users) == 1 and users[0].op in _PASS_THROUGH:  # through converts (XLA:CPU's f32 round trips)
         value = users[0].name
         users = [i for i in fused if value in i.operands]
-    if users and all(u.op == "dynamic-update-slice" and u.operands[0] == value for u in users):
+    if users and all(u.op in _SLICING and u.operands[0] == value for u in users):
+        # the slices, at the parameter's element size
+        return float(sum(u.elements for u in users)) * full / max(_elements(param.shape), 1)
+    if users and all(u.op in _IN_PLACE and u.operands[0] == value for u in users):
         return 0.0
     return full
 
 
 def _in_place_update(fused: list[_Instruction]) -> _Instruction | None:
-    """The dynamic-update-slice a fusion's result is (maybe under converts back to the buffer's type)."""
+    """The in-place update (dynamic-update-slice or scatter) a fusion's result is (maybe under converts back to
+    the buffer's type)."""
     by_name = {i.name: i for i in fused}
     root = fused[-1] if fused else None
     while root is not None and root.op in _PASS_THROUGH and root.operands:
         root = by_name.get(root.operands[0])
-    return root if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1 else None
+    return (root if root is not None and root.op in _IN_PLACE and len(root.operands) > _UPDATE_OPERAND[root.op]
+            else None)
+
+
+# Ops that write into their first operand's buffer (XLA aliases it): the bytes moved are the update's.
+_IN_PLACE = ("dynamic-update-slice", "scatter")
+_UPDATE_OPERAND = {"dynamic-update-slice": 1, "scatter": 2}
 
 
 def _trip_count(inst: _Instruction) -> int | None:
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', inst.attrs)
     return int(m.group(1)) if m else None
+
+
+def _is_downcast(insts: list[_Instruction]) -> bool:
+    """A computation whose whole job is f32 → bf16 (XLA:CPU's way back after updating a bf16 buffer in f32)."""
+    body = [i for i in insts if i.op != "parameter"]
+    params = [i for i in insts if i.op == "parameter"]
+    return (bool(body) and len(params) == 1 and params[0].shape.startswith("f32") and body[-1].shape.startswith("bf16")
+            and any(i.op == "convert" for i in body)
+            and all(i.op in ("convert", "bitcast", "copy", "transpose", "reshape") for i in body))
 
 
 def _is_upcast(insts: list[_Instruction]) -> bool:

@@ -34,6 +34,7 @@ from fst_jax.tasks.base import RewardError, checked_score
 from fst_jax.trainer import evals, fast_phase, run_config, run_state, shapes as run_shapes
 from fst_jax.trainer.rollout_reuse import RolloutPool
 from fst_jax.trainer.run_state import Counters, derive_seed, in_dtype, plain_dict
+from fst_jax.sampling.chat import default_stop_token_ids
 from fst_jax.trainer.shared_sampler import SharedSampler
 
 log = logging.getLogger("fst_jax")
@@ -70,8 +71,9 @@ class FSTRunner:
         # FSDP-sharded like the params. It serves the KL term and, swapped into the one sampler, local reflection.
         self.base_params = in_dtype(params, config.model.dtype)
         del params
-        shared = SharedSampler(Sampler((self.graphdef, self.state.params), mesh=self.mesh), run_shapes.sampler_calls(c),
-                               {"policy": (c.sampling.max_prompt_tokens, "config.sampling.max_prompt_tokens"),
+        sampler = Sampler((self.graphdef, self.state.params), mesh=self.mesh, slots=run_shapes.sampler_slots(c),
+                          draw=c.sampling.draw)
+        shared = SharedSampler(sampler, {"policy": (c.sampling.max_prompt_tokens, "config.sampling.max_prompt_tokens"),
                                 "base": (c.gepa.reflection.max_prompt_tokens,
                                          "config.gepa.reflection.max_prompt_tokens")}, loaded=self.state.params)
         self.sampler = shared.view("policy", self.state.params)
@@ -187,12 +189,12 @@ class FSTRunner:
     # ---- slow weights -------------------------------------------------------------------------------
 
     def generate(self, sampler, prompts, *, temperature, seed, max_new_tokens=None, num_samples=1, top_p=None,
-                  call_kind=""):
+                 release=False):
         c, t0 = self.config, time.perf_counter()
-        out = sampler.generate(prompts, max_new_tokens=max_new_tokens or c.sampling.max_new_tokens, call_kind=call_kind,
+        out = sampler.generate(prompts, max_new_tokens=max_new_tokens or c.sampling.max_new_tokens, release=release,
                                temperature=temperature, top_p=c.sampling.top_p if top_p is None else top_p,
                                top_k=c.sampling.top_k, seed=seed, num_samples=num_samples,
-                               stop_token_ids=[t for t in (self.tokenizer.eos_token_id,) if t is not None],
+                               stop_token_ids=default_stop_token_ids(self.tokenizer),
                                pad_id=self.tokenizer.pad_token_id or 0)
         self.counters.time_sampling += time.perf_counter() - t0
         return out
@@ -202,13 +204,15 @@ class FSTRunner:
         sampling_before = self.counters.time_sampling
 
         reused = [0]
+        stats = self.sampler.shared.sampler.stats
+        useful, row_steps = stats.useful_tokens, stats.row_steps
 
         def generate(graphdef, params, prompts, **kwargs):
             def sample(prompts, num_samples, rest=False):
                 self.sampler.set_params(params)
                 return self.generate(self.sampler, prompts, temperature=kwargs["temperature"], seed=kwargs["seed"],
                                       max_new_tokens=kwargs["max_new_tokens"], num_samples=num_samples,
-                                      call_kind="reuse" if rest else "")
+                                      release=True)
 
             if not (self.config.cycle.reuse_gepa_rollouts and self.config.method == "fst"):
                 return sample(prompts, kwargs["num_samples"])
@@ -222,6 +226,8 @@ class FSTRunner:
         m["optimizer_step"] = m.pop("step")
         m["rollouts_this_step"] = len(batch) * self.rl_config.rollouts_per_problem
         m["reused_rollouts"] = reused[0]
+        # the rollouts' share of decode row-steps that produced a token (the engine's row utilisation)
+        m["sampler_utilisation"] = (stats.useful_tokens - useful) / max(stats.row_steps - row_steps, 1)
         self.counters.rl_rollouts += len(batch) * self.rl_config.rollouts_per_problem
         sampled = self.counters.time_sampling - sampling_before
         self.counters.time_rl_sampling += sampled

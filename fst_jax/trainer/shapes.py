@@ -1,6 +1,6 @@
 """The shapes of a run's jitted programs, shared by the run and its dry run (`fst_jax.trainer.dry_run`): the mesh, the
 sampler calls a run makes (`sampler_calls`: each kind's prompts, samples and token limits, so a run compiles
-only the programs its plan lowered), the prompt buckets they run at, the update's sequence lengths and the KL
+only the programs its plan lowered), the sampler's slots, the prompt buckets they run at, the update's sequence lengths and the KL
 evaluation's."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from fst_jax.runtime import parallel
 from fst_jax import sampling
 from fst_jax.rl.rollouts import length_bucket, length_buckets
 
-__all__ = ["SamplerCall", "sampler_calls", "sampler_rows", "prompt_buckets", "mesh_config", "update_length",
+__all__ = ["SamplerCall", "sampler_calls", "sampler_slots", "prompt_buckets", "mesh_config", "update_length",
            "update_lengths", "kl_length"]
 
 
@@ -21,11 +21,11 @@ def mesh_config(config) -> dict[str, int]:
     return {axis: int(config.mesh[axis]) for axis in parallel.MESH_AXES if axis in config.mesh}
 
 
-def sampler_rows(config) -> int:
-    """Most rows (prompts × samples) in one sampler call: `sampling.max_rows`, default B·G (the rollout batch).
-    The run splits bigger requests (GEPA's window scoring, evaluations) into calls of at most this many."""
+def sampler_slots(config) -> int:
+    """The sampler's slots (rows in flight; a call with more rows streams them through): `sampling.slots`,
+    default B·G (one RL step's rollouts all in flight)."""
     c = config
-    return int(c.sampling.max_rows or c.cycle.problems_per_step * c.cycle.rollouts_per_problem)
+    return int(c.sampling.slots or c.cycle.problems_per_step * c.cycle.rollouts_per_problem)
 
 
 def update_length(config) -> int:
@@ -69,62 +69,53 @@ def prompt_buckets(config, max_prompt_tokens: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerCall:
-    """One kind of sampler call of a run, at its largest: `prompts` prompts (padded to this many rows by the
-    run) of up to `prompt_tokens` tokens, `num_samples` completions each of up to `max_new_tokens`. `weights`:
-    "policy" (the trained params) or "base" (the frozen base: local reflection). `release_after`: drop the
-    sampling weights after the call (the rollouts: the update comes next and changes the params anyway).
-    `kind`: calls with a kind serve only requests that name it (the rest of a partly reused rollout batch);
-    `exact_rows`: run exactly `prompts` rows, not the power-of-two bucket (`sampling.row_bucket`)."""
+    """One kind of sampler call of a run, at its largest: up to `prompts` prompts (None: any number — the
+    validation set) of up to `prompt_tokens` tokens, `num_samples` completions each of up to `max_new_tokens`,
+    all in one call (the engine streams them through the slots). `weights`: "policy" (the trained params) or
+    "base" (the frozen base: local reflection). `release_after`: drop the sampling weights after the call (the
+    rollouts: the update comes next). `fixed`: every call of this kind has exactly `prompts` prompts (so it
+    always starts with the same slots)."""
 
-    prompts: int
+    prompts: int | None
     num_samples: int
     prompt_tokens: int
     max_new_tokens: int
     weights: str = "policy"
     release_after: bool = False
-    kind: str = ""
-    exact_rows: bool = False
+    fixed: bool = False
 
-    def rows(self, mesh) -> int:
-        """The prompt rows the sampler runs for this call."""
-        return sampling.row_bucket(self.prompts, mesh, exact=self.exact_rows)
+    def rows(self, slots: int) -> int:
+        """The most rows in flight: prompts × samples, at most `slots`."""
+        return slots if self.prompts is None else min(slots, self.prompts * self.num_samples)
 
 
 def sampler_calls(config) -> dict[str, SamplerCall]:
-    """Every kind of sampler call the run makes, at the shapes it makes them (the run pads each call's rows to
-    its kind's `prompts`, splitting bigger requests; `fst.FSTRunner` uses this table too).
+    """Every kind of sampler call the run makes, at the shapes it makes them (`fst.FSTRunner` and the dry run).
 
-    rollout: B·K prompts × G/K samples (RL-only: B × G), in calls of at most `sampler_rows` rows.
-    gepa_minibatch: a GEPA iteration's parents or children on their minibatches (proposals × minibatch size).
-    gepa: GEPA's window scoring, in calls of at most `sampler_rows` rows. reflection: the local reflection LM on the base weights. eval: mean@k, k samples
-    of up to `sampler_rows` // k prompts. kl_sample: the KL evaluation's responses. rollout_rest_{n}: with
-    `cycle.reuse_gepa_rollouts`, the rollouts GEPA did not supply, one sample per row, at exactly ¼, ½, ¾ and
-    all of the rollout rows (power-of-two buckets would run 44 rows as 64 and save nothing).
+    rollout: one RL step's B·K prompts × G/K samples (RL-only: B × G). rollout_rest: with
+    `cycle.reuse_gepa_rollouts`, the rollouts GEPA did not supply, one sample per row. gepa_minibatch: a GEPA
+    iteration's parents or children on their minibatches (proposals × minibatch size). gepa: GEPA's window
+    scoring (up to the window × proposals). reflection: the local reflection LM on the base weights. eval:
+    mean@k, k samples of each validation problem. kl_sample: the KL evaluation's responses.
     """
     c = config
     B, G, K = int(c.cycle.problems_per_step), int(c.cycle.rollouts_per_problem), int(c.cycle.population_size)
     K = 1 if c.method == "rl" else K
-    max_rows, prompt, new = sampler_rows(c), int(c.sampling.max_prompt_tokens), int(c.sampling.max_new_tokens)
+    prompt, new = int(c.sampling.max_prompt_tokens), int(c.sampling.max_new_tokens)
     proposals = int(c.gepa.proposals_per_iteration)
     calls = {}
     if c.method != "gepa":
-        calls["rollout"] = SamplerCall(min(B * K, max(1, max_rows // (G // K))), G // K, prompt, new,
-                                       release_after=True)
+        calls["rollout"] = SamplerCall(B * K, G // K, prompt, new, release_after=True, fixed=True)
         if c.method == "fst" and c.cycle.get("reuse_gepa_rollouts"):
-            rows = min(B * G, max_rows)
-            for n in sorted({max(1, rows * q // 4) for q in (1, 2, 3, 4)}):
-                calls[f"rollout_rest_{n}"] = SamplerCall(n, 1, prompt, new, release_after=True, kind="reuse",
-                                                         exact_rows=True)
+            calls["rollout_rest"] = SamplerCall(B * G, 1, prompt, new, release_after=True)
     if c.method != "rl":
         window = B * int(c.cycle.rl_steps)
-        calls["gepa_minibatch"] = SamplerCall(min(proposals * int(c.gepa.minibatch_size), max_rows), 1, prompt, new)
-        calls["gepa"] = SamplerCall(min(max_rows, window * proposals), 1, prompt, new)
+        calls["gepa_minibatch"] = SamplerCall(proposals * int(c.gepa.minibatch_size), 1, prompt, new)
+        calls["gepa"] = SamplerCall(window * proposals, 1, prompt, new)
         if c.gepa.reflection.kind == "local":
-            calls["reflection"] = SamplerCall(min(proposals, max_rows), 1, int(c.gepa.reflection.max_prompt_tokens),
+            calls["reflection"] = SamplerCall(proposals, 1, int(c.gepa.reflection.max_prompt_tokens),
                                               int(c.gepa.reflection.max_new_tokens), weights="base")
-    k = int(c.eval.k)
-    calls["eval"] = SamplerCall(max(1, max_rows // k), k, prompt, int(c.eval.max_new_tokens))
+    calls["eval"] = SamplerCall(int(c.eval.num_problems) or None, int(c.eval.k), prompt, int(c.eval.max_new_tokens))
     if c.eval.kl_prompts:
-        calls["kl_sample"] = SamplerCall(min(int(c.eval.kl_prompts), max_rows), 1, prompt,
-                                         int(c.eval.kl_max_new_tokens))
+        calls["kl_sample"] = SamplerCall(int(c.eval.kl_prompts), 1, prompt, int(c.eval.kl_max_new_tokens))
     return calls
