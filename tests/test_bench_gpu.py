@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_bench_gpu_runs_on_cpu_at_tiny_shapes():
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
     result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "gpu", "--allow-cpu"],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -25,7 +27,7 @@ def test_bench_gpu_runs_on_cpu_at_tiny_shapes():
 
 
 def test_bench_gpu_without_accelerator_says_so():
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "gpu"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "no accelerator found" in result.stdout

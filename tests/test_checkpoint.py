@@ -19,6 +19,8 @@ from fst_jax.runtime.checkpoint import (CheckpointError, Checkpointer, Checkpoin
                                 config_snapshot, redact)
 from fst_jax.runtime.metrics import MetricsWriter, read_metrics
 
+from conftest import xla_flags
+
 # orbax leaves un-awaited read coroutines behind when a damaged array fails to load; they are harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -349,7 +351,7 @@ def _run_two_processes(script, workdir, mode):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one device per process
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(workdir), mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]

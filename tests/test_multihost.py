@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TIMEOUT_S = 600  # per process
@@ -51,7 +53,7 @@ def compile_cache(jax_cache_env):
 def _env(devices: int, cache: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # not the 8 of conftest
+    env["XLA_FLAGS"] = xla_flags(devices)  # not the 8 of conftest
     return env
 
 

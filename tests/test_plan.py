@@ -12,13 +12,15 @@ import pytest
 
 from fst_jax.trainer import dry_run as plan
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("jit(_insert)", "jit(_decode)", "jit(_compact)", "jit(_empty)", "jit(_zero_accumulator)", "jit(_accumulate)", "jit(_apply_update)",
             "jit(_log_ratio)")
 
 
 def _train(*args, timeout=1500):
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(8))
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import xla_flags
 from test_gepa_reflection_openai import ChatServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def cache(jax_cache_env):
 
 
 def run(cmd, cache, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", FST_LOOPBACK_KEY=KEY,
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), FST_LOOPBACK_KEY=KEY,
                JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -19,15 +19,12 @@ import pytest
 from fst_jax.config import default_config, validate
 from fst_jax.tasks.base import RewardError, Score, checked_score
 
+from conftest import TINY_RUN, xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "fst_tiny.py")
 BAD_REWARD = os.path.join(ROOT, "tests", "data", "bad_reward_config.py")
-# Two cycles of one RL step each; B=2, G=4, K=2; evaluation only at the end, on 2 problems.
-SMALL = ["--config.total_steps=2", "--config.cycle.rl_steps=1", "--config.cycle.problems_per_step=2",
-         "--config.cycle.rollouts_per_problem=4", "--config.cycle.population_size=2",
-         "--config.gepa.budget_rollouts=8", "--config.eval.at_start=False", "--config.eval.every=0",
-         "--config.eval.num_problems=2", "--config.eval.k=1", "--config.eval.kl_prompts=1",
-         "--config.log.progress=False", "--noplot"]
+SMALL = list(TINY_RUN)  # conftest: the tiny run test_wandb makes too, on one device
 
 
 # ---- config values --------------------------------------------------------------------------------------
@@ -163,8 +160,8 @@ def test_quiet_stderr_drops_only_closed_event_loop_tracebacks():
 
 @pytest.fixture(scope="module")
 def env(jax_cache_env):
-    """The environment of a user's shell plus the session's persistent compilation cache (conftest)."""
-    e = dict(os.environ, PYTHONPATH=ROOT, **jax_cache_env)
+    """The environment of a user's shell (one CPU device) plus the session's persistent compilation cache."""
+    e = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1), **jax_cache_env)
     e.pop("FST_JAX_TRACEBACK", None)
     return e
 

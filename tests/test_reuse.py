@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,7 +22,7 @@ def _train(workdir, jax_cache_env, *flags):
            "--config.gepa.minibatch_size=2", "--config.eval.k=1", "--config.eval.num_problems=2",
            "--config.eval.kl_prompts=0", "--config.eval.at_start=false", "--config.forgetting_tasks=",
            "--config.log.progress=false", "--noplot", *flags]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **jax_cache_env)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), **jax_cache_env)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

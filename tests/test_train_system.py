@@ -15,6 +15,8 @@ from fst_jax.models.config import Qwen3Config
 from fst_jax.models.hf import save_pretrained
 from fst_jax.models.qwen3 import Qwen3
 
+from conftest import xla_flags
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "math_small.jsonl")
 
 
@@ -147,7 +149,7 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, jax_cache_env):
            "--config.gepa.proposals_per_iteration=2", "--config.sampling.max_new_tokens=4",
            "--config.eval.k=1", "--config.eval.num_problems=2", "--config.eval.kl_prompts=2",
            "--config.forgetting_tasks=copy", "--config.log.progress=false"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **jax_cache_env)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), **jax_cache_env)
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "done: 2 steps" in first.stdout
@@ -248,7 +250,7 @@ def test_killed_process_resumes_exactly(tmp_path, jax_cache_env):
                 "--config.forgetting_tasks=", "--config.log.progress=false", "--noplot"]
 
     # the session's persistent compilation cache: only the first of the three processes compiles
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **jax_cache_env)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), **jax_cache_env)
     straight = subprocess.run(command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
 

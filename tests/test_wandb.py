@@ -23,16 +23,13 @@ import pytest
 from fst_jax.config import default_config, validate
 from fst_jax.runtime.wandb_log import wandb_metrics
 
+from conftest import TINY_RUN, xla_flags
+
 wandb = pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "fst_tiny.py")
-# Two cycles of one RL step each; B=2, G=4, K=2; one evaluation, at the end, on 2 problems.
-SMALL = ["--config.total_steps=2", "--config.cycle.rl_steps=1", "--config.cycle.problems_per_step=2",
-         "--config.cycle.rollouts_per_problem=4", "--config.cycle.population_size=2",
-         "--config.gepa.budget_rollouts=8", "--config.eval.at_start=False", "--config.eval.every=0",
-         "--config.eval.num_problems=2", "--config.eval.k=1", "--config.eval.kl_prompts=1",
-         "--config.log.progress=False", "--noplot"]
+SMALL = list(TINY_RUN)  # shared with test_reliability: its programs are in the compilation cache
 SECRET = "sk-test-0123456789abcdefghijklmnop"  # an API key in the environment: it must reach no W&B file
 
 
@@ -154,7 +151,7 @@ def resumed_run(tmp_path_factory, jax_cache_env):
     """A W&B-logged run killed while saving its last checkpoint, then resumed by the same command."""
     tmp = tmp_path_factory.mktemp("wandb")
     workdir, marker, files = tmp / "run", tmp / "saving", tmp / "wandb_files"
-    env = dict(os.environ, PWD=str(ROOT), PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, PWD=str(ROOT), PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(1),
                **jax_cache_env, WANDB_DIR=str(files),
                WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                WANDB_DATA_DIR=str(tmp / "wandb_data"), OPENAI_API_KEY=SECRET)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 SMALL = ["--config.method=rl", "--config.total_steps=2", "--config.cycle.rl_steps=1",
@@ -31,7 +33,7 @@ NEW_RULE = '--config.tasks.rule.options={"rule": "sort, then shift 3"}'
 @pytest.fixture(scope="module")
 def env(jax_cache_env):
     e = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS=xla_flags(2),
              **jax_cache_env,
              FST_JAX_LOCK_HEARTBEAT_S="1", FST_JAX_LOCK_STALE_S="60")
     e.pop("FST_JAX_TRACEBACK", None)
