@@ -75,8 +75,9 @@ CEILING_TASK = "--config.tasks.rule.options=" + json.dumps({"rule": CEILING_RULE
 # the plasticity probe's rule: held out of the tiny model's training (HELD_OUT_RULES) and of every source run
 PLASTICITY_RULE = "reverse, then shift 1"
 PLASTICITY_THRESHOLD = 0.5  # dense reward a fresh RL run must reach; steps to it measure how fast it learns
-# (source name, coupling-study run it starts from: None = the base model) of the plasticity probe
-PLASTICITY_SOURCES = (("fst", "fst"), ("rl48", "rl48"), ("rl", "rl"), ("base", None))
+# (source name, coupling-study run it starts from: None = the base model) of the plasticity probe; RL at its
+# plateau last: its 512-step coupling runs are the longest to make
+PLASTICITY_SOURCES = (("fst", "fst"), ("rl48", "rl48"), ("base", None), ("rl", "rl"))
 # FST with its population drawn from the non-dominated set, paired by seed with plain FST (the front)
 POPULATION_VARIANT = ("fst_nondominated", ["--config.cycle.population_rule=nondominated"])
 
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
                     "(--from, default runs/compare) and the base (--out default runs/plasticity)")
     ap.add_argument("--from", dest="source", default=os.path.join("runs", "compare"),
                     help="plasticity: the coupling study's --out, whose fst_s*/rl_s* runs are the sources")
-    ap.add_argument("--plastic-steps", type=int, default=96, help="plasticity: RL steps of each fresh run")
+    ap.add_argument("--plastic-steps", type=int, default=128, help="plasticity: RL steps of each fresh run")
     ap.add_argument("--report-only", action="store_true", help="run nothing: report on the runs already in --out")
     ap.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run (after --)")
     args = ap.parse_args(argv)
