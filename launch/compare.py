@@ -81,6 +81,8 @@ PLASTICITY_SOURCES = (("fst", "fst"), ("rl48", "rl48"), ("base", None), ("rl", "
 # FST with its population drawn from the non-dominated set, paired by seed with plain FST (the front)
 POPULATION_VARIANT = ("fst_nondominated", ["--config.cycle.population_rule=nondominated"])
 
+STUDY_SECTIONS = ("ceiling", "plasticity")  # compare.json keys written by --study, kept by the coupling report
+
 # (name, method, extra flags) of the continual runs
 CONTINUAL_RUNS = (("fst", "fst", []), ("fst_reset", "fst", ["--config.gepa.reset_on_task_switch=true"]),
                   ("gepa", "gepa", []), ("gepa_reset", "gepa", ["--config.gepa.reset_on_task_switch=true"]),
@@ -345,7 +347,11 @@ def main(argv=None) -> int:
 
     os.makedirs(args.docs, exist_ok=True)
     table = markdown(report)
-    with open(os.path.join(args.docs, "compare.json"), "w") as f:
+    path = os.path.join(args.docs, "compare.json")
+    if os.path.isfile(path):  # the ceiling and plasticity studies' sections stay
+        with open(path) as f:
+            report.update({k: v for k, v in json.load(f).items() if k in STUDY_SECTIONS})
+    with open(path, "w") as f:
         json.dump(report, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
     with open(os.path.join(args.docs, "compare.md"), "w") as f:
         f.write(table)
