@@ -189,13 +189,17 @@ def plasticity(args, command: str) -> int:
             return 2
         train(args.config, workdir, overrides, f"[{i}/{len(plan)}] {label}")
     report_started = time.time()
+    done = lambda name: all(os.path.isfile(os.path.join(args.out, f"from_{name}_s{s}", "metrics.jsonl"))  # noqa: E731
+                            for s in args.seeds)
     runs = {name: [load_run(os.path.join(args.out, f"from_{name}_s{s}")) for s in args.seeds]
-            for name, _ in PLASTICITY_SOURCES}
+            for name, _ in PLASTICITY_SOURCES if done(name)}  # --report-only while some are still to run
     section = plasticity_measures(runs, PLASTICITY_THRESHOLD)
+    section["pending"] = [name for name, _ in PLASTICITY_SOURCES if name not in runs]
     section.update(task=f"rule: rule = {PLASTICITY_RULE!r} (dense reward), held out of the tiny model's training",
                    seeds=args.seeds, steps=args.plastic_steps, command=command.strip(),
                    sources={f"{n}_s{s}": v for (n, s), v in sources.items()})
-    spans = [span_seconds(load_run(workdir)) for _, workdir, _ in plan]
+    spans = [span_seconds(load_run(workdir)) for _, workdir, _ in plan
+             if os.path.isfile(os.path.join(workdir, "metrics.jsonl"))]
     section["wall_time_s"] = sum(spans) + (time.time() - report_started)
     return _write_section(args, "plasticity", section)
 

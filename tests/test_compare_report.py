@@ -117,6 +117,7 @@ def test_population_ceiling_and_plasticity_measures(report):
     plastic = compare_report.plasticity_measures({"fst": front, "rl": [run([0.0, 0.2, 0.4])] * 2}, 0.5)
     assert plastic["from"]["fst"]["steps_to_threshold"] == [24.0, 8.0]
     assert plastic["from"]["rl"]["steps_to_threshold"] == [None, None]
+    assert plastic["from"]["rl"]["gain"] == pytest.approx([0.4, 0.4])
     assert plastic["targets"]["fst_at_least_as_fast_as_rl"]["met"]  # 16 vs never (16 + 1)
     assert "not reached in 16 steps" in compare_report.section_markdown("plasticity", {
         **plastic, "task": "t", "steps": 16, "seeds": [0, 1], "command": "c", "wall_time_s": 60.0})

@@ -267,19 +267,27 @@ def plasticity_measures(runs: dict[str, list[run_records.Run]], threshold: float
     counting as the run's length + 1, and final reward) checked against each RL source."""
     out = {"threshold": threshold, "from": {}}
     for name, rs in runs.items():
-        out["from"][name] = {"final": [_final(r) for r in rs], "steps_to_threshold": [steps_to(r, threshold) for r in rs],
+        starts = [(_evals(r) or [{}])[0].get("val/reward") for r in rs]
+        finals = [_final(r) for r in rs]
+        out["from"][name] = {"final": finals, "start": starts,
+                             "gain": [None if a is None or b is None else b - a for a, b in zip(starts, finals)],
+                             "steps_to_threshold": [steps_to(r, threshold) for r in rs],
                              "steps_run": [_final(r, "step") for r in rs], "curves": [_curve(r) for r in rs]}
 
     def slowness(name):
         f = out["from"][name]
         return _mean([s if s is not None else (n or 0) + 1 for s, n in zip(f["steps_to_threshold"], f["steps_run"])])
     claims = {}
-    for other in (n for n in runs if n.startswith("rl")):
+    for other in (n for n in runs if n.startswith("rl") and "fst" in runs):
+        a, b = slowness("fst"), slowness(other)
+        gain_a, gain_b = _mean(out["from"]["fst"]["gain"]), _mean(out["from"][other]["gain"])
         claims[f"fst_at_least_as_fast_as_{other}"] = {
-            "fst_steps": slowness("fst"), f"{other}_steps": slowness(other),
+            "fst_steps": a, f"{other}_steps": b,
             "fst_final": _mean(out["from"]["fst"]["final"]), f"{other}_final": _mean(out["from"][other]["final"]),
-            "met": bool(slowness("fst") is not None and slowness(other) is not None
-                        and slowness("fst") <= slowness(other))}
+            "fst_gain": gain_a, f"{other}_gain": gain_b,
+            # fewer steps to the threshold; at equal steps (neither reached it, say) the larger gain
+            "met": bool(a is not None and b is not None and (a < b or (a == b and gain_a is not None
+                                                                        and gain_b is not None and gain_a >= gain_b)))}
     out["targets"] = claims
     return out
 
@@ -321,17 +329,23 @@ def section_markdown(key: str, section: dict) -> str:
                   "base": "the base model"}
         lines += [f"Fresh RL on `{section['task']}` ({section['steps']} steps, a new optimizer) from each checkpoint; "
                   f"seeds {section['seeds']}; threshold {section['threshold']} validation reward.", "",
-                  "| from | final reward | steps to the threshold |", "|---|---|---|"]
+                  "| from | reward at the start | final reward | gain | steps to the threshold |",
+                  "|---|---|---|---|---|"]
         for n in names:
             reached = fr[n]["steps_to_threshold"]
             cell = _ms(reached, ".0f") if any(x is not None for x in reached) else \
                 f"not reached in {section['steps']} steps"
-            lines.append(f"| {titles.get(n, n)} | {_ms(fr[n]['final'])} | {cell} |")
-        lines += ["", "Targets (steps to the threshold, a run that never reaches it counted as its length + 1):", ""]
+            lines.append(f"| {titles.get(n, n)} | {_ms(fr[n].get('start', []))} | {_ms(fr[n]['final'])} | "
+                         f"{_ms(fr[n].get('gain', []), '+.3f')} | {cell} |")
+        if section.get("pending"):
+            lines += ["", f"Not run yet (no runs from): {', '.join(titles.get(n, n) for n in section['pending'])}."]
+        lines += ["", "Targets (steps to the threshold, a run that never reaches it counted as its length + 1; at equal "
+                      "steps the larger gain):", ""]
         for name, c in section["targets"].items():
             other = name.removeprefix("fst_at_least_as_fast_as_")
             lines.append(f"- from FST's checkpoint at least as fast as from {titles.get(other, other)}: "
-                         f"{_fmt(c['fst_steps'], '.1f')} vs {_fmt(c[other + '_steps'], '.1f')} steps, final "
+                         f"{_fmt(c['fst_steps'], '.1f')} vs {_fmt(c[other + '_steps'], '.1f')} steps, gain "
+                         f"{_fmt(c.get('fst_gain'), '+.3f')} vs {_fmt(c.get(other + '_gain'), '+.3f')}, final "
                          f"{_fmt(c['fst_final'])} vs {_fmt(c[other + '_final'])} — **{'met' if c['met'] else 'missed'}**")
     pop = section.get("population")
     if pop:
