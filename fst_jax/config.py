@@ -51,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.cycle.problems_per_step = 32      # B
     c.cycle.rollouts_per_problem = 8    # G
     c.cycle.population_size = 4         # K (must divide G)
+    # the K prompts come from the Pareto front: "front" = every candidate best (ties included) on some window
+    # problem; "nondominated" = those left after the gepa package's remove_dominated (a prompt that is best only
+    # where others tie it, e.g. the seed prompt tied at zero, is dropped). GEPA's own search is the same either way.
+    c.cycle.population_rule = "front"
     # GEPA's evaluation rollouts of (window problem, population prompt) pairs stand in for RL rollouts of the
     # same pairs in the cycle's steps (off by default); one sampled more than `reuse_max_staleness` updates
     # before the step that would use it is not reused (CISPO's importance ratio corrects what is reused).
@@ -262,6 +266,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     """path → allowed values, read from the modules that implement them (imported here, not at the top, so
     that config files stay cheap to import)."""
     from fst_jax.gepa.selection import SELECTORS
+    from fst_jax.gepa.state import POPULATION_RULES
     from fst_jax.models.config import ATTENTION_KERNELS, REMAT_POLICIES
     from fst_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     from fst_jax.trainer.cost_model import DEVICES
@@ -270,7 +275,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     return {"model.dtype": dtypes, "model.param_dtype": dtypes, "model.remat": REMAT_POLICIES,
             "model.attention": tuple(ATTENTION_KERNELS),
             "rl.loss": tuple(POLICY_LOSSES), "rl.kl_estimator": tuple(KL_ESTIMATORS), "rl.aggregation": AGGREGATIONS,
-            "gepa.selection": SELECTORS, "gepa.reflection.kind": ("local", "openai"), "plan.device": tuple(DEVICES)}
+            "gepa.selection": SELECTORS, "cycle.population_rule": POPULATION_RULES, "gepa.reflection.kind": ("local", "openai"), "plan.device": tuple(DEVICES)}
 
 
 def _validate_task(name: str, spec) -> None:

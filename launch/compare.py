@@ -7,6 +7,9 @@ numbers with their spread. A benchmark that prints numbers, not a test.
     python launch/compare.py --out /tmp/smoke --seeds 0 --steps 4 --stage-steps 2 --docs /tmp/smoke/docs \\
         -- --config.cycle.rl_steps=2                                                      # a smoke run
 
+    python launch/compare.py --study ceiling -- --config.log.progress=false            # the ceiling study
+    python launch/compare.py --study plasticity --from runs/compare -- --config.log.progress=false  # plasticity
+
 Every run is `launch/train.py` in its own workdir under `--out`, one at a time, each with its progress bar;
 re-running the same command resumes an interrupted run and skips finished ones instantly. The runs:
 
@@ -15,12 +18,24 @@ re-running the same command resumes an interrupted run and skips finished ones i
   docs/coupling.md) so that its curve has flattened: FST is measured against RL's plateau, not against RL cut off
   while still climbing. Raising `--rl-steps` later resumes the finished RL runs where they stopped (the
   learning rate is constant after warm-up, so the result is that of one longer run).
+- `fst_nondominated_s{seed}`: FST with its population drawn from the non-dominated set
+  (`cycle.population_rule=nondominated`) instead of every candidate best on some problem, ties at zero included;
+  paired by seed with `fst_s{seed}` (`--skip-population` leaves it out).
 - `fst_dominated_s{seed}` (ablation): FST with the population topped up with dominated prompts when the
   Pareto front holds fewer than K (`gepa.population_fill=dominated`) instead of repeating front members.
 - `fst_reuse_s{seed}`: FST with GEPA's evaluation rollouts standing in for RL rollouts
   (`cycle.reuse_gepa_rollouts`): the fraction of RL rollouts reused and the wall time per cycle saved.
 - `continual_{fst,fst_reset,gepa,gepa_reset,rl}_s{seed}`: the config's three continual stages in turn, the
   population carried across task switches or reset to the seed prompt (`gepa.reset_on_task_switch`).
+
+`--study ceiling` (runs/ceiling): FST, RL alone (`--rl-steps`, default 4×), GEPA-only and `fst_nondominated`
+on exact-match "sort, then shift 3", where RL alone gets no reward variance under the seed prompt; writes
+DOCS/compare.json's "ceiling" (the rest of the file kept), DOCS/compare_ceiling.md/.png and the page's
+`ceiling:start/end` block. `--study plasticity` (runs/plasticity): fresh RL (`--plastic-steps`, a new optimizer,
+`config.init_from`) on the held-out "reverse, then shift 1" from each seed's coupling-study checkpoints in
+`--from` (FST at its end, RL alone at its plateau), from RL run here to FST's step count (`rl48_s{seed}`), and
+from the base model; DOCS/compare.json's "plasticity", compare_plasticity.md/.png, the `plasticity:start/end`
+block. Its sources must be finished first (a longer RL run later moves its checkpoint).
 
 Measures, per seed, then mean ± std over seeds: final and peak validation reward (mean@k under the run's best
 prompt); RL steps and total rollouts (GEPA's included) to reach the same seed's RL peak; KL(π_θ ‖ π_base) under
@@ -36,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -44,12 +60,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from fst_jax.analysis.compare_plot import band_plot  # noqa: E402
-from fst_jax.analysis.compare_report import (STAGES, continual_measures, continual_target, markdown,  # noqa: E402
-                                             method_measures, reuse_measures, targets, update_doc_block,
-                                             span_seconds)
+from fst_jax.analysis.compare_plot import band_plot, section_plot  # noqa: E402
+from fst_jax.analysis.compare_report import (STAGES, ceiling_measures, continual_measures,  # noqa: E402
+                                             continual_target, markdown, method_measures, plasticity_measures,
+                                             population_measures, reuse_measures, section_markdown, span_seconds,
+                                             targets, update_doc_block)
 from fst_jax.analysis.runs import load_run  # noqa: E402
 from fst_jax.config import parse_schedule  # noqa: E402
+
+# the ceiling study's task: a composition from the tiny model's training family that it carries out ~65% of the
+# time when told and never exactly under the seed prompt; exact-match reward (RL alone gets no reward variance)
+CEILING_RULE = "sort, then shift 3"
+CEILING_TASK = "--config.tasks.rule.options=" + json.dumps({"rule": CEILING_RULE, "reward": "exact"})
+# the plasticity probe's rule: held out of the tiny model's training (HELD_OUT_RULES) and of every source run
+PLASTICITY_RULE = "reverse, then shift 1"
+PLASTICITY_THRESHOLD = 0.5  # dense reward a fresh RL run must reach; steps to it measure how fast it learns
+# (source name, coupling-study run it starts from: None = the base model) of the plasticity probe; RL at its
+# plateau last: its 512-step coupling runs are the longest to make
+PLASTICITY_SOURCES = (("fst", "fst"), ("rl48", "rl48"), ("base", None), ("rl", "rl"))
+# FST with its population drawn from the non-dominated set, paired by seed with plain FST (the front)
+POPULATION_VARIANT = ("fst_nondominated", ["--config.cycle.population_rule=nondominated"])
+
+STUDY_SECTIONS = ("ceiling", "plasticity")  # compare.json keys written by --study, kept by the coupling report
 
 # (name, method, extra flags) of the continual runs
 CONTINUAL_RUNS = (("fst", "fst", []), ("fst_reset", "fst", ["--config.gepa.reset_on_task_switch=true"]),
@@ -124,6 +156,77 @@ def decomposition(config_path: str, workdir: str, overrides: list[str]) -> dict:
     return out
 
 
+def plasticity(args, command: str) -> int:
+    """Fresh RL (a new optimizer, the held-out rule, `--plastic-steps` steps) from each seed's coupling-study
+    checkpoints, FST at its end and RL at its plateau (`--from`), RL at FST's step count (run here as `rl48`,
+    the same run as RL's first steps), and the base model; DOCS/compare.json's "plasticity"."""
+    if args.out == os.path.join("runs", "compare"):
+        args.out = os.path.join("runs", "plasticity")
+    config = _load_config(args.config)
+    _apply_overrides(config, [o for o in args.overrides if o.startswith("--config.")])
+    steps = args.steps or int(config.total_steps)
+    task = "--config.tasks.rule.options=" + json.dumps({"rule": PLASTICITY_RULE})
+    plan = []  # (label, workdir, overrides)
+    for seed in args.seeds:  # the RL source at FST's step count: the checkpoint a longer run does not keep
+        plan.append((f"rl{steps}_s{seed}", os.path.join(args.out, f"rl{steps}_s{seed}"),
+                     ["--config.method=rl", f"--config.seed={seed}", f"--config.total_steps={steps}",
+                      *args.overrides]))
+    sources = {}
+    for name, run in PLASTICITY_SOURCES:
+        for seed in args.seeds:
+            src = (None if run is None else os.path.join(args.out, f"rl{steps}_s{seed}") if run == "rl48"
+                   else os.path.abspath(os.path.join(args.source, f"{run}_s{seed}")))
+            sources[name, seed] = src
+            plan.append((f"from_{name}_s{seed}", os.path.join(args.out, f"from_{name}_s{seed}"),
+                         ["--config.method=rl", f"--config.seed={seed}", f"--config.total_steps={args.plastic_steps}",
+                          task, *([f"--config.init_from={os.path.abspath(src)}"] if src else []),
+                          *args.overrides]))
+    for i, (label, workdir, overrides) in enumerate([] if args.report_only else plan, 1):
+        src = next((o.split("=", 1)[1] for o in overrides if o.startswith("--config.init_from=")), None)
+        if src and not os.path.isdir(src):
+            print(f"compare: {label} starts from {src}, which does not exist: run the coupling study (--from) "
+                  "first", file=sys.stderr)
+            return 2
+        train(args.config, workdir, overrides, f"[{i}/{len(plan)}] {label}")
+    report_started = time.time()
+    done = lambda name: all(os.path.isfile(os.path.join(args.out, f"from_{name}_s{s}", "metrics.jsonl"))  # noqa: E731
+                            for s in args.seeds)
+    runs = {name: [load_run(os.path.join(args.out, f"from_{name}_s{s}")) for s in args.seeds]
+            for name, _ in PLASTICITY_SOURCES if done(name)}  # --report-only while some are still to run
+    section = plasticity_measures(runs, PLASTICITY_THRESHOLD)
+    section["pending"] = [name for name, _ in PLASTICITY_SOURCES if name not in runs]
+    section.update(task=f"rule: rule = {PLASTICITY_RULE!r} (dense reward), held out of the tiny model's training",
+                   seeds=args.seeds, steps=args.plastic_steps, command=command.strip(),
+                   sources={f"{n}_s{s}": v for (n, s), v in sources.items()})
+    spans = [span_seconds(load_run(workdir)) for _, workdir, _ in plan
+             if os.path.isfile(os.path.join(workdir, "metrics.jsonl"))]
+    section["wall_time_s"] = sum(spans) + (time.time() - report_started)
+    return _write_section(args, "plasticity", section)
+
+
+def _write_section(args, key: str, section: dict) -> int:
+    """DOCS/compare.json's `key` (the rest of the file kept), DOCS/compare_KEY.md and .png, and the page's
+    `KEY:start` / `KEY:end` block."""
+    os.makedirs(args.docs, exist_ok=True)
+    path = os.path.join(args.docs, "compare.json")
+    report = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            report = json.load(f)
+    report[key] = section
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+    table = section_markdown(key, section)
+    with open(os.path.join(args.docs, f"compare_{key}.md"), "w") as f:
+        f.write(table)
+    section_plot(key, section, os.path.join(args.docs, f"compare_{key}.png"))
+    print("\n" + table)
+    if args.page and update_doc_block(table, args.page, key):
+        print(f"updated the {key} block in {args.page}")
+    print(f"wrote {path} ({key!r}), compare_{key}.md and compare_{key}.png")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "fst_tiny_coupling.py"))
@@ -144,10 +247,27 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-reuse", action="store_true")
     ap.add_argument("--skip-decomposition", action="store_true")
+    ap.add_argument("--skip-population", action="store_true",
+                    help="no fst_nondominated runs (FST's population from the non-dominated set)")
+    ap.add_argument("--study", choices=("coupling", "ceiling", "plasticity"), default="coupling",
+                    help="coupling: the config's task (all the runs above); ceiling: FST, RL alone, GEPA-only and "
+                    f"the population variant on exact-match {CEILING_RULE!r} (--out default runs/ceiling); "
+                    f"plasticity: fresh RL on {PLASTICITY_RULE!r} from the coupling study's checkpoints "
+                    "(--from, default runs/compare) and the base (--out default runs/plasticity)")
+    ap.add_argument("--from", dest="source", default=os.path.join("runs", "compare"),
+                    help="plasticity: the coupling study's --out, whose fst_s*/rl_s* runs are the sources")
+    ap.add_argument("--plastic-steps", type=int, default=128, help="plasticity: RL steps of each fresh run")
     ap.add_argument("--report-only", action="store_true", help="run nothing: report on the runs already in --out")
     ap.add_argument("overrides", nargs="*", help="extra --config.x=y flags for every run (after --)")
     args = ap.parse_args(argv)
-    command = "python launch/compare.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python launch/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.study == "plasticity":
+        return plasticity(args, command)
+    if args.study == "ceiling":
+        args.skip_continual = args.skip_reuse = args.skip_ablation = args.skip_decomposition = True
+        if args.out == os.path.join("runs", "compare"):
+            args.out = os.path.join("runs", "ceiling")
+        args.overrides = [CEILING_TASK, *args.overrides]
 
     common = ([f"--config.total_steps={args.steps}"] if args.steps else []) + args.overrides
     config = _load_config(args.config)
@@ -155,6 +275,8 @@ def main(argv=None) -> int:
     rl_steps = args.rl_steps or 4 * int(config.total_steps)
     plan = []  # (label, workdir, overrides)
     variants = [("fst", []), ("rl", []), ("gepa", [])]  # (name, extra flags); run seed-major within each
+    if not args.skip_population:
+        variants.append(POPULATION_VARIANT)
     if not args.skip_ablation:
         variants.append(("fst_dominated", ["--config.gepa.population_fill=dominated"]))
     if not args.skip_reuse:
@@ -181,6 +303,17 @@ def main(argv=None) -> int:
         train(args.config, os.path.join(args.out, label), overrides, f"[{i}/{len(plan)}] {label}")
 
     report_started = time.time()
+    if args.study == "ceiling":
+        load = lambda name: [load_run(os.path.join(args.out, f"{name}_s{s}"), name) for s in args.seeds]  # noqa: E731
+        section = ceiling_measures({name: load(name) for name, _ in variants})
+        section.update(task=f"rule: rule = {CEILING_RULE!r}, reward = 'exact'", seeds=args.seeds,
+                       steps=int(config.total_steps), rl_steps=rl_steps, command=command.strip())
+        if not args.skip_population:
+            section["population"] = population_measures(load("fst"), load("fst_nondominated"),
+                                                        config.gepa.seed_prompt)
+        section["wall_time_s"] = sum(span_seconds(load_run(os.path.join(args.out, label))) for label, _ in plan) + (
+            time.time() - report_started)
+        return _write_section(args, "ceiling", section)
     load = lambda name: [load_run(os.path.join(args.out, f"{name}_s{s}"), name) for s in args.seeds]  # noqa: E731
     rl_runs = load("rl")
     names = [name for name, _ in variants]
@@ -192,6 +325,8 @@ def main(argv=None) -> int:
               "seeds": args.seeds, "steps": int(config.total_steps), "rl_steps": rl_steps, "overrides": args.overrides,
               "methods": {name: method_measures(runs[name], rl_runs) for name in names if name != "fst_reuse"}}
     report["targets"] = targets(report["methods"])
+    if not args.skip_population:
+        report["population"] = population_measures(runs["fst"], runs["fst_nondominated"], config.gepa.seed_prompt)
     if not args.skip_reuse:
         plain = [runs["fst"][args.seeds.index(s)] for s in reuse_seeds]
         report["reuse"] = reuse_measures(runs["fst_reuse"], plain)
@@ -216,7 +351,11 @@ def main(argv=None) -> int:
 
     os.makedirs(args.docs, exist_ok=True)
     table = markdown(report)
-    with open(os.path.join(args.docs, "compare.json"), "w") as f:
+    path = os.path.join(args.docs, "compare.json")
+    if os.path.isfile(path):  # the ceiling and plasticity studies' sections stay
+        with open(path) as f:
+            report.update({k: v for k, v in json.load(f).items() if k in STUDY_SECTIONS})
+    with open(path, "w") as f:
         json.dump(report, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
     with open(os.path.join(args.docs, "compare.md"), "w") as f:
         f.write(table)

@@ -93,3 +93,31 @@ def test_a_peak_at_the_ceiling_is_also_measured_at_99_percent(report):
                                 "gepa": compare_report.method_measures([fst], [rl])})
     assert t["steps_to_rl_peak_half"]["met"] is False and t["steps_to_rl_peak_half"]["fst_seeds_reaching"] == 0
     assert t["steps_to_99pct_rl_peak_half"] == {"fst": 8.0, "rl": 24.0, "fst_seeds_reaching": 1, "met": True}
+
+
+def test_population_ceiling_and_plasticity_measures(report):
+    compare_report, plot = report
+    seed = "Transform the text."
+
+    def run(finals, populations=()):
+        cycles = [{"step": i, "kind": "gepa_cycle", "population": p} for i, p in enumerate(populations)]
+        return plot.Run("r", "fst", cycles + [_eval(8 * i, i, r) for i, r in enumerate(finals)])
+
+    front = [run([0.0, 0.2, 0.4, 0.7], [[seed] * 2, ["rule", seed], ["rule", seed]]), run([0.0, 0.8, 0.8])]
+    nondom = [run([0.0, 0.7, 0.9], [[seed] * 2, ["rule", "rule"]]), run([0.0, 0.8, 0.85])]
+    pop = compare_report.population_measures(front, nondom, seed)
+    assert pop["paired_difference"] == pytest.approx([0.2, 0.05])
+    assert pop["largest_std"] == pytest.approx(0.05) and pop["nondominated_better"]  # 0.125 > 0.05
+    assert pop["seed_prompt_share"]["front"][0] == 0.5 and pop["seed_prompt_share"]["nondominated"][0] == 0.0
+
+    ceiling = compare_report.ceiling_measures({"fst": front, "rl": [run([0.0, 0.0, 0.0])] * 2, "gepa": nondom})
+    assert ceiling["methods"]["fst"]["flat"] == [False, True] and ceiling["methods"]["rl"]["flat"] == [True, True]
+    assert ceiling["methods"]["fst"]["steps"] == [24, 16] and not ceiling["targets"]["fst_and_gepa_flat"]["met"]
+
+    plastic = compare_report.plasticity_measures({"fst": front, "rl": [run([0.0, 0.2, 0.4])] * 2}, 0.5)
+    assert plastic["from"]["fst"]["steps_to_threshold"] == [24.0, 8.0]
+    assert plastic["from"]["rl"]["steps_to_threshold"] == [None, None]
+    assert plastic["from"]["rl"]["gain"] == pytest.approx([0.4, 0.4])
+    assert plastic["targets"]["fst_at_least_as_fast_as_rl"]["met"]  # 16 vs never (16 + 1)
+    assert "not reached in 16 steps" in compare_report.section_markdown("plasticity", {
+        **plastic, "task": "t", "steps": 16, "seeds": [0, 1], "command": "c", "wall_time_s": 60.0})

@@ -69,6 +69,14 @@ def test_rl_config_from_run_config():
     assert (rl.tau, rl.loss, rl.temperature, rl.rollouts_per_problem) == (2.5, "ppo_clip", 0.7, 4)
 
 
+def test_bad_population_rule_is_named():
+    c = default_config()
+    c.model.path = "x"
+    c.cycle.population_rule = "best"
+    with pytest.raises(ValueError, match="config.cycle.population_rule"):
+        validate(c)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("population_fill", "random", "config.gepa.population_fill"),
     ("seed_scoring_passes", 0.0, "config.gepa.seed_scoring_passes"),

@@ -20,7 +20,7 @@ import statistics
 import pytest
 
 from fst_jax.gepa import merge as merging
-from fst_jax.gepa.engine import GEPAConfig, GEPAEngine
+from fst_jax.gepa.engine import GEPAConfig, GEPAEngine, GEPAResult
 from fst_jax.gepa.reflection import ReflectionLMError
 from fst_jax.gepa.state import EvalResult, GEPAState, StateInvariantError
 from gepa_helpers import ScriptedEvaluate, ScriptedReflection, one_result, reflect_reply
@@ -395,6 +395,28 @@ def test_population_is_top_k_of_front_with_ties_by_coverage():
     assert state.population_ids(5, fill=True) == [3, 1, 2, 4, 0]
     state.add_candidate({"p": "e"}, [], {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0})  # ties a and b at 0.5, covers 2
     assert state.population_ids(2) == [3, 1]
+
+
+def test_population_rule_nondominated_drops_a_prompt_best_only_by_ties_at_zero():
+    state = GEPAState(components=["p"])
+    for name, sc in [("seed", {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}), ("a", {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}),
+                     ("b", {0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0})]:
+        state.add_candidate({"p": name}, [], sc)
+    # item 3: everyone ties at zero, so the seed prompt is on the front though it earns nothing anywhere
+    assert state.pareto_front() == [0, 1, 2] and state.non_dominated() == [1, 2]
+    assert state.population_ids(4) == [1, 2, 0]
+    assert state.population_ids(4, rule="nondominated") == [1, 2]
+    assert state.population_ids(4, fill=True, rule="nondominated") == [1, 2, 0]
+    result = GEPAResult(state, "budget")
+    assert result.rollout_population_ids(4) == [1, 2, 0, 1]
+    assert result.rollout_population_ids(4, rule="nondominated") == [1, 2, 1, 2]
+    with pytest.raises(ValueError, match="population rule"):
+        state.population_ids(2, rule="best")
+    # all tied at zero on every item: the front is everyone, the non-dominated set one candidate
+    flat = GEPAState(components=["p"])
+    for name in ("seed", "x", "y"):
+        flat.add_candidate({"p": name}, [], {0: 0.0, 1: 0.0})
+    assert flat.pareto_front() == [0, 1, 2] and len(flat.population_ids(3, rule="nondominated")) == 1
 
 
 def test_events_lineage_json_and_progress_bar(tmp_path, capsys):

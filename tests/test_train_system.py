@@ -99,6 +99,28 @@ def test_fst_runs_logs_and_resumes_exactly(tiny_checkpoint, tmp_path):
     assert [strip(r) for r in a] == [strip(r) for r in b]
 
 
+def test_population_from_the_non_dominated_set(tiny_checkpoint, tmp_path):
+    """`cycle.population_rule=nondominated`: the K rollout prompts are drawn from the candidates left after
+    remove_dominated, logged per cycle; the random model earns nothing, so every candidate ties at zero on every
+    problem and one prompt (not the whole front) fills the population."""
+    from fst_jax.gepa.reflection import CallableReflectionLM
+    from fst_jax.trainer.runner import FSTRunner
+
+    c = tiny_config(tiny_checkpoint, total_steps=1)
+    c.cycle.rl_steps = 1
+    c.cycle.population_rule = "nondominated"
+    c.gepa.acceptance = "improvement_or_equal"  # children that tie their parent at zero join the front
+    c.eval.every, c.eval.at_start = 0, False
+    runner = FSTRunner(c, str(tmp_path))
+    replies = iter(range(1000))  # the random model's reflections parse to nothing: numbered prompts instead
+    runner.reflection_lm = CallableReflectionLM(lambda ps: [f"```\nSolve {next(replies)}.\n```" for _ in ps])
+    runner.run()
+    (cycle,) = _records(tmp_path, "gepa_cycle")
+    assert cycle["candidates"] > 1 and cycle["front"] == cycle["candidates"]  # "front" would draw 2 prompts
+    assert cycle["non_dominated"] == 1 and len(cycle["population"]) == 2
+    assert len(set(cycle["population"])) == 1 and cycle["population_shares"][0][1] == 1
+
+
 @pytest.mark.parametrize("method", ["rl", "gepa"])
 def test_baselines_share_the_loop(tiny_checkpoint, tmp_path, method):
     runner = _run(tiny_config(tiny_checkpoint, method=method, total_steps=2), tmp_path / method)

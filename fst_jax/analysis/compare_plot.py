@@ -7,7 +7,7 @@ import numpy as np
 
 from fst_jax.analysis.compare_report import LABELS
 
-__all__ = ["band_plot"]
+__all__ = ["band_plot", "section_plot"]
 
 
 def band_plot(report: dict, path: str) -> None:
@@ -18,7 +18,7 @@ def band_plot(report: dict, path: str) -> None:
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, color in zip(("fst", "rl", "gepa", "fst_dominated", "fst_reuse"), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for key, color in zip(("fst", "rl", "gepa", "fst_nondominated", "fst_dominated", "fst_reuse"), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         if key not in report["methods"]:
             continue
         curves = report["methods"][key]["curves"]
@@ -45,5 +45,32 @@ def band_plot(report: dict, path: str) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(5, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def section_plot(key: str, section: dict, path: str) -> None:
+    """The ceiling or plasticity section's validation reward against RL steps: mean over seeds ± std, one band per
+    method (ceiling) or per starting checkpoint (plasticity)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = section["methods"] if key == "ceiling" else section["from"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (name, group), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        rows = [c for c in group["curves"] if c["steps"]]
+        if not rows:
+            continue
+        steps = sorted(set.intersection(*(set(c["steps"]) for c in rows)))
+        ys = np.array([[dict(zip(c["steps"], c["reward"]))[s] for s in steps] for c in rows])
+        mean, std = ys.mean(axis=0), ys.std(axis=0)
+        ax.plot(steps, mean, color=color, label=f"{LABELS.get(name, name)} (n={len(rows)})")
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+    if key == "plasticity":
+        ax.axhline(section["threshold"], color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="RL step", ylabel="validation reward (mean@k, best prompt)", title=section["task"][:90])
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,7 +11,8 @@ import numpy as np
 from fst_jax.analysis import runs as run_records
 
 LABELS = {"fst": "FST", "rl": "RL", "gepa": "GEPA-only", "fst_dominated": "FST, population topped up (ablation)",
-          "fst_reuse": "FST, GEPA rollouts reused"}
+          "fst_reuse": "FST, GEPA rollouts reused", "fst_nondominated": "FST, population from the non-dominated set",
+          "rl48": "RL at FST's steps", "base": "base"}
 STAGES = ("stage1", "stage2", "stage3")
 PLATEAU = 0.15  # RL has plateaued when its last third gained at most this fraction of its whole run's gain
 NEAR_PEAK = 0.99  # the second sample-efficiency measure: steps to this fraction of RL's peak
@@ -193,6 +194,177 @@ def continual_measures(runs: dict[str, list[run_records.Run]]) -> dict:
     return {name: {stage: [_final(r, task=stage) for r in rs] for stage in STAGES} for name, rs in runs.items()}
 
 
+def _flat(gain: float | None, total: float | None) -> bool:
+    """A curve is flat when its last third gained at most PLATEAU of the whole run's gain (or lost)."""
+    return bool(gain is not None and (gain <= 0 or (total and total > 0 and gain <= PLATEAU * total)))
+
+
+def ceiling_measures(runs: dict[str, list[run_records.Run]]) -> dict:
+    """The ceiling study: per method (fst, rl, gepa and any variant), per seed, the final and peak validation
+    reward, the steps run, whether the curve is flat, and the curves; the target FST > max(RL, GEPA-only) by
+    more than the largest seed std."""
+    methods = {}
+    for name, rs in runs.items():
+        m = method_measures(rs, rs)
+        methods[name] = {"final": m["final"], "peak": m["peak"], "steps": [_final(r, "step") for r in rs],
+                         "last_third_gain": m["last_third_gain"], "total_gain": m["total_gain"],
+                         "flat": [_flat(g, t) for g, t in zip(m["last_third_gain"], m["total_gain"])],
+                         "final_seed_prompt": m["final_seed_prompt"], "final_kl": m["final_kl"],
+                         "curves": m["curves"]}
+    fst, rl, gepa = methods["fst"], methods["rl"], methods["gepa"]
+    best_other = max(_mean(rl["final"]) or 0.0, _mean(gepa["final"]) or 0.0)
+    spread = max(_std(rl["final"]) or 0.0, _std(gepa["final"]) or 0.0, _std(fst["final"]) or 0.0)
+    margin = (_mean(fst["final"]) or 0.0) - best_other
+    rl_steps, fst_steps = _mean(rl["steps"]), _mean(fst["steps"])
+    return {"methods": methods, "targets": {
+        "final_above_both": {"fst": _mean(fst["final"]), "rl": _mean(rl["final"]), "gepa": _mean(gepa["final"]),
+                             "best_other": best_other, "margin": margin, "largest_std": spread,
+                             "met": margin > spread},
+        "fst_and_gepa_flat": {"fst": fst["flat"], "gepa": gepa["flat"],
+                              "met": all(fst["flat"]) and all(gepa["flat"])},
+        "rl_at_least_4x_steps": {"rl": rl_steps, "fst": fst_steps,
+                                 "met": bool(rl_steps and fst_steps and rl_steps >= 4 * fst_steps)}}}
+
+
+def _seed_prompt_share(run: run_records.Run, seed_prompt: str) -> float | None:
+    """Mean share of the rollout population that is the seed prompt, over the cycles after GEPA first put another
+    prompt into it (before that the seed prompt is all there is)."""
+    shares, started = [], False
+    for r in run.records:
+        if r.get("kind") == "gepa_cycle" and r.get("population"):
+            pop = r["population"]
+            started = started or any(p != seed_prompt for p in pop)
+            if started:
+                shares.append(sum(p == seed_prompt for p in pop) / len(pop))
+    return float(np.mean(shares)) if shares else None
+
+
+def population_measures(front: list[run_records.Run], nondominated: list[run_records.Run],
+                        seed_prompt: str) -> dict:
+    """FST with the population from the non-dominated set against the front (today's), paired by seed: the
+    per-seed difference of final rewards, and the verdict: better when the mean difference exceeds the larger of
+    the two arms' seed stds."""
+    a, b = [_final(r) for r in front], [_final(r) for r in nondominated]
+    diffs = [None if x is None or y is None else y - x for x, y in zip(a, b)]
+    spread = max(_std(a) or 0.0, _std(b) or 0.0)
+    mean_diff = _mean(diffs)
+    return {"final": {"front": a, "nondominated": b}, "peak": {"front": [_peak(r) for r in front],
+                                                                "nondominated": [_peak(r) for r in nondominated]},
+            "paired_difference": diffs, "mean_difference": mean_diff, "largest_std": spread,
+            "seed_prompt_share": {"front": [_seed_prompt_share(r, seed_prompt) for r in front],
+                                  "nondominated": [_seed_prompt_share(r, seed_prompt) for r in nondominated]},
+            "nondominated_better": bool(mean_diff is not None and mean_diff > spread)}
+
+
+def steps_to(run: run_records.Run, threshold: float) -> float | None:
+    """The first evaluated step whose validation reward reaches `threshold` (None: never)."""
+    return next((float(r["step"]) for r in _evals(run) if r["val/reward"] >= threshold - 1e-12), None)
+
+
+def plasticity_measures(runs: dict[str, list[run_records.Run]], threshold: float) -> dict:
+    """Fresh RL from each source checkpoint: per seed, final reward, steps to `threshold`, the curves; the claim
+    (FST's checkpoint learns at least as fast as RL's: steps to the threshold, a run that never reaches it
+    counting as the run's length + 1, and final reward) checked against each RL source."""
+    out = {"threshold": threshold, "from": {}}
+    for name, rs in runs.items():
+        starts = [(_evals(r) or [{}])[0].get("val/reward") for r in rs]
+        finals = [_final(r) for r in rs]
+        out["from"][name] = {"final": finals, "start": starts,
+                             "gain": [None if a is None or b is None else b - a for a, b in zip(starts, finals)],
+                             "steps_to_threshold": [steps_to(r, threshold) for r in rs],
+                             "steps_run": [_final(r, "step") for r in rs], "curves": [_curve(r) for r in rs]}
+
+    def slowness(name):
+        f = out["from"][name]
+        return _mean([s if s is not None else (n or 0) + 1 for s, n in zip(f["steps_to_threshold"], f["steps_run"])])
+    claims = {}
+    for other in (n for n in runs if n.startswith("rl") and "fst" in runs):
+        a, b = slowness("fst"), slowness(other)
+        gain_a, gain_b = _mean(out["from"]["fst"]["gain"]), _mean(out["from"][other]["gain"])
+        claims[f"fst_at_least_as_fast_as_{other}"] = {
+            "fst_steps": a, f"{other}_steps": b,
+            "fst_final": _mean(out["from"]["fst"]["final"]), f"{other}_final": _mean(out["from"][other]["final"]),
+            "fst_gain": gain_a, f"{other}_gain": gain_b,
+            # fewer steps to the threshold; at equal steps (neither reached it, say) the larger gain
+            "met": bool(a is not None and b is not None and (a < b or (a == b and gain_a is not None
+                                                                        and gain_b is not None and gain_a >= gain_b)))}
+    out["targets"] = claims
+    return out
+
+
+def section_markdown(key: str, section: dict) -> str:
+    """The docs table of the ceiling or plasticity section."""
+    lines = []
+    if key == "ceiling":
+        m, t = section["methods"], section["targets"]
+        cols = [k for k in ("fst", "rl", "gepa", "fst_nondominated") if k in m]
+        lines += [f"Task: `{section['task']}`; seeds {section['seeds']}; {section['steps']} RL steps per run, RL "
+                  f"alone {section['rl_steps']}. Mean ± std over seeds.", "",
+                  "| | " + " | ".join(LABELS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for title, field, spec in (("final validation reward (mean@k, best prompt)", "final", ".3f"),
+                                   ("peak validation reward", "peak", ".3f"),
+                                   ("final reward under the seed prompt", "final_seed_prompt", ".3f"),
+                                   ("final KL to base, seed prompt", "final_kl", ".4f"),
+                                   ("reward gained over the last third of the run", "last_third_gain", ".3f"),
+                                   ("steps run", "steps", ".0f")):
+            lines.append(f"| {title} | " + " | ".join(_ms(m[k][field], spec) for k in cols) + " |")
+        lines += ["", "| seed | " + " | ".join(LABELS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for i, seed in enumerate(section["seeds"]):
+            lines.append(f"| {seed} | " + " | ".join(_ms([m[k]["final"][i]]) for k in cols) + " |")
+        f = t["final_above_both"]
+        lines += ["", "Targets:", "",
+                  f"- FST's final > max(RL, GEPA-only) by more than the largest seed std: FST {_fmt(f['fst'])}, RL "
+                  f"{_fmt(f['rl'])}, GEPA-only {_fmt(f['gepa'])}; margin {f['margin']:+.3f} vs std "
+                  f"{f['largest_std']:.3f} — **{'met' if f['met'] else 'missed'}**",
+                  f"- FST and GEPA-only flat (last third ≤ {PLATEAU:.0%} of the run's gain) on every seed: FST "
+                  f"{t['fst_and_gepa_flat']['fst']}, GEPA-only {t['fst_and_gepa_flat']['gepa']} — "
+                  f"**{'met' if t['fst_and_gepa_flat']['met'] else 'missed'}**",
+                  f"- RL alone ran ≥ 4× FST's steps: {_fmt(t['rl_at_least_4x_steps']['rl'], '.0f')} vs "
+                  f"{_fmt(t['rl_at_least_4x_steps']['fst'], '.0f')} — "
+                  f"**{'met' if t['rl_at_least_4x_steps']['met'] else 'missed'}**"]
+    else:
+        fr = section["from"]
+        names = list(fr)
+        titles = {"fst": "FST at its end", "rl48": "RL at FST's step count", "rl": "RL at its plateau",
+                  "base": "the base model"}
+        lines += [f"Fresh RL on `{section['task']}` ({section['steps']} steps, a new optimizer) from each checkpoint; "
+                  f"seeds {section['seeds']}; threshold {section['threshold']} validation reward.", "",
+                  "| from | reward at the start | final reward | gain | steps to the threshold |",
+                  "|---|---|---|---|---|"]
+        for n in names:
+            reached = fr[n]["steps_to_threshold"]
+            cell = _ms(reached, ".0f") if any(x is not None for x in reached) else \
+                f"not reached in {section['steps']} steps"
+            lines.append(f"| {titles.get(n, n)} | {_ms(fr[n].get('start', []))} | {_ms(fr[n]['final'])} | "
+                         f"{_ms(fr[n].get('gain', []), '+.3f')} | {cell} |")
+        if section.get("pending"):
+            lines += ["", f"Not run yet (no runs from): {', '.join(titles.get(n, n) for n in section['pending'])}."]
+        lines += ["", "Targets (steps to the threshold, a run that never reaches it counted as its length + 1; at equal "
+                      "steps the larger gain):", ""]
+        for name, c in section["targets"].items():
+            other = name.removeprefix("fst_at_least_as_fast_as_")
+            lines.append(f"- from FST's checkpoint at least as fast as from {titles.get(other, other)}: "
+                         f"{_fmt(c['fst_steps'], '.1f')} vs {_fmt(c[other + '_steps'], '.1f')} steps, gain "
+                         f"{_fmt(c.get('fst_gain'), '+.3f')} vs {_fmt(c.get(other + '_gain'), '+.3f')}, final "
+                         f"{_fmt(c['fst_final'])} vs {_fmt(c[other + '_final'])} — **{'met' if c['met'] else 'missed'}**")
+    pop = section.get("population")
+    if pop:
+        lines += ["", population_markdown(pop)]
+    lines += ["", f"Made by `{section['command']}` on 2 CPU cores: {section['wall_time_s'] / 60:.0f} min (the runs' "
+                  "own wall times, summed, and the report)."]
+    return "\n".join(lines) + "\n"
+
+
+def population_markdown(pop: dict) -> str:
+    share = pop["seed_prompt_share"]
+    return (f"Population from the non-dominated set vs the front (today's), paired by seed: final "
+            f"{_ms(pop['final']['nondominated'])} vs {_ms(pop['final']['front'])}; per-seed difference "
+            f"{', '.join(_fmt(d, '+.3f') for d in pop['paired_difference'])} (mean {_fmt(pop['mean_difference'], '+.3f')}"
+            f" vs the larger seed std {pop['largest_std']:.3f}: "
+            f"**{'better' if pop['nondominated_better'] else 'not better'}**); share of the population that is the "
+            f"seed prompt once GEPA found another: {_ms(share['nondominated'])} vs {_ms(share['front'])}.")
+
+
 # ----------------------------------------------------------------------------------------------- statistics
 
 def _valid(values) -> list[float]:
@@ -260,7 +432,7 @@ def continual_target(continual: dict) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["methods"]
-    cols = [k for k in ("fst", "rl", "gepa", "fst_dominated", "fst_reuse") if k in m]
+    cols = [k for k in ("fst", "rl", "gepa", "fst_nondominated", "fst_dominated", "fst_reuse") if k in m]
     rl_steps = report.get("rl_steps", report["steps"])
     lines = [f"Task: `{report['task']}`; seeds {report['seeds']}; {report['steps']} RL steps per run, RL alone "
              f"{rl_steps} (to its plateau). Mean ± std over seeds; every method's final is at the end of its "
@@ -351,6 +523,8 @@ def markdown(report: dict) -> str:
                       f"{_ms(r['final'])} vs {_ms(m['fst']['final'])} without reuse; at "
                       f"{r['evaluations_inside_the_seed_range'][0]} of {r['evaluations_inside_the_seed_range'][1]} "
                       "evaluations its reward lies within the range of the runs without reuse."]
+    if report.get("population"):
+        lines += ["", population_markdown(report["population"])]
     if report.get("decomposition"):
         d = report["decomposition"]
         lines += ["", f"Weights × prompt (FST, seed {report['seeds'][0]}, mean@k):", "",
@@ -367,10 +541,10 @@ def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def update_doc_block(table: str, readme: str) -> bool:
-    """Replace the text between `<!-- compare:start -->` and `<!-- compare:end -->` in a docs page (README or
+def update_doc_block(table: str, readme: str, key: str = "compare") -> bool:
+    """Replace the text between `<!-- KEY:start -->` and `<!-- KEY:end -->` in a docs page (README or
     docs/coupling.md); False when the file or its markers are missing."""
-    start, end = "<!-- compare:start -->", "<!-- compare:end -->"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     if not os.path.isfile(readme):
         return False
     text = open(readme, encoding="utf-8").read()

@@ -76,17 +76,19 @@ class GEPAResult:
         """Top-k Pareto-front candidates by aggregate score (ties by front coverage), see `population_ids`."""
         return [self.state.candidates[c] for c in self.state.population_ids(k, fill)]
 
-    def rollout_population_ids(self, k: int, fill_with_dominated: bool = False) -> list[int]:
-        """Exactly k candidate ids for the rollouts: the top-k of the Pareto front; when the front holds fewer,
-        its members repeated in rank order (best first), so each still gets a whole share of every problem's
-        rollouts. `fill_with_dominated=True` tops the front up with the best dominated candidates instead
-        (an ablation: those are prompts some other candidate beats on every item)."""
-        chosen = self.state.population_ids(k, fill=fill_with_dominated)
+    def rollout_population_ids(self, k: int, fill_with_dominated: bool = False, rule: str = "front") -> list[int]:
+        """Exactly k candidate ids for the rollouts: the top-k of the Pareto front (`rule="nondominated"`: of
+        its non-dominated part, see `GEPAState.population_ids`); when it holds fewer, its members repeated in
+        rank order (best first), so each still gets a whole share of every problem's rollouts.
+        `fill_with_dominated=True` tops it up with the best other candidates instead (an ablation: those are
+        prompts some other candidate beats or ties on every item)."""
+        chosen = self.state.population_ids(k, fill=fill_with_dominated, rule=rule)
         return [chosen[i % len(chosen)] for i in range(k)]
 
-    def rollout_population(self, k: int, fill_with_dominated: bool = False) -> list[dict[str, str]]:
+    def rollout_population(self, k: int, fill_with_dominated: bool = False,
+                           rule: str = "front") -> list[dict[str, str]]:
         """The candidates of `rollout_population_ids`."""
-        return [self.state.candidates[c] for c in self.rollout_population_ids(k, fill_with_dominated)]
+        return [self.state.candidates[c] for c in self.rollout_population_ids(k, fill_with_dominated, rule)]
 
 
 def _as_items(data: Sequence[Any] | Mapping[Hashable, Any], name: str) -> dict[Hashable, Any]:

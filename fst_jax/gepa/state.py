@@ -18,7 +18,12 @@ from typing import Any, Protocol
 
 from fst_jax.gepa.merge import MergeBook
 from fst_jax.gepa.minibatch import EpochShuffledSampler
-from fst_jax.gepa.pareto import front_candidates, pareto_multiplicities
+from fst_jax.gepa.pareto import front_candidates, pareto_multiplicities, remove_dominated
+
+# Which candidates a population is drawn from: every candidate best (ties included) on some item, or those
+# left after removing dominated ones (the `gepa` package's rule, which drops a prompt whose every best item
+# another survivor ties, e.g. one that only ties at zero).
+POPULATION_RULES = ("front", "nondominated")
 
 SCHEMA_VERSION = 1
 CALL_KINDS = ("seed", "minibatch", "full_eval", "merge")
@@ -156,19 +161,28 @@ class GEPAState:
         aggs = self.aggregates()
         return aggs.index(max(aggs))
 
-    def population_ids(self, k: int, fill: bool = False) -> list[int]:
-        """The top-k Pareto-front candidates by aggregate score, ties broken by coverage, then age.
+    def non_dominated(self) -> list[int]:
+        """Front candidates left after `remove_dominated` (the package's rule), by id."""
+        return sorted(remove_dominated(self.item_best(), self.aggregates()))
 
-        With `fill=True`, fewer than k front candidates are topped up with the best others (same order).
+    def population_ids(self, k: int, fill: bool = False, rule: str = "front") -> list[int]:
+        """The top-k candidates of the Pareto front (`rule="front"`: every candidate best on some item, ties
+        included) or of its non-dominated part (`rule="nondominated"`), by aggregate score, ties broken by
+        coverage, then age.
+
+        With `fill=True`, fewer than k such candidates are topped up with the best others (same order).
         """
         if k < 1:
             raise ValueError(f"population size must be >= 1, got {k}")
+        if rule not in POPULATION_RULES:
+            raise ValueError(f"population rule must be one of {POPULATION_RULES}, got {rule!r}")
         cov = self.front_coverage()
 
         def rank(c: int) -> tuple[float, int, int]:
             return (-self.aggregate(c), -cov.get(c, 0), c)
 
-        chosen = sorted(self.pareto_front(), key=rank)[:k]
+        pool = self.pareto_front() if rule == "front" else self.non_dominated()
+        chosen = sorted(pool, key=rank)[:k]
         if fill and len(chosen) < k:
             rest = sorted((c for c in range(len(self.candidates)) if c not in chosen), key=rank)
             chosen += rest[: k - len(chosen)]

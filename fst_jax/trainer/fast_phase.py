@@ -80,13 +80,15 @@ def run_fast_phase(runner: FSTRunner, task_name: str, window: list[list[Mapping[
     gepa_state = engine.init_state(seeds)
     result = engine.run(gepa_state)
     K = int(c.cycle.population_size)
-    ids = result.rollout_population_ids(K, fill_with_dominated=c.gepa.population_fill == "dominated")
+    ids = result.rollout_population_ids(K, fill_with_dominated=c.gepa.population_fill == "dominated",
+                                        rule=c.cycle.population_rule)
     population = [result.candidates[i][COMPONENT] for i in ids]
     best, front, spent = result.state.best_id(), set(result.pareto_front), result.state.calls
     made = [e for e in proposals if e.get("type") == "proposal"]
     runner.metrics.write(
         step, "gepa_cycle", cycle=runner.counters.cycles, stop_reason=result.stop_reason,
-        candidates=len(result.candidates), front=len(front), best_window_score=result.state.aggregate(best),
+        candidates=len(result.candidates), front=len(front), non_dominated=len(result.state.non_dominated()),
+        best_window_score=result.state.aggregate(best),
         proposals=len(made), skipped_perfect=sum(e["status"] == "skipped" for e in made),
         accepted=sum(e["status"] == "accepted" for e in proposals),
         seed_scoring_calls=spent["seed"], minibatch_calls=spent["minibatch"],
