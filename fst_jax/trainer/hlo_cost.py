@@ -348,22 +348,23 @@ def _trip_count(inst: _Instruction) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _is_downcast(insts: list[_Instruction]) -> bool:
-    """A computation whose whole job is f32 → bf16 (XLA:CPU's way back after updating a bf16 buffer in f32)."""
+def _is_cast(insts: list[_Instruction], source: str, target: str) -> bool:
+    """A computation whose whole job is a `source` → `target` dtype conversion (maybe with a layout change)."""
     body = [i for i in insts if i.op != "parameter"]
     params = [i for i in insts if i.op == "parameter"]
-    return (bool(body) and len(params) == 1 and params[0].shape.startswith("f32") and body[-1].shape.startswith("bf16")
+    return (bool(body) and len(params) == 1 and params[0].shape.startswith(source) and body[-1].shape.startswith(target)
             and any(i.op == "convert" for i in body)
             and all(i.op in ("convert", "bitcast", "copy", "transpose", "reshape") for i in body))
 
 
 def _is_upcast(insts: list[_Instruction]) -> bool:
-    """A computation whose whole job is bf16 → f32 (XLA:CPU's convert fusions, maybe with a layout change)."""
-    body = [i for i in insts if i.op != "parameter"]
-    params = [i for i in insts if i.op == "parameter"]
-    return (bool(body) and len(params) == 1 and params[0].shape.startswith("bf16") and body[-1].shape.startswith("f32")
-            and any(i.op == "convert" for i in body)
-            and all(i.op in ("convert", "bitcast", "copy", "transpose", "reshape") for i in body))
+    """bf16 → f32: XLA:CPU's convert fusions before it multiplies."""
+    return _is_cast(insts, "bf16", "f32")
+
+
+def _is_downcast(insts: list[_Instruction]) -> bool:
+    """f32 → bf16: XLA:CPU's way back after updating a bf16 buffer in f32."""
+    return _is_cast(insts, "f32", "bf16")
 
 
 def hlo_cost(hlo_text: str) -> HloCost:
