@@ -143,7 +143,7 @@ def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
     columns = prompt_bucket(40) + NEW
     weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sampler.weights)
     lowered = lower_engine_programs(sampler.config, weights, slots=32, columns=columns, max_new_tokens=NEW,
-                                    num_samples=[2], prompt_buckets=[64], cache_dtype="float32")
+                                    num_samples=[2], prompt_buckets=[64], cache_dtype="float32", chunk_steps=8)
     assert sorted(lowered) == ["compact_B32_C88_to8", "decode_B32_C88_W64", "decode_B32_C88_W88",
                                "decode_B8_C88_W64", "decode_B8_C88_W88", "empty_B32_C88",
                                "insert_B32_C88_I16_P64_n2", "insert_B32_C88_I1_P64_n2", "insert_B32_C88_I4_P64_n2"]

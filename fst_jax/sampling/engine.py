@@ -32,6 +32,13 @@ __all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lo
 
 MIN_BUCKET = 16
 STOP_SLOTS = 8
+CHUNK_STEPS = 32  # decode steps between host round trips
+
+
+def compacts(compact: bool, max_new_tokens: int, chunk_steps: int = CHUNK_STEPS) -> bool:
+    """Whether an engine compacts its tail: asked to, and its completions may outlast two chunks (shorter
+    calls end before a smaller batch would pay for its programs and round trips)."""
+    return bool(compact) and max_new_tokens > 2 * chunk_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +126,15 @@ class Engine:
 
     `chunk_steps`: decode steps between host round trips (the host inserts and collects between chunks);
     `refill`: the share of the slots that must be free before the engine stops decoding to insert waiting
-    prompts; `compact`: shrink the batch to smaller row buckets in the tail; `draw`: "gumbel" or
+    prompts; `compact`: shrink the batch to smaller row buckets in the tail (only when completions may
+    outlast two chunks, `compacts`); `draw`: "gumbel" or
     "inverse_cdf" (`engine_programs`). On a `mesh` the slots are split over its batch axes (`slots` must be a
     multiple of data × fsdp) and `rules` lay the KV heads out. `stats` accumulates over calls.
     """
 
     def __init__(self, config, *, slots: int, columns: int, max_new_tokens: int, cache_dtype, mesh=None,
-                 rules=parallel.SAMPLE_RULES, draw: str = "gumbel", chunk_steps: int = 32, refill: float = 0.125,
-                 compact: bool = True):
+                 rules=parallel.SAMPLE_RULES, draw: str = "gumbel", chunk_steps: int = CHUNK_STEPS,
+                 refill: float = 0.125, compact: bool = True):
         if slots < 1:
             raise ValueError(f"the engine needs at least one slot, got slots={slots}")
         multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
@@ -137,7 +145,7 @@ class Engine:
         self.cache_dtype, self.mesh, self.draw = canonical_dtype(cache_dtype).name, mesh, draw
         self.chunk_steps, self.refill, self.compact = chunk_steps, refill, compact
         self.widths = length_buckets(columns)
-        self.rows = row_buckets(slots, multiple) if compact else [slots]
+        self.rows = row_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
         self.shardings = state_shardings(config, mesh, rules)
         self.stats = EngineStats()
 
@@ -293,9 +301,10 @@ class Engine:
 def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_tokens: int,
                           num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype, mesh=None,
                           rules=parallel.SAMPLE_RULES, draw: str = "gumbel", compact: bool = True,
+                          chunk_steps: int = CHUNK_STEPS,
                           stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None) -> dict:
     """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, mesh=, rules=, draw=,
-    compact=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
+    compact=, chunk_steps=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
     lowered without any array: {name: jax.stages.Lowered}, named empty_B{slots}_C{columns}, insert_B{slots}_C{columns}_I{prompts}_P{bucket}_n{samples},
     decode_B{rows}_C{columns}_W{width}, compact_B{rows}_C{columns}_to{rows}. `weights`: the sampling layout
     (`abstract_sampling_weights`, with its shardings on a mesh). Compiling them all leaves a run of the engine
@@ -308,7 +317,7 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     scalar = lambda dtype: sds((), dtype)  # noqa: E731
     params = (scalar(np.float32), scalar(np.float32), scalar(np.int32), sds((stops,), np.int32))
     multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
-    rows_list = row_buckets(slots, multiple) if compact else [slots]
+    rows_list = row_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
     cache_dtype = canonical_dtype(cache_dtype).name
     statics = dict(columns=columns, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
     known = {} if known is None else known

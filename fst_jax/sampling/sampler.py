@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from fst_jax.models.config import canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 from fst_jax.runtime import parallel
-from fst_jax.sampling.engine import (MIN_BUCKET, Engine, EngineStats, Request, lower_engine_programs,
+from fst_jax.sampling.engine import (CHUNK_STEPS, MIN_BUCKET, Engine, EngineStats, Request, lower_engine_programs,
                                      prompt_bucket)
 from fst_jax.sampling.engine_programs import row_buckets
 from fst_jax.sampling.weights import abstract_sampling_weights, hashable_rules, sampling_weights
@@ -96,7 +96,7 @@ class Sampler:
 
     def __init__(self, model: Qwen3 | tuple[nnx.GraphDef, nnx.State], *, mesh: Mesh | None = None,
                  rules: parallel.Rules = parallel.SAMPLE_RULES, cache_dtype=None, slots: int = DEFAULT_SLOTS,
-                 draw: str = "gumbel", chunk_steps: int = 32):
+                 draw: str = "gumbel", chunk_steps: int = CHUNK_STEPS):
         if isinstance(model, nnx.Module):
             self.config = model.config
             _, params = nnx.split(model, nnx.Param)
