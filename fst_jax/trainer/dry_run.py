@@ -300,8 +300,9 @@ def device_memory_gb(config) -> float:
 def make_plan(config, log=print, only: Sequence[str] | None = None, platform: str | None = None) -> Plan:
     """Lower and compile every jitted program of the run `config` describes, from abstract shapes; measure.
 
-    Everything is lowered first (seconds); when the resident buffers alone (state, sampler weights, the largest
-    KV cache) already exceed the budget, nothing is compiled and the plan reports that. `only`: plan just these
+    When the resident buffers alone (state, sampler weights, one call kind's slot state) already exceed the
+    budget, nothing is lowered or compiled and the plan reports that at once. Otherwise everything is lowered
+    first, then compiled. `only`: plan just these
     programs (names of `sampler_calls`, "kl", "update"), e.g. to iterate on one. `platform` ("cuda", "tpu"):
     lower every program for that backend instead and compile nothing (they cannot be compiled without it);
     `plan.lowered` holds them by name — what shows, on a CPU, that no program holds a CPU-only construct.
@@ -327,19 +328,32 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
     with jax.set_mesh(mesh):
         resident["sampler_weights"] = _bytes(sampling.abstract_sampling_weights(model_cfg, params, mesh=mesh))
         slots, seen, aliases, known = sampler_slots(c, mesh), {}, {}, {}
-        for name, call in sampler_calls(c).items():
-            if not wanted(name):
-                continue
-            buckets = prompt_buckets(c, call.prompt_tokens)
-            rows = call.rows(slots)
+        calls = {name: call for name, call in sampler_calls(c).items() if wanted(name)}
+        layout = {}  # name -> (prompt buckets, rows, slots it starts, KV columns)
+        for name, call in calls.items():
+            buckets, rows = prompt_buckets(c, call.prompt_tokens), call.rows(slots)
+            start, columns = sampling.call_slots(rows, slots, mesh), buckets[-1] + call.max_new_tokens
+            layout[name] = buckets, rows, start, columns
+            resident[f"{name}_kv_cache"] = _bytes(slot_state(model_cfg, start, columns=columns,
+                                                             max_new_tokens=call.max_new_tokens,
+                                                             cache_dtype=model_cfg.dtype, mesh=mesh))
+        if platform is None:  # before any lowering (a minute at 8B): the resident buffers alone may not fit
+            bound = Plan(devices=mesh.size, device_memory_gb=device_memory_gb(c), resident=resident,
+                         model=_describe(model_cfg, c),
+                         programs={f"{name}_decode": ProgramMemory(0, 0, 0, 0, state_items + (
+                             "sampler_weights", f"{name}_kv_cache"), 0.0, compiled=False) for name in calls})
+            if bound.programs and not bound.fits:
+                log("plan: the resident buffers alone exceed the budget; nothing lowered or compiled")
+                bound.seconds = time.perf_counter() - t_start
+                return bound
+        for name, call in calls.items():
+            buckets, rows, start, columns = layout[name]
             programs = sampling.lower_sampler_programs(
                 model_cfg, params, mesh=mesh, slots=slots, rows=call.prompts or slots, prompt_buckets=buckets,
                 max_new_tokens=call.max_new_tokens, num_samples=call.num_samples, draw=c.sampling.draw,
                 fixed=call.fixed, platform=platform, known=known)
             # accounted: the largest start, the largest prompt bucket — its KV buffer, its largest insertion
             # (a prefill) and its decode over the whole buffer; every other program is compiled, not accounted
-            start = sampling.call_slots(rows, slots, mesh)
-            columns = buckets[-1] + call.max_new_tokens
             inserts = [n for n in programs if n.startswith(f"insert_B{start}_C{columns}_")
                        and n.endswith(f"_P{buckets[-1]}_n{call.num_samples}")]
             size = lambda n: int(re.search(r"_I(\d+)_", n).group(1))  # noqa: E731
@@ -347,8 +361,6 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             insert = min((n for n in inserts if size(n) >= most), key=size, default=max(inserts, key=size))
             decode = f"decode_B{start}_C{columns}_W{columns}"
             kv = f"{name}_kv_cache"
-            resident[kv] = _bytes(slot_state(model_cfg, start, columns=columns, max_new_tokens=call.max_new_tokens,
-                                             cache_dtype=model_cfg.dtype, mesh=mesh))
             log(f"plan: {name}: {start} slots × {columns} KV columns (prompt bucket {buckets[-1]} + "
                 f"{call.max_new_tokens} new tokens), {call.num_samples} samples per prompt, slot state "
                 f"{resident[kv] / GB:.2f} GB/device; {len(programs)} programs")
