@@ -280,8 +280,9 @@ def _cycle(tiny, device, nnx, Qwen3, Qwen3Config) -> None:
             c.sampling.max_new_tokens = c.eval.max_new_tokens = 256
             c.gepa.reflection.max_new_tokens = 128
             c.plan.mean_answer_tokens = c.sampling.max_new_tokens  # random weights: rows run to the cap
-        else:  # the plan compiles every planned update length; on the CPU two keep the smoke run short
-            c.rl.num_length_buckets = 2
+        else:  # on the CPU a smoke run: two update lengths, and the plan compiles only what memory and cost
+            c.rl.num_length_buckets = 2  # read (the run compiles the rest, inside its phase times)
+            c.plan.compile_all = False
         c.plan.device = cost_model.device_named(getattr(device, "device_kind", "")) or c.plan.device
         t0 = time.perf_counter()
         plan = make_plan(config, log=lambda *_: None)
