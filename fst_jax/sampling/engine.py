@@ -302,15 +302,17 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
                           num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype, mesh=None,
                           rules=parallel.SAMPLE_RULES, draw: str = "gumbel", compact: bool = True,
                           chunk_steps: int = CHUNK_STEPS,
-                          stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None) -> dict:
+                          stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None,
+                          lazy: bool = False) -> dict:
     """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, mesh=, rules=, draw=,
     compact=, chunk_steps=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
     lowered without any array: {name: jax.stages.Lowered}, named empty_B{slots}_C{columns}, insert_B{slots}_C{columns}_I{prompts}_P{bucket}_n{samples},
     decode_B{rows}_C{columns}_W{width}, compact_B{rows}_C{columns}_to{rows}. `weights`: the sampling layout
     (`abstract_sampling_weights`, with its shardings on a mesh). Compiling them all leaves a run of the engine
     nothing to compile. `platform` ("cuda", "tpu"): lower for that backend (not compilable here); `known`:
-    programs lowered before, by (name, max_new_tokens), reused rather than lowered again. The KV the engine holds is slots ×
-    columns per layer (`kv_bytes`)."""
+    programs lowered before, by (name, max_new_tokens), reused rather than lowered again; `lazy`: each value is a
+    `Deferred` that lowers on `.get()` (at 8B a lowering is a third of a second; a plan lowers what it
+    compiles). The KV the engine holds is slots × columns per layer (`kv_bytes`)."""
     insert_jit, decode_jit, compact_jit, empty_jit = programs(config, draw, state_shardings(config, mesh, rules))
     sds = jax.ShapeDtypeStruct
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -325,8 +327,11 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     def lower(name, jitted, *args, **kwargs):
         key = (name, max_new_tokens)  # the names leave out the completion cap, which changes the outputs
         if key not in known:
-            known[key] = parallel.lower_for(jitted, *args, platform=platform, **kwargs)
-        out[name] = known[key]
+            def lowered(jitted=jitted, args=args, kwargs=kwargs):  # under the mesh, also when deferred
+                with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+                    return parallel.lower_for(jitted, *args, platform=platform, **kwargs)
+            known[key] = Deferred(lowered)
+        out[name] = known[key] if lazy else known[key].get()
 
     shardings = state_shardings(config, mesh, rules)
 
@@ -362,6 +367,18 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
                     lower(f"compact_B{rows}_C{C}_to{smaller}", compact_jit, state,
                           sds((smaller,), np.int32, sharding=replicated))
     return out
+
+
+class Deferred:
+    """A program lowered on first `.get()` (then kept)."""
+
+    def __init__(self, lower):
+        self._lower, self._lowered = lower, None
+
+    def get(self):
+        if self._lowered is None:
+            self._lowered, self._lower = self._lower(), None
+        return self._lowered
 
 
 def slot_state(config, rows: int, *, columns: int, max_new_tokens: int, cache_dtype, mesh=None,

@@ -153,14 +153,15 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
                            rules: parallel.Rules = parallel.SAMPLE_RULES, slots: int = DEFAULT_SLOTS, rows: int,
                            prompt_buckets: Sequence[int], max_new_tokens: int, num_samples: int = 1,
                            cache_dtype=None, draw: str = "gumbel", fixed: bool = False,
-                           platform: str | None = None, known: dict | None = None) -> dict:
+                           platform: str | None = None, known: dict | None = None, lazy: bool = False) -> dict:
     """Lower, without any array, every program `Sampler(model, mesh=, rules=, cache_dtype=, slots=, draw=)
     .generate(..., max_prompt_tokens=max(prompt_buckets))` runs for calls of up to `rows` prompts × `num_samples`
     whose longest prompt falls in one of `prompt_buckets` (`bucket_length`s): {name: jax.stages.Lowered}, named as by `lower_engine_programs` (e.g.
     decode_B64_C144_W128: 64 rows, 144 KV columns, attending over 128). Compiling them all leaves such calls nothing to
     compile (`fixed`: only calls of exactly `rows` prompts). `.compile().memory_analysis()` of each gives its per-device memory; the call's KV buffer is
     `engine.kv_bytes(config, slots, columns, cache_dtype)`. `platform` ("cuda", "tpu"): lower for that backend;
-    `known`: programs lowered before, by name (e.g. another call kind's), reused.
+    `known`: programs lowered before, by name (e.g. another call kind's), reused; `lazy`: `engine.Deferred`
+    values, lowered on `.get()`.
     """
     weights = abstract_sampling_weights(config, abstract_params, mesh, rules)
     cache_dtype = canonical_dtype(cache_dtype or config.dtype).name
@@ -173,7 +174,7 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
         out.update(lower_engine_programs(config, weights, slots=start, columns=columns,
                                          max_new_tokens=max_new_tokens, num_samples=[num_samples],
                                          prompt_buckets=prompt_buckets, cache_dtype=cache_dtype, mesh=mesh,
-                                         rules=rules, draw=draw, platform=platform, known=known))
+                                         rules=rules, draw=draw, platform=platform, known=known, lazy=lazy))
     return out
 
 

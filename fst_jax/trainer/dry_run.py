@@ -48,7 +48,7 @@ from fst_jax.config import validate
 from fst_jax.models.config import Qwen3Config, canonical_dtype
 from fst_jax.models.qwen3 import Qwen3
 from fst_jax.rl import config as rl_config_lib, policy_update as rl_update
-from fst_jax.sampling.engine import slot_state
+from fst_jax.sampling.engine import Deferred, slot_state
 from fst_jax.trainer.shapes import (kl_length, mesh_config, prompt_buckets, sampler_calls, sampler_slots,
                                    update_length, update_lengths)
 
@@ -120,7 +120,7 @@ class Plan:
     programs: dict[str, ProgramMemory]
     model: str
     also_compiled: list[str] = dataclasses.field(default_factory=list)
-    lowered_only: list[str] = dataclasses.field(default_factory=list)
+    not_compiled: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     cost: dict | None = None  # cost_model.cycle_cost: seconds per phase and GPU-hours on config.plan.device
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)  # make_plan(platform=...): name → Lowered
@@ -142,7 +142,7 @@ class Plan:
         return {"devices": self.devices, "device_memory_gb": self.device_memory_gb, "peak_gb": gb(self.peak_bytes),
                 "peak_program": self.peak_program, "fits": self.fits, "headroom": HEADROOM, "model": self.model,
                 "plan_seconds": round(self.seconds, 1), "also_compiled": self.also_compiled,
-                "lowered_only": self.lowered_only,
+                "not_compiled": self.not_compiled,
                 "resident": {k: gb(v) for k, v in self.resident.items()},
                 "programs": {n: {"temp_gb": gb(p.temp), "argument_gb": gb(p.argument), "output_gb": gb(p.output),
                                  "alias_gb": gb(p.alias), "peak_gb": gb(p.peak(self.resident)),
@@ -351,7 +351,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             programs = sampling.lower_sampler_programs(
                 model_cfg, params, mesh=mesh, slots=slots, rows=call.prompts or slots, prompt_buckets=buckets,
                 max_new_tokens=call.max_new_tokens, num_samples=call.num_samples, draw=c.sampling.draw,
-                fixed=call.fixed, platform=platform, known=known)
+                fixed=call.fixed, platform=platform, known=known, lazy=platform is None)
             # accounted: the largest start, the largest prompt bucket — its KV buffer, its largest insertion
             # (a prefill) and its decode over the whole buffer; every other program is compiled, not accounted
             inserts = [n for n in programs if n.startswith(f"insert_B{start}_C{columns}_")
@@ -364,8 +364,8 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             log(f"plan: {name}: {start} slots × {columns} KV columns (prompt bucket {buckets[-1]} + "
                 f"{call.max_new_tokens} new tokens), {call.num_samples} samples per prompt, slot state "
                 f"{resident[kv] / GB:.2f} GB/device; {len(programs)} programs")
-            lowered[f"{name}_prefill"] = (programs[insert], state_items + ("sampler_weights", kv))
-            lowered[f"{name}_decode"] = (programs[decode], state_items + ("sampler_weights", kv))
+            lowered[f"{name}_prefill"] = (_lowered(programs[insert]), state_items + ("sampler_weights", kv))
+            lowered[f"{name}_decode"] = (_lowered(programs[decode]), state_items + ("sampler_weights", kv))
             for program_name, program in programs.items():
                 key, same = f"{name}@{program_name}:engine", (program_name, call.max_new_tokens)
                 if program_name in (insert, decode):
@@ -410,7 +410,8 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
     plan.programs = {n: ProgramMemory(0, 0, 0, 0, items, 0.0, compiled=False) for n, (_, items) in lowered.items()}
     if platform is not None:
         plan.lowered = {name: program for name, (program, _) in lowered.items()}
-        plan.lowered.update({f"{name}:{part}": p for name, programs in smaller for part, p in programs.items()})
+        plan.lowered.update({f"{name}:{part}": _lowered(p) for name, programs in smaller
+                             for part, p in programs.items()})
     elif plan.fits:
         for name, (program, items) in lowered.items():
             plan.programs[name] = _compile(program, items)
@@ -421,22 +422,27 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
         typical |= {aliases[t] for t in typical if t in aliases}  # the same program compiled under another kind
         for name, programs in smaller:
             if not (c.plan.compile_all or name.startswith("update") or f"{name}:engine" in typical):
-                plan.lowered_only.append(name)
+                plan.not_compiled.append(name)
                 continue
             for part, program in programs.items():
-                costs[f"{name}:{part}"] = cost_model.program_cost(program.compile())
+                costs[f"{name}:{part}"] = cost_model.program_cost(_lowered(program).compile())
             plan.also_compiled.append(name)
         costs.update({alias: costs[key] for alias, key in aliases.items() if key in costs})
         log(f"plan: compiled {len(plan.also_compiled)} more programs (other slot counts, widths, insertions, buckets "
             f"and lengths; not accounted) in {time.perf_counter() - t0:.0f} s"
-            + (f"; lowered {len(plan.lowered_only)} more without compiling (plan.compile_all=False)"
-               if plan.lowered_only else ""))
+            + (f"; {len(plan.not_compiled)} more neither lowered nor compiled (plan.compile_all=False)"
+               if plan.not_compiled else ""))
         uses, unknown = cost_model.program_uses(c, costs)
         plan.cost = cost_model.cycle_cost(c, uses, mesh.size, unknown)
     else:
         log("plan: the resident buffers alone exceed the budget; nothing compiled")
     plan.seconds = time.perf_counter() - t_start
     return plan
+
+
+def _lowered(program):
+    """A jax Lowered, from an engine program lowered lazily (`engine.Deferred`) or not."""
+    return program.get() if isinstance(program, Deferred) else program
 
 
 def _describe(model_cfg: Qwen3Config, config) -> str:
