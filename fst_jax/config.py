@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
     # How a token is drawn: "gumbel" (Gumbel-max) or "inverse_cdf" (one uniform per row: far cheaper on a CPU
     # with a large vocabulary). Same distribution, different noise (fst_jax/sampling/token_choice.py).
     c.sampling.draw = "gumbel"
+    # The largest prefill attention score block, in MB over all devices (float32 [prompts, heads, chunk,
+    # prompt bucket]): a prefill whose scores would be larger runs in query chunks, each writing its KV and
+    # attending over the columns before it (the flagship's 8,192-token reflection prompts run in chunks of 128).
+    c.sampling.prefill_scores_mb = 2048
 
     c.rl = ml_collections.ConfigDict()
     c.rl.loss = "cispo"                 # paper (the slow-weight recipe) from here to warmup_steps
@@ -326,6 +330,9 @@ def validate(config, *, require_checkpoint: bool = True) -> None:
     if config.sampling.slots is not None and not (isinstance(config.sampling.slots, int) and config.sampling.slots >= 1):
         raise ValueError(f"config.sampling.slots must be a positive integer (or None = B·G), got "
                          f"{config.sampling.slots!r}")
+    scores = config.sampling.get("prefill_scores_mb")
+    if isinstance(scores, bool) or not (isinstance(scores, (int, float)) and scores > 0):
+        raise ValueError(f"config.sampling.prefill_scores_mb must be a positive number of MB, got {scores!r}")
     if config.sampling.draw not in ("gumbel", "inverse_cdf"):
         raise ValueError(f"config.sampling.draw must be 'gumbel' or 'inverse_cdf', got {config.sampling.draw!r}")
     if require_checkpoint and not config.model.path:

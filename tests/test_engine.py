@@ -10,7 +10,7 @@ from flax import nnx
 from fst_jax.models.hf import load_pretrained
 from fst_jax.sampling import Sampler
 from fst_jax.sampling.engine import Engine, Request, kv_bytes, lower_engine_programs, prompt_bucket
-from fst_jax.sampling.engine_programs import length_buckets, row_buckets
+from fst_jax.sampling.engine_programs import length_buckets, prefill_chunk, row_buckets
 
 NEW = 24
 LENGTHS = [5, 13, 20, 27, 9, 40, 3, 17, 33]
@@ -107,6 +107,34 @@ def test_greedy_is_the_same_with_one_slot_per_prompt_and_many(tied):
     (one, _, _), _ = _run(sampler, requests, 1, temperature=0.0, stops=())
     (many, _, _), _ = _run(sampler, requests, 16, temperature=0.0, stops=())
     assert one == many and all(len(t) == r.max_new_tokens for t, r in zip(one, requests))
+
+
+def test_a_prefill_in_query_chunks_gives_the_same_tokens_with_smaller_scores(tied):
+    """`prefill_scores_mb` small enough that 128-token prompts prefill in chunks of 64 (and of the smallest
+    chunk, BLOCK, when even that is over): the same sampled tokens and log-probs as one whole-prompt prefill,
+    through `Sampler.generate`, and the insertion's compiled temporaries shrink."""
+    model, whole = tied
+    c = whole.config
+    rng = np.random.RandomState(5)
+    prompts = [rng.randint(1, c.vocab_size, n).tolist() for n in (70, 128, 99, 3, 120)]
+    two = 16 * c.num_heads * 64 * 128 * 4 / 2**20  # scores of 16 prompts × a 64-query chunk of a 128 bucket
+    assert prefill_chunk(c, 16, 128, two) == 64 and prefill_chunk(c, 16, 128, 4 * two) == 128
+    assert prefill_chunk(c, 16, 128, two / 100) == 64  # never below BLOCK
+    args = dict(max_new_tokens=10, temperature=1.0, seed=2, num_samples=2, stop_token_ids=(3, 7))
+    want = whole.generate(prompts, **args)
+    chunked = Sampler(model, prefill_scores_mb=two)
+    got = chunked.generate(prompts, **args)
+    assert got.tokens == want.tokens and got.finished == want.finished
+    for a, b in zip(got.logprobs, want.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+    def insert_temp(scores_mb):
+        weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), whole.weights)
+        lowered = lower_engine_programs(c, weights, slots=32, columns=128 + 10, max_new_tokens=10, num_samples=[2],
+                                        prompt_buckets=[128], cache_dtype="float32", prefill_scores_mb=scores_mb)
+        return lowered["insert_B32_C138_I16_P128_n2"].compile().memory_analysis().temp_size_in_bytes
+
+    assert insert_temp(two) < insert_temp(2048) - 16 * c.num_heads * 64 * 128 * 4  # at least half the scores go
 
 
 def test_buckets_are_few_and_cover_the_buffer():

@@ -46,6 +46,9 @@ def test_qwen3_8b_plan_fits_on_8x80gb(tmp_path):
     assert set(report["programs"]) == expected
     assert all(p["compiled"] for p in report["programs"].values())
     assert len(report["not_compiled"]) > 20 and "rollout@decode_B192_C5120_W4096" in report["also_compiled"]
+    # reflection's 8 prompts of 8,192 tokens prefill their attention in query chunks of 128 (sampling.
+    # prefill_scores_mb = 2048): 5.6 GB of temporaries, 20.9 GB with the whole [8, 32, 8192, 8192] scores
+    assert report["programs"]["reflection_prefill"]["temp_gb"] < 8
     # shapes × shardings, exact: fp32 params and two Adam moments over 8 devices, a bf16 base and sampler copy
     assert report["resident"]["train_params"] == pytest.approx(8.19 * 4 / 8, abs=0.01)
     assert report["resident"]["optimizer_state"] == pytest.approx(2 * 8.19 * 4 / 8, abs=0.02)

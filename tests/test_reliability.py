@@ -45,6 +45,7 @@ SMALL = list(TINY_RUN)  # conftest: the tiny run test_wandb makes too, on one de
     ("model.remat", "all", "config.model.remat must be one of none, full, dots_saveable, nothing_saveable"),
     ("model.attention", "flash", "config.model.attention must be one of auto, xla, dot_product, cudnn; got 'flash'"),
     ("gepa.reflection.kind", "anthropic", "config.gepa.reflection.kind must be one of local, openai"),
+    ("sampling.prefill_scores_mb", 0, "config.sampling.prefill_scores_mb must be a positive number of MB, got 0"),
 ])
 def test_every_config_value_is_checked_with_its_full_path(path, value, message):
     c = default_config()

@@ -156,15 +156,16 @@ def step_masks(mask_bt: jax.Array, cache: KVCache | None):
 
 def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, positions_bt: jax.Array,
                   allowed_bts: jax.Array, kv: tuple | None = None, index: jax.Array | None = None,
-                  lengths_b: jax.Array | None = None):
+                  lengths_b: jax.Array | None = None, query_chunk: int | None = None):
     """One Qwen3 decoder layer on B·T tokens: (x after the layer, the updated (k, v) cache or None).
 
     `p`: the layer's weights in `layout`; `x`: the residual stream in `layout.x`. With `kv` (two [B, K, S, H]
     buffers), the tokens' keys and values are written at slot `index` and attention reads the cache;
     without, it reads the T tokens themselves (`allowed_bts` [B, T, S] says which keys each query sees;
     `lengths_b`, when the rows are right-padded, says the same as per-row lengths, which lets a fused kernel
-    run instead — `fst_jax.models.attention`). Norms, RoPE and softmax run in float32, the rest in
-    `config.dtype`.
+    run instead — `fst_jax.models.attention`). `query_chunk` (a divisor of T): the einsum attention scores
+    that many queries at a time, so no [B, N, T, S] score tensor is built whole. Norms, RoPE and softmax run in
+    float32, the rest in `config.dtype`.
     """
     c = config
     dtype = canonical_dtype(c.dtype)
@@ -194,7 +195,7 @@ def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, po
             kv = (k_cache, v_cache)
         keys, values, kv_axes = k_cache.astype(dtype), v_cache.astype(dtype), "bksh"
     with jax.named_scope("attention"):
-        attn_btnh = _attention(c, q_btnh, keys, values, kv_axes, allowed_bts, lengths_b)
+        attn_btnh = _attention(c, q_btnh, keys, values, kv_axes, allowed_bts, lengths_b, query_chunk)
         x = x + _project(layout, attn_btnh, "btnh", p["o_proj"], layout.o_proj, layout.x)
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps, axis=features)
@@ -204,13 +205,15 @@ def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, po
     return x, kv
 
 
-def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts, lengths_b=None) -> jax.Array:
+def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts, lengths_b=None,
+               query_chunk: int | None = None) -> jax.Array:
     """Grouped-query attention [B, T, N, H] of the queries over `keys`/`values` ("bskh" or "bksh").
 
     Query head n reads kv head n // G. The kernel is `attention.select_kernel`'s choice for
     `config.attention`: cuDNN's fused causal attention with per-row lengths (a CUDA GPU, no cache, right
     padding, bf16/fp16), `jax.nn.dot_product_attention`'s XLA implementation, or the einsums below.
-    Rows with no allowed key (left padding) give finite values that nothing reads.
+    Rows with no allowed key (left padding) give finite values that nothing reads. `query_chunk`: the einsums
+    run over that many queries at a time (`lax.map` over the blocks), each block's softmax over every key.
     """
     B, T, N, H = q_btnh.shape
     K, G = c.num_kv_heads, c.queries_per_kv
@@ -232,6 +235,14 @@ def _attention(c: Qwen3Config, q_btnh, keys, values, kv_axes: str, allowed_bts, 
             keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q_btnh, keys, values, mask=allowed_bts[:, None], scale=H ** -0.5,
                                             implementation="xla")
+    if query_chunk is not None and query_chunk < T:
+        if T % query_chunk:
+            raise ValueError(f"query_chunk={query_chunk} does not divide the {T} queries")
+        blocks = T // query_chunk
+        split = lambda a: a.reshape(B, blocks, query_chunk, *a.shape[2:]).swapaxes(0, 1)  # noqa: E731
+        out = jax.lax.map(lambda qa: _attention(c, qa[0], keys, values, kv_axes, qa[1]),
+                          (split(q_btnh), split(allowed_bts)))
+        return out.swapaxes(0, 1).reshape(B, T, N, H)
     q_btkgh = q_btnh.reshape(B, T, K, G, H)
     scores = jnp.einsum(f"btkgh,{kv_axes}->bkgts", q_btkgh, keys).astype(jnp.float32) * H ** -0.5
     scores = jnp.where(allowed_bts[:, None, None, :, :], scores, _MASK_VALUE)

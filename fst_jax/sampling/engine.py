@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fst_jax.models.config import canonical_dtype
 from fst_jax.runtime import parallel
-from fst_jax.sampling.engine_programs import EngineState, empty_state, length_buckets, programs, row_buckets
+from fst_jax.sampling.engine_programs import (PREFILL_SCORES_MB, EngineState, empty_state, length_buckets, programs,
+                                              row_buckets)
 from fst_jax.sampling.weights import hashable_rules
 
 __all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lower_engine_programs",
@@ -129,12 +130,14 @@ class Engine:
     prompts; `compact`: shrink the batch to smaller row buckets in the tail (only when completions may
     outlast two chunks, `compacts`); `draw`: "gumbel" or
     "inverse_cdf" (`engine_programs`). On a `mesh` the slots are split over its batch axes (`slots` must be a
-    multiple of data × fsdp) and `rules` lay the KV heads out. `stats` accumulates over calls.
+    multiple of data × fsdp) and `rules` lay the KV heads out. `prefill_scores_mb`: a prefill whose float32
+    scores would exceed this runs in query chunks (`engine_programs.prefill_chunk`). `stats` accumulates over
+    calls.
     """
 
     def __init__(self, config, *, slots: int, columns: int, max_new_tokens: int, cache_dtype, mesh=None,
                  rules=parallel.SAMPLE_RULES, draw: str = "gumbel", chunk_steps: int = CHUNK_STEPS,
-                 refill: float = 0.125, compact: bool = True):
+                 refill: float = 0.125, compact: bool = True, prefill_scores_mb: float = PREFILL_SCORES_MB):
         if slots < 1:
             raise ValueError(f"the engine needs at least one slot, got slots={slots}")
         multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
@@ -144,13 +147,14 @@ class Engine:
         self.config, self.slots, self.columns, self.max_new_tokens = config, slots, columns, max_new_tokens
         self.cache_dtype, self.mesh, self.draw = canonical_dtype(cache_dtype).name, mesh, draw
         self.chunk_steps, self.refill, self.compact = chunk_steps, refill, compact
+        self.prefill_scores_mb = prefill_scores_mb
         self.widths = length_buckets(columns)
         self.rows = row_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
         self.shardings = state_shardings(config, mesh, rules)
         self.stats = EngineStats()
 
     def _programs(self):
-        return programs(self.config, self.draw, self.shardings)
+        return programs(self.config, self.draw, self.shardings, self.prefill_scores_mb)
 
     def run(self, weights, requests: Sequence[Request], *, seed: int, temperature: float, top_p: float,
             top_k: int, stop_ids: Sequence[int], pad_id: int = 0):
@@ -303,7 +307,7 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
                           rules=parallel.SAMPLE_RULES, draw: str = "gumbel", compact: bool = True,
                           chunk_steps: int = CHUNK_STEPS,
                           stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None,
-                          lazy: bool = False) -> dict:
+                          lazy: bool = False, prefill_scores_mb: float = PREFILL_SCORES_MB) -> dict:
     """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, mesh=, rules=, draw=,
     compact=, chunk_steps=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
     lowered without any array: {name: jax.stages.Lowered}, named empty_B{slots}_C{columns}, insert_B{slots}_C{columns}_I{prompts}_P{bucket}_n{samples},
@@ -313,7 +317,8 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     programs lowered before, by (name, max_new_tokens), reused rather than lowered again; `lazy`: each value is a
     `Deferred` that lowers on `.get()` (at 8B a lowering is a third of a second; a plan lowers what it
     compiles). The KV the engine holds is slots × columns per layer (`kv_bytes`)."""
-    insert_jit, decode_jit, compact_jit, empty_jit = programs(config, draw, state_shardings(config, mesh, rules))
+    insert_jit, decode_jit, compact_jit, empty_jit = programs(config, draw, state_shardings(config, mesh, rules),
+                                                              prefill_scores_mb)
     sds = jax.ShapeDtypeStruct
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     scalar = lambda dtype: sds((), dtype)  # noqa: E731

@@ -4,8 +4,9 @@ the live length. The host loop that drives them is `fst_jax.sampling.engine`.
 A call streams requests (a prompt, its number of samples and token limit) through `slots` rows in flight:
 
     insert   one jitted program per (prompt rows I, prompt bucket P, samples n): prefill I prompts over their
-             own P keys (a fresh [I, K, P, H] cache, never the slot buffer), sample each sample's first token,
-             and scatter the prompt's KV into its n free slots (`.at[slot_ids]`): the samples share one prefill.
+             own P keys (a fresh [I, K, P, H] cache, never the slot buffer; in query chunks when the scores
+             would exceed `prefill_scores_mb`), sample each sample's first token, and scatter the prompt's KV
+             into its n free slots (`.at[slot_ids]`): the samples share one prefill.
     decode   one jitted `lax.while_loop` per (rows, length bucket W): each step feeds every live row's last
              token, writes its KV at the row's own column and attends over the first W columns only; the
              loop stops after `max_steps`, when `want_free` slots are free (the host then inserts), when every
@@ -48,9 +49,11 @@ from fst_jax.models.config import canonical_dtype
 from fst_jax.models.qwen3 import FEATURE_MAJOR, KVCache, decoder_layer, rms_norm, step_masks
 from fst_jax.sampling.token_choice import sample_vb
 
-__all__ = ["BLOCK", "EngineState", "empty_state", "length_buckets", "programs", "row_buckets"]
+__all__ = ["BLOCK", "PREFILL_SCORES_MB", "EngineState", "empty_state", "length_buckets", "prefill_chunk", "programs",
+           "row_buckets"]
 
 BLOCK = 64  # attended columns are a power-of-two multiple of this (or the whole buffer)
+PREFILL_SCORES_MB = 2048  # the largest float32 score block [prompts, heads, chunk, bucket] of a prefill, all devices
 
 
 class EngineState(NamedTuple):
@@ -96,6 +99,16 @@ def row_buckets(slots: int, multiple: int = 1, smallest: int = 8, factor: int = 
     return out
 
 
+def prefill_chunk(config, prompts: int, bucket: int, scores_mb: float = PREFILL_SCORES_MB) -> int:
+    """Query tokens per prefill chunk: the whole bucket when the float32 scores [prompts, heads, bucket, bucket]
+    fit `scores_mb`, else the largest power-of-two divisor of the bucket (at least BLOCK) whose scores
+    [prompts, heads, chunk, bucket] do."""
+    chunk = bucket
+    while chunk > BLOCK and chunk % 2 == 0 and prompts * config.num_heads * chunk * bucket * 4 > scores_mb * 2**20:
+        chunk //= 2
+    return chunk
+
+
 def empty_state(config, rows: int, columns: int, max_new_tokens: int, cache_dtype) -> EngineState:
     """Free slots (host-side zeros are enough: every program overwrites what it reads)."""
     dtype = canonical_dtype(cache_dtype)
@@ -138,24 +151,29 @@ def _choose(keys_b2, count_b, logits_vb, params, draw):
 # -------------------------------------------------------------------------------------------- the programs
 
 def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids, first_ids, limits, seed,
-            temperature, top_p, top_k, stop_ids, *, config, num_samples, draw, shardings):
+            temperature, top_p, top_k, stop_ids, *, config, num_samples, draw, shardings,
+            prefill_scores_mb=PREFILL_SCORES_MB):
     """Prefill I prompts over their own keys and place each one's `num_samples` samples in `slot_ids` [I·n]
     (index B = no slot: padding prompts); `first_ids` [I]: the sample id of each prompt's sample 0. Each
-    sample's first token is sampled here (token 0 of its key)."""
+    sample's first token is sampled here (token 0 of its key). Each layer's attention runs in query chunks
+    (`prefill_chunk`) when its scores would exceed `prefill_scores_mb`."""
     c, n = config, num_samples
     I, P = prompt_ids_ip.shape
     dtype = state.k[0].dtype
     zeros = jnp.zeros((I, c.num_kv_heads, P, c.head_dim), dtype)
+    Q = prefill_chunk(c, I, P, prefill_scores_mb)
     cache = KVCache(k=None, v=None, key_mask=jnp.zeros((I, P), bool), index=jnp.zeros((), jnp.int32),
                     next_position=jnp.zeros((I,), jnp.int32))
     positions_ip, key_mask_ip, allowed_ipp = step_masks(prompt_mask_ip, cache)
     x = _embed_db(c, weights, prompt_ids_ip)
     new_k, new_v = [], []
     for p in weights["layers"]:
-        x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, positions_ip, allowed_ipp, (zeros, zeros), 0)
+        x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, positions_ip, allowed_ipp, (zeros, zeros), 0,
+                                  query_chunk=Q if Q < P else None)
         new_k.append(k)
         new_v.append(v)
-    hidden_di = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
+    last_di = x[:, :, -1]
+    hidden_di = rms_norm(last_di, weights["final_norm"], c.rms_norm_eps, axis=0)
     logits_vr = jnp.repeat(_logits_vb(c, weights, hidden_di), n, axis=1)
 
     rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731  (prompt-major: prompt i's samples at i·n … i·n+n-1)
@@ -250,9 +268,11 @@ def _constrain_state(shardings: EngineState | None, state: EngineState) -> Engin
 
 
 @functools.lru_cache(maxsize=64)
-def programs(config, draw: str = "gumbel", shardings: EngineState | None = None):
+def programs(config, draw: str = "gumbel", shardings: EngineState | None = None,
+             prefill_scores_mb: float = PREFILL_SCORES_MB):
     """The engine's jitted (insert, decode, compact, empty) for one model config, token draw and slot layout
-    (`shardings`: an `EngineState` of NamedShardings on a mesh, else None); statics select the compiled
+    (`shardings`: an `EngineState` of NamedShardings on a mesh, else None) and prefill score limit
+    (`prefill_chunk`); statics select the compiled
     variant: insert by (I, P, num_samples), decode by (rows, width), compact by (rows, kept rows), empty (the
     free slots, made on the device) by its shapes."""
     statics = dict(config=config, draw=draw, shardings=shardings)
@@ -260,7 +280,8 @@ def programs(config, draw: str = "gumbel", shardings: EngineState | None = None)
     # those shardings are the ones a call finds in jax's caches (an inferred sharding may be spelled differently).
     out = {} if shardings is None else dict(out_shardings=shardings)
     steps = {} if shardings is None else dict(out_shardings=(shardings, NamedSharding(shardings.token.mesh, P())))
-    insert_jit = jax.jit(functools.partial(_insert, **statics), static_argnames=("num_samples",),
+    insert_jit = jax.jit(functools.partial(_insert, prefill_scores_mb=prefill_scores_mb, **statics),
+                         static_argnames=("num_samples",),
                          donate_argnames=("state",), **out)
     decode_jit = jax.jit(functools.partial(_decode, **statics), static_argnames=("width",),
                          donate_argnames=("state",), **steps)

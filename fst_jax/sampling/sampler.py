@@ -31,7 +31,7 @@ from fst_jax.models.qwen3 import Qwen3
 from fst_jax.runtime import parallel
 from fst_jax.sampling.engine import (CHUNK_STEPS, MIN_BUCKET, Engine, EngineStats, Request, lower_engine_programs,
                                      prompt_bucket)
-from fst_jax.sampling.engine_programs import row_buckets
+from fst_jax.sampling.engine_programs import PREFILL_SCORES_MB, row_buckets
 from fst_jax.sampling.weights import abstract_sampling_weights, hashable_rules, sampling_weights
 
 __all__ = ["DEFAULT_SLOTS", "MIN_BUCKET", "MIN_ROWS", "SampleOutput", "Sampler", "bucket_length", "call_slots",
@@ -90,13 +90,15 @@ class Sampler:
     with more rows streams them through). `mesh`: split the slots over its data/fsdp axes (`slots` must be a
     multiple of data × fsdp) and lay the weights out by `rules` (default `parallel.SAMPLE_RULES`: whole on each
     batch shard, split by `tensor`). `cache_dtype` defaults to the model's compute dtype. `draw`: "gumbel" or
-    "inverse_cdf" (`engine_programs`). `stats`: what the engine computed, over every call. Compiled programs
+    "inverse_cdf" (`engine_programs`). `prefill_scores_mb`: a prefill whose float32 attention scores would be
+    larger runs in query chunks (`engine_programs.prefill_chunk`). `stats`: what the engine computed, over every call. Compiled programs
     live in jax's jit cache, shared by every Sampler of the same model shape.
     """
 
     def __init__(self, model: Qwen3 | tuple[nnx.GraphDef, nnx.State], *, mesh: Mesh | None = None,
                  rules: parallel.Rules = parallel.SAMPLE_RULES, cache_dtype=None, slots: int = DEFAULT_SLOTS,
-                 draw: str = "gumbel", chunk_steps: int = CHUNK_STEPS):
+                 draw: str = "gumbel", chunk_steps: int = CHUNK_STEPS,
+                 prefill_scores_mb: float = PREFILL_SCORES_MB):
         if isinstance(model, nnx.Module):
             self.config = model.config
             _, params = nnx.split(model, nnx.Param)
@@ -108,6 +110,7 @@ class Sampler:
             raise ValueError(f"slots must be a positive multiple of the mesh's batch axes (data × fsdp = {multiple}), "
                              f"got {slots!r}")
         self.mesh, self.rules, self.slots, self.draw, self.chunk_steps = mesh, hashable_rules(rules), int(slots), draw, chunk_steps
+        self.prefill_scores_mb = prefill_scores_mb
         self.cache_dtype = canonical_dtype(cache_dtype or self.config.dtype).name
         self.stats = EngineStats()
         self.set_params(params)
@@ -146,14 +149,15 @@ class Sampler:
     def _engine(self, slots: int, bucket: int, max_new_tokens: int) -> Engine:
         return Engine(self.config, slots=slots, columns=bucket + max_new_tokens, max_new_tokens=max_new_tokens,
                       cache_dtype=self.cache_dtype, mesh=self.mesh, rules=self.rules, draw=self.draw,
-                      chunk_steps=self.chunk_steps)
+                      chunk_steps=self.chunk_steps, prefill_scores_mb=self.prefill_scores_mb)
 
 
 def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | None = None,
                            rules: parallel.Rules = parallel.SAMPLE_RULES, slots: int = DEFAULT_SLOTS, rows: int,
                            prompt_buckets: Sequence[int], max_new_tokens: int, num_samples: int = 1,
                            cache_dtype=None, draw: str = "gumbel", fixed: bool = False,
-                           platform: str | None = None, known: dict | None = None, lazy: bool = False) -> dict:
+                           platform: str | None = None, known: dict | None = None, lazy: bool = False,
+                           prefill_scores_mb: float = PREFILL_SCORES_MB) -> dict:
     """Lower, without any array, every program `Sampler(model, mesh=, rules=, cache_dtype=, slots=, draw=)
     .generate(..., max_prompt_tokens=max(prompt_buckets))` runs for calls of up to `rows` prompts × `num_samples`
     whose longest prompt falls in one of `prompt_buckets` (`bucket_length`s): {name: jax.stages.Lowered}, named as by `lower_engine_programs` (e.g.
@@ -174,7 +178,8 @@ def lower_sampler_programs(config, abstract_params: nnx.State, *, mesh: Mesh | N
         out.update(lower_engine_programs(config, weights, slots=start, columns=columns,
                                          max_new_tokens=max_new_tokens, num_samples=[num_samples],
                                          prompt_buckets=prompt_buckets, cache_dtype=cache_dtype, mesh=mesh,
-                                         rules=rules, draw=draw, platform=platform, known=known, lazy=lazy))
+                                         rules=rules, draw=draw, platform=platform, known=known, lazy=lazy,
+                                         prefill_scores_mb=prefill_scores_mb))
     return out
 
 

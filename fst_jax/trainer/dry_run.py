@@ -205,7 +205,10 @@ _LEVERS = {
 def _lever(item: str) -> str:
     """The config fields that shrink a resident buffer or a program's temporaries."""
     key = item.removesuffix(" temporaries").removesuffix("_kv_cache").removesuffix("_prefill").removesuffix("_decode")
-    return _LEVERS.get(key, "config.mesh")
+    lever = _LEVERS.get(key, "config.mesh")
+    if item.endswith("_prefill temporaries"):  # the insertion's attention scores
+        lever += ", sampling.prefill_scores_mb"
+    return lever
 
 
 def _bytes(tree) -> int:
@@ -351,7 +354,8 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             programs = sampling.lower_sampler_programs(
                 model_cfg, params, mesh=mesh, slots=slots, rows=call.prompts or slots, prompt_buckets=buckets,
                 max_new_tokens=call.max_new_tokens, num_samples=call.num_samples, draw=c.sampling.draw,
-                fixed=call.fixed, platform=platform, known=known, lazy=platform is None)
+                fixed=call.fixed, platform=platform, known=known, lazy=platform is None,
+                prefill_scores_mb=c.sampling.prefill_scores_mb)
             # accounted: the largest start, the largest prompt bucket — its KV buffer, its largest insertion
             # (a prefill) and its decode over the whole buffer; every other program is compiled, not accounted
             inserts = [n for n in programs if n.startswith(f"insert_B{start}_C{columns}_")

@@ -72,7 +72,7 @@ class FSTRunner:
         self.base_params = in_dtype(params, config.model.dtype)
         del params
         sampler = Sampler((self.graphdef, self.state.params), mesh=self.mesh, slots=run_shapes.sampler_slots(c, self.mesh),
-                          draw=c.sampling.draw)
+                          draw=c.sampling.draw, prefill_scores_mb=c.sampling.prefill_scores_mb)
         shared = SharedSampler(sampler, {"policy": (c.sampling.max_prompt_tokens, "config.sampling.max_prompt_tokens"),
                                 "base": (c.gepa.reflection.max_prompt_tokens,
                                          "config.gepa.reflection.max_prompt_tokens")}, loaded=self.state.params)
