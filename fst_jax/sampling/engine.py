@@ -349,20 +349,24 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
         out = {}
         lower(f"empty_B{slots}_C{C}", empty_jit, rows=slots, **statics)
         states = {rows: abstract_state(rows) for rows in rows_list}
+        def host(shape, dtype, split):
+            """An insertion's host input: split over the batch shards when `_insert_sharding` splits it."""
+            if split is None:
+                return sds(shape, dtype)
+            batched = split.spec and split.spec[0] is not None
+            return sds(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)) if batched else replicated)
+
         for n in sorted(set(num_samples)):
             for I in insert_buckets(slots, n, multiple=multiple):
                 split = _insert_sharding(mesh, I)
-                host = lambda shape, dtype: sds(shape, dtype, sharding=None if split is None else (  # noqa: E731
-                    parallel.batch_sharding(mesh, len(shape)) if split.spec and split.spec[0] is not None
-                    else replicated))
                 for P in prompt_buckets:
                     if P + 1 > columns:
                         continue
                     # an insertion happens only before the first compaction, at the full slot count
                     lower(f"insert_B{slots}_C{C}_I{I}_P{P}_n{n}",
-                        insert_jit, weights, states[slots], host((I, P), np.int32), host((I, P), np.bool_),
-                        host((I * n,), np.int32), host((I,), np.int32), host((I,), np.int32), scalar(np.uint32),
-                        *params, num_samples=n)
+                        insert_jit, weights, states[slots], host((I, P), np.int32, split),
+                        host((I, P), np.bool_, split), host((I * n,), np.int32, split), host((I,), np.int32, split),
+                        host((I,), np.int32, split), scalar(np.uint32), *params, num_samples=n)
         for rows, state in states.items():
             for width in length_buckets(columns):
                 lower(f"decode_B{rows}_C{C}_W{width}", decode_jit, weights, state, scalar(np.int32),
