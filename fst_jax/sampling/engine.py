@@ -289,8 +289,10 @@ class Engine:
     def _empty_state(self, rows: int):
         empty_jit = self._programs()[3]
         with self._mesh_context():
-            return empty_jit(rows=rows, columns=self.columns, max_new_tokens=self.max_new_tokens,
-                             cache_dtype=self.cache_dtype)
+            state = empty_jit(rows=rows, columns=self.columns, max_new_tokens=self.max_new_tokens,
+                              cache_dtype=self.cache_dtype)
+        # on one device, committed to it like every later state (the programs lowered ahead are lowered so)
+        return jax.device_put(state, jax.devices()[0]) if self.mesh is None else state
 
     def _replicated(self, x: np.ndarray):
         """A host array every device reads whole (the same on every process: it comes from gathered values)."""
@@ -349,6 +351,10 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
         out = {}
         lower(f"empty_B{slots}_C{C}", empty_jit, rows=slots, **statics)
         states = {rows: abstract_state(rows) for rows in rows_list}
+        if mesh is None:  # the engine's arrays on one device are committed to it (a jit's outputs, loaded weights):
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # lower for exactly that
+            pin = lambda tree: jax.tree.map(lambda a: sds(a.shape, a.dtype, sharding=one), tree)  # noqa: E731
+            weights, states = pin(weights), {rows: pin(state) for rows, state in states.items()}
         def host(shape, dtype, split):
             """An insertion's host input: split over the batch shards when `_insert_sharding` splits it."""
             if split is None:

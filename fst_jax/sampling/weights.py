@@ -86,7 +86,10 @@ def sampling_weights(params: nnx.State, config, mesh: Mesh | None = None,
         target = parallel.param_shardings(params, mesh, rules)
         params = jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) and x.sharding.device_set == devices
                               else jax.device_put(x, s), params, target)
-    return _relayout_program(config, mesh, rules)(nnx.to_pure_dict(params))
+    weights = _relayout_program(config, mesh, rules)(nnx.to_pure_dict(params))
+    # without a mesh: committed to the default device whatever the params were, so the engine's programs see one
+    # kind of argument (a program lowered ahead of time is keyed by it; `engine.lower_engine_programs`)
+    return jax.device_put(weights, jax.devices()[0]) if mesh is None else weights
 
 
 def abstract_sampling_weights(config, abstract_params: nnx.State, mesh: Mesh | None = None,
