@@ -165,9 +165,9 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     config.eval.every = 4
     config.log.tensorboard = config.log.progress = False
     config.cycle.reuse_gepa_rollouts, config.cycle.reuse_max_staleness = True, 1
-    # fewer possible programs, the same claim: 32 slots instead of 256 (row buckets 8 and 32, not 8, 32, 128
-    # and 256); the plan compiles 69 programs instead of 83
-    config.sampling.slots = 32
+    # fewer possible programs, the same claim: 16 slots instead of 256 (one row bucket, not 8, 64 and 256);
+    # the plan compiles 53 programs instead of 83
+    config.sampling.slots = 16
     with _Compiles() as planned:
         report = plan.make_plan(config, log=lambda *_: None)
     # every kind of program but compaction, which a 16-token completion never needs (engine.compacts)
