@@ -3,9 +3,11 @@ seeds) per method, from the report `compare_report` builds."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
-from fst_jax.analysis.compare_report import LABELS
+from fst_jax.analysis.compare_report import LABELS, PLASTICITY_SOURCES
 
 __all__ = ["band_plot", "section_plot"]
 
@@ -65,11 +67,13 @@ def section_plot(key: str, section: dict, path: str) -> None:
         steps = sorted(set.intersection(*(set(c["steps"]) for c in rows)))
         ys = np.array([[dict(zip(c["steps"], c["reward"]))[s] for s in steps] for c in rows])
         mean, std = ys.mean(axis=0), ys.std(axis=0)
-        ax.plot(steps, mean, color=color, label=f"{LABELS.get(name, name)} (n={len(rows)})")
+        label = PLASTICITY_SOURCES.get(name, name) if key == "plasticity" else LABELS.get(name, name)
+        ax.plot(steps, mean, color=color, label=f"from {label}" if key == "plasticity" else f"{label} (n={len(rows)})")
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
     if key == "plasticity":
         ax.axhline(section["threshold"], color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="RL step", ylabel="validation reward (mean@k, best prompt)", title=section["task"][:90])
+    ax.set(xlabel="RL step", ylabel="validation reward (mean@k, best prompt)")
+    ax.set_title(textwrap.fill(section["task"], 80), fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

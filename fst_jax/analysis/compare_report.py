@@ -10,6 +10,9 @@ import numpy as np
 
 from fst_jax.analysis import runs as run_records
 
+# the plasticity study's sources, as its table and plot name them
+PLASTICITY_SOURCES = {"fst": "FST at its end", "rl48": "RL at FST's step count", "rl": "RL at its plateau",
+                      "base": "the base model"}
 LABELS = {"fst": "FST", "rl": "RL", "gepa": "GEPA-only", "fst_dominated": "FST, population topped up (ablation)",
           "fst_reuse": "FST, GEPA rollouts reused", "fst_nondominated": "FST, population from the non-dominated set",
           "rl48": "RL at FST's steps", "base": "base"}
@@ -325,8 +328,7 @@ def section_markdown(key: str, section: dict) -> str:
     else:
         fr = section["from"]
         names = list(fr)
-        titles = {"fst": "FST at its end", "rl48": "RL at FST's step count", "rl": "RL at its plateau",
-                  "base": "the base model"}
+        titles = PLASTICITY_SOURCES
         lines += [f"Fresh RL on `{section['task']}` ({section['steps']} steps, a new optimizer) from each checkpoint; "
                   f"seeds {section['seeds']}; threshold {section['threshold']} validation reward.", "",
                   "| from | reward at the start | final reward | gain | steps to the threshold |",
