@@ -155,6 +155,16 @@ def test_quiet_stderr_drops_only_closed_event_loop_tracebacks():
         err.write(piece + "\n" if piece else "")
     err.write("Traceback (most recent call last):\n  File \"x.py\"\nValueError: real\n" + closed + "done\n")
     assert out.getvalue() == "step 3\rTraceback (most recent call last):\n  File \"x.py\"\nValueError: real\ndone\n"
+    # three threads' tracebacks interleaved line by line, the run's one-line error in the middle of them
+    out.seek(0), out.truncate()
+    lines = closed.splitlines()
+    for row in range(len(lines)):
+        for thread in range(3):
+            err.write(lines[row] + "\n")
+            if row == 1 and thread == 1:
+                err.write("error: could not write checkpoint step 2: the disk is full\n")
+    err.write("next\n")
+    assert out.getvalue() == "error: could not write checkpoint step 2: the disk is full\nnext\n"
 
 
 # ---- the real launch/train.py ---------------------------------------------------------------------------

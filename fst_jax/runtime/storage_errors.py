@@ -16,6 +16,7 @@ import errno
 import io
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -86,36 +87,59 @@ class QuietTeardownStderr(io.TextIOBase):
     """A stderr that drops the tracebacks ending in "RuntimeError: Event loop is closed": when a background
     save fails (a full disk), orbax closes its event loop while tensorstore still completes the other writes,
     and each completion prints such a traceback from a C++ callback — dozens, before `Checkpointer` reports
-    the real error in one line. Everything else passes through unchanged and at once.
+    the real error in one line, from several threads at once (their lines interleave). Everything else passes
+    through unchanged: outside a traceback at once, a line that arrives inside one as soon as it ends.
 
         sys.stderr = QuietTeardownStderr(sys.stderr)     # in a command-line entry point
     """
 
     _HEADER = "Traceback (most recent call last):"
+    _CLOSED = "RuntimeError: Event loop is closed"
+    _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
 
     def __init__(self, target):
-        self.target, self._block, self._lock = target, None, threading.RLock()
+        self.target, self._lock = target, threading.RLock()
+        self._block: list[str] | None = None  # the lines of the traceback(s) in progress
+        self._open, self._partial = 0, ""     # tracebacks begun and not yet ended; an unfinished line
 
     def write(self, text: str) -> int:
         with self._lock:
             if self._block is None:
                 start = text.find(self._HEADER)
                 if start < 0:
-                    return self.target.write(text)
+                    self.target.write(text)
+                    return len(text)
                 self.target.write(text[:start])
-                self._block, text = "", text[start:]
-            self._block += text
-            lines = self._block.split("\n")
-            for i, line in enumerate(lines[1:-1], start=1):
-                if line and not line[0].isspace():  # the exception line ends the traceback
-                    block, rest = "\n".join(lines[:i + 1]) + "\n", "\n".join(lines[i + 1:])
-                    self._block = None
-                    if not line.startswith("RuntimeError: Event loop is closed"):
-                        self.target.write(block)
-                    if rest:
-                        self.write(rest)
-                    break
+                self._block, self._open, rest = [], 0, text[start:]
+            else:
+                rest = text
+            *lines, self._partial = (self._partial + rest).split("\n")
+            for line in lines:
+                self._line(line)
             return len(text)
+
+    def _line(self, line: str) -> None:
+        if self._block is None:
+            if line.startswith(self._HEADER):
+                self._block, self._open = [line], 1
+            else:
+                self.target.write(line + "\n")
+            return
+        if line.startswith(self._HEADER):
+            self._open += 1
+        elif line.startswith(self._CLOSED):
+            self._open -= 1
+        elif line and not line[0].isspace():
+            if not self._EXCEPTION.match(line):  # a message of its own between the threads' lines
+                self.target.write(line + "\n")
+                return
+            self._open = 0  # a real exception: its traceback (and what it interleaved with) goes out whole
+            self.target.write("\n".join(self._block + [line]) + "\n")
+            self._block = None
+            return
+        self._block.append(line)
+        if self._open <= 0:  # every traceback begun has ended in a closed event loop: dropped
+            self._block = None
 
     @property
     def encoding(self):
