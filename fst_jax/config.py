@@ -77,8 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
     # with a large vocabulary). Same distribution, different noise (fst_jax/sampling/token_choice.py).
     c.sampling.draw = "gumbel"
     # The largest prefill attention score block, in MB over all devices (float32 [prompts, heads, chunk,
-    # prompt bucket]): a prefill whose scores would be larger runs in query chunks, each writing its KV and
-    # attending over the columns before it (the flagship's 8,192-token reflection prompts run in chunks of 128).
+    # prompt bucket]): where the whole prompt's scores would be larger, each layer scores its queries in chunks,
+    # one after another (the flagship's 8,192-token reflection prompts: chunks of 128 queries).
     c.sampling.prefill_scores_mb = 2048
 
     c.rl = ml_collections.ConfigDict()

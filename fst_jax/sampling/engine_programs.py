@@ -172,8 +172,7 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
                                   query_chunk=Q if Q < P else None)
         new_k.append(k)
         new_v.append(v)
-    last_di = x[:, :, -1]
-    hidden_di = rms_norm(last_di, weights["final_norm"], c.rms_norm_eps, axis=0)
+    hidden_di = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
     logits_vr = jnp.repeat(_logits_vb(c, weights, hidden_di), n, axis=1)
 
     rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731  (prompt-major: prompt i's samples at i·n … i·n+n-1)
