@@ -4,11 +4,15 @@ import os
 
 # XLA:CPU compiles with LLVM at -O0 in the tests: compiling is most of the suite's CPU time, and -O0 compiles a
 # tiny CLI run in 2/3 of the CPU time (18.6 s vs 27 s cold, measured) while the tiny shapes run as fast (8.8 s
-# vs 8.3 s warm). Numerics move by float32 rounding only (LLVM reorders no less at -O2): every comparison in
-# the suite is between runs of the same flags or to a tolerance. Subprocesses get the same through `xla_flags`.
+# vs 8.3 s warm). Its older elemental emitters instead of the fusion emitters take another quarter off a tiny run
+# cold (17.1 s → 12.4 s; the tiny plan of 53 programs 48.8 s → 27.6 s), but not at 8B, where they are slower
+# (93 s → 115 s to plan): `xla_flags(fusion_emitters=True)` keeps them. Numerics move by float32 rounding only:
+# every comparison in the suite is between runs of the same flags or to a tolerance. Subprocesses get the same
+# through `xla_flags`.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+ELEMENTAL = "--xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 "
-                           f"{FAST_COMPILE}").strip()
+                           f"{FAST_COMPILE} {ELEMENTAL}").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,11 +49,11 @@ def make_random_hf_checkpoint(path, seed: int = 0, with_tokenizer: bool = True, 
     return model
 
 
-def xla_flags(devices: int | None = None) -> str:
+def xla_flags(devices: int | None = None, fusion_emitters: bool = False) -> str:
     """XLA_FLAGS for a subprocess that needs its own fake CPU device count (None: jax's default of one, and
-    no flag), with the suite's fast compile."""
+    no flag), with the suite's fast compile (`fusion_emitters`: XLA's default emitters, faster at 8B)."""
     count = f"--xla_force_host_platform_device_count={devices} " if devices is not None else ""
-    return count + FAST_COMPILE
+    return count + FAST_COMPILE + ("" if fusion_emitters else f" {ELEMENTAL}")
 
 
 # One tiny `launch/train.py --config configs/fst_tiny.py` run for the modules that need any short run (with

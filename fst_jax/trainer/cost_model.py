@@ -292,12 +292,13 @@ def _round(x: float) -> float:
 
 def cost_table(cost: Mapping[str, Any]) -> str:
     """The cost lines the dry run prints under its memory table."""
+    width = max([24] + [len(name) + 2 for name in cost["programs"]])  # engine names run long
     lines = [f"cost on {cost['devices']} × {cost['device']} ({cost['peak_tflops']:g} TFLOP/s bf16 at "
              f"{cost['compute_efficiency']:.0%}, {cost['hbm_tb_per_s']:g} TB/s at {cost['bandwidth_efficiency']:.0%}); "
              f"answers {cost['answer_lengths']}", "",
-             f"{'program':<24}{'phase':<12}{'calls/cycle':>12}{'steps':>7}{'TFLOP':>10}{'GB':>10}{'s/call':>9}  bound"]
+             f"{'program':<{width}}{'phase':<12}{'calls/cycle':>12}{'steps':>7}{'TFLOP':>10}{'GB':>10}{'s/call':>9}  bound"]
     for name, p in cost["programs"].items():
-        lines.append(f"{name:<24}{p['phase']:<12}{p['calls_per_cycle']:>12g}{p['steps_per_call']:>7.0f}"
+        lines.append(f"{name:<{width}}{p['phase']:<12}{p['calls_per_cycle']:>12g}{p['steps_per_call']:>7.0f}"
                      f"{p['flops'] / 1e12:>10.3g}{p['bytes'] / 1e9:>10.4g}{p['seconds_per_call']:>9.3g}  {p['bound']}")
     phases = ", ".join(f"{k} {v:.4g} s" for k, v in cost["cycle_seconds"].items())
     lines += ["", f"cycle: {phases}; total {cost['cycle_total_seconds']:.4g} s ({cost['step_seconds']:.4g} s per RL "
