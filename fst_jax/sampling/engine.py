@@ -53,9 +53,8 @@ class Request:
 
 @dataclasses.dataclass
 class EngineStats:
-    """What a call computed: useful tokens, row-steps (rows × decode steps, live or not, plus the rows of each
-    insertion, which draw the first tokens), chunks (host round trips), insertions, compactions, and the wall
-    time after the queue emptied (`tail_s`)."""
+    """What a call computed: useful tokens, row-steps (rows × decode steps, live or not), chunks (host round
+    trips), insertions, compactions, and the wall time after the queue emptied (`tail_s`)."""
 
     useful_tokens: int = 0
     row_steps: int = 0
@@ -189,14 +188,13 @@ class Engine:
                 while queue and len(group) < fits and requests[queue[0]].num_samples == n:
                     group.append(queue.popleft())
                 if group:
-                    state = self._insert(insert_jit, state, weights, requests, group, free, rows, P, seed, params,
+                    state = self._insert(insert_jit, state, weights, requests, group, free, rows, P, seed,
                                          first_ids)
                     for g, r in enumerate(group):
                         for j in range(n):
                             occupant[free[g * n + j]] = (r, j)
-                            column[free[g * n + j]] = P
+                            column[free[g * n + j]] = P - 1  # the prompt's last token: fed at the first step
                     stats.inserts += 1
-                    stats.row_steps += next(b for b in self._insert_sizes(n) if b >= len(group)) * n  # first tokens
             if not queue and tail_start is None:
                 tail_start = time.perf_counter()
             live_cols = [column[i] for i, o in enumerate(occupant) if o is not None]
@@ -240,7 +238,7 @@ class Engine:
         out = [results[(r, j)] for r, req in enumerate(requests) for j in range(req.num_samples)]
         return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
-    def _insert(self, insert_jit, state, weights, requests, group, free, rows, P, seed, params, first_ids):
+    def _insert(self, insert_jit, state, weights, requests, group, free, rows, P, seed, first_ids):
         n = requests[group[0]].num_samples
         I = next(b for b in self._insert_sizes(n) if b >= len(group))
         ids, mask = np.zeros((I, P), np.int32), np.zeros((I, P), bool)
@@ -253,7 +251,7 @@ class Engine:
         slot_ids[:len(group) * n] = free[:len(group) * n]
         with self._mesh_context():
             return insert_jit(weights, state, *(self._host(x, I) for x in (ids, mask, slot_ids, firsts, limits)),
-                              seed, *params, num_samples=n)
+                              seed, num_samples=n)
 
     def _insert_sizes(self, n: int) -> list[int]:
         return insert_buckets(self.slots, n, multiple=1 if self.mesh is None else parallel.batch_size_multiple(self.mesh))
@@ -372,7 +370,7 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
                     lower(f"insert_B{slots}_C{C}_I{I}_P{P}_n{n}",
                         insert_jit, weights, states[slots], host((I, P), np.int32, split),
                         host((I, P), np.bool_, split), host((I * n,), np.int32, split), host((I,), np.int32, split),
-                        host((I,), np.int32, split), scalar(np.uint32), *params, num_samples=n)
+                        host((I,), np.int32, split), scalar(np.uint32), num_samples=n)
         for rows, state in states.items():
             for width in length_buckets(columns):
                 lower(f"decode_B{rows}_C{C}_W{width}", decode_jit, weights, state, scalar(np.int32),

@@ -5,8 +5,10 @@ A call streams requests (a prompt, its number of samples and token limit) throug
 
     insert   one jitted program per (prompt rows I, prompt bucket P, samples n): prefill I prompts over their
              own P keys (a fresh [I, K, P, H] cache, never the slot buffer; in query chunks when the scores
-             would exceed `prefill_scores_mb`), sample each sample's first token, and scatter the prompt's KV
-             into its n free slots (`.at[slot_ids]`): the samples share one prefill.
+             would exceed `prefill_scores_mb`) and scatter the KV of all but the prompt's last token into its n
+             free slots (`.at[slot_ids]`): the samples share one prefill. The last prompt token is each slot's
+             token to feed: the first decode step writes its KV and draws the sample's first token, so an
+             insertion holds no LM head and no token draw (a third of its compile time on the CPU).
     decode   one jitted `lax.while_loop` per (rows, length bucket W): each step feeds every live row's last
              token, writes its KV at the row's own column and attends over the first W columns only; the
              loop stops after `max_steps`, when `want_free` slots are free (the host then inserts), when every
@@ -150,13 +152,13 @@ def _choose(keys_b2, count_b, logits_vb, params, draw):
 
 # -------------------------------------------------------------------------------------------- the programs
 
-def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids, first_ids, limits, seed,
-            temperature, top_p, top_k, stop_ids, *, config, num_samples, draw, shardings,
-            prefill_scores_mb=PREFILL_SCORES_MB):
+def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids, first_ids, limits, seed, *,
+            config, num_samples, shardings, prefill_scores_mb=PREFILL_SCORES_MB):
     """Prefill I prompts over their own keys and place each one's `num_samples` samples in `slot_ids` [I·n]
-    (index B = no slot: padding prompts); `first_ids` [I]: the sample id of each prompt's sample 0. Each
-    sample's first token is sampled here (token 0 of its key). Each layer's attention runs in query chunks
-    (`prefill_chunk`) when its scores would exceed `prefill_scores_mb`."""
+    (index B = no slot: padding prompts); `first_ids` [I]: the sample id of each prompt's sample 0. Prompts are
+    left-padded to P: a slot holds the KV of columns [0, P-1) and feeds the prompt's last token (column P-1)
+    at its first decode step, which draws token 0 of the sample's key. Each layer's attention runs in query
+    chunks (`prefill_chunk`) when its scores would exceed `prefill_scores_mb`."""
     c, n = config, num_samples
     I, P = prompt_ids_ip.shape
     dtype = state.k[0].dtype
@@ -164,7 +166,8 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
     Q = prefill_chunk(c, I, P, prefill_scores_mb)
     cache = KVCache(k=None, v=None, key_mask=jnp.zeros((I, P), bool), index=jnp.zeros((), jnp.int32),
                     next_position=jnp.zeros((I,), jnp.int32))
-    positions_ip, key_mask_ip, allowed_ipp = step_masks(prompt_mask_ip, cache)
+    # the last token's KV is the first decode step's to write: the prefill stops before it
+    positions_ip, key_mask_ip, allowed_ipp = step_masks(prompt_mask_ip.at[:, -1].set(False), cache)
     x = _embed_db(c, weights, prompt_ids_ip)
     new_k, new_v = [], []
     for p in weights["layers"]:
@@ -172,31 +175,24 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
                                   query_chunk=Q if Q < P else None)
         new_k.append(k)
         new_v.append(v)
-    hidden_di = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
-    logits_vr = jnp.repeat(_logits_vb(c, weights, hidden_di), n, axis=1)
 
     rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731  (prompt-major: prompt i's samples at i·n … i·n+n-1)
-    limit_r = rep(limits)
     sample_r = rep(first_ids) + jnp.tile(jnp.arange(n, dtype=jnp.int32), I)
-    keys_r2 = _sample_keys(seed, sample_r)
-    token_r, logprob_r = _choose(keys_r2, jnp.zeros_like(sample_r), logits_vr, (temperature, top_p, top_k), draw)
-    stopped_r = jnp.any(token_r[:, None] == stop_ids[None, :], axis=-1)
-    M = state.out_tokens.shape[1]
-    first = lambda a, fill: jnp.full((I * n, M), fill, a.dtype).at[:, 0].set(a)  # noqa: E731
+    length_r = rep(prompt_mask_ip.sum(axis=1, dtype=jnp.int32))
     S = state.key_mask.shape[1]
     key_mask_rs = jnp.zeros((I * n, S), bool).at[:, :P].set(rep(key_mask_ip))
     put = lambda buf, rows: buf.at[slot_ids].set(rows, mode="drop")  # noqa: E731
+    zeros_r = jnp.zeros((I * n,), jnp.int32)
     with jax.named_scope("insert_kv"):
         ks = tuple(buf.at[slot_ids, :, :P].set(rep(k), mode="drop") for buf, k in zip(state.k, new_k))
         vs = tuple(buf.at[slot_ids, :, :P].set(rep(v), mode="drop") for buf, v in zip(state.v, new_v))
     return _constrain_state(shardings, EngineState(
-        k=ks, v=vs, key_mask=put(state.key_mask, key_mask_rs), token=put(state.token, token_r),
-        column=put(state.column, jnp.full((I * n,), P, jnp.int32)),
-        position=put(state.position, rep(prompt_mask_ip.sum(axis=1, dtype=jnp.int32))),
-        count=put(state.count, jnp.ones((I * n,), jnp.int32)), limit=put(state.limit, limit_r),
-        live=put(state.live, ~stopped_r & (limit_r > 1)), finished=put(state.finished, stopped_r),
-        keys=put(state.keys, keys_r2), out_tokens=put(state.out_tokens, first(token_r, 0)),
-        out_logprobs=put(state.out_logprobs, first(logprob_r, 0.0))))
+        k=ks, v=vs, key_mask=put(state.key_mask, key_mask_rs), token=put(state.token, rep(prompt_ids_ip[:, -1])),
+        column=put(state.column, jnp.full((I * n,), P - 1, jnp.int32)), position=put(state.position, length_r - 1),
+        count=put(state.count, zeros_r), limit=put(state.limit, rep(limits)),
+        live=put(state.live, jnp.ones((I * n,), bool)), finished=put(state.finished, jnp.zeros((I * n,), bool)),
+        keys=put(state.keys, _sample_keys(seed, sample_r)), out_tokens=state.out_tokens,
+        out_logprobs=state.out_logprobs))
 
 
 def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_p, top_k, stop_ids, *, config,
@@ -279,7 +275,8 @@ def programs(config, draw: str = "gumbel", shardings: EngineState | None = None,
     # those shardings are the ones a call finds in jax's caches (an inferred sharding may be spelled differently).
     out = {} if shardings is None else dict(out_shardings=shardings)
     steps = {} if shardings is None else dict(out_shardings=(shardings, NamedSharding(shardings.token.mesh, P())))
-    insert_jit = jax.jit(functools.partial(_insert, prefill_scores_mb=prefill_scores_mb, **statics),
+    insert_jit = jax.jit(functools.partial(_insert, prefill_scores_mb=prefill_scores_mb, config=config,
+                                           shardings=shardings),
                          static_argnames=("num_samples",),
                          donate_argnames=("state",), **out)
     decode_jit = jax.jit(functools.partial(_decode, **statics), static_argnames=("width",),
