@@ -168,8 +168,8 @@ def test_tiny_run_after_its_plan_compiles_nothing_new(tmp_path):
     config.eval.every = 4
     config.log.tensorboard = config.log.progress = False
     config.cycle.reuse_gepa_rollouts, config.cycle.reuse_max_staleness = True, 1
-    # fewer possible programs, the same claim: 16 slots instead of 256 (one row bucket, not 8, 64 and 256);
-    # the plan compiles 53 programs instead of 83
+    # fewer possible programs, the same claim: 16 slots instead of the config's 128 (one row bucket, not 128, 32
+    # and 8): the plan compiles 53 programs
     config.sampling.slots = 16
     with _Compiles() as planned:
         report = plan.make_plan(config, log=lambda *_: None)
