@@ -1,6 +1,10 @@
 """The measures and the report of `launch/compare.py`: per-run numbers from `metrics.jsonl`, mean ± std over
 seeds, the issue's targets met or missed, DOCS/compare.md and docs/coupling.md's compare block. The band plot
-is `compare_plot.band_plot`."""
+is `compare_plot.band_plot`.
+
+Over 400 lines on purpose: one report whose sections (the coupling table, continual, reuse, the ceiling, the
+population rule, plasticity) share one set of per-run measures and number formats; split by section, every
+file would reach into the others' helpers."""
 
 from __future__ import annotations
 

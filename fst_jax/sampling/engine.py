@@ -6,6 +6,9 @@ decode chunk over the attended width that covers the longest live row, read the 
 finished rows. Once no request waits, the live rows are compacted into smaller row buckets. Every decision is
 taken from values read back from the device (gathered across processes), so every process of a multi-host run
 schedules identically.
+
+Just over 400 lines on purpose: `lower_engine_programs`, which lists every program a call can run for the dry
+run, sits beside the `Engine.run` whose choices (row buckets, insertion sizes, widths) it must mirror exactly.
 """
 
 from __future__ import annotations
