@@ -23,7 +23,9 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 CONTINUAL_RULES = ("reverse, then shift 1", "swap pairs, then upper", "rotate 1, then reverse")
 
 
-def _rule_task(rule: str, num_train: int = 512, num_val: int = 32) -> dict:
+def rule_task(rule: str, num_train: int = 512, num_val: int = 32) -> dict:
+    """A `config.tasks` entry for the synthetic string-rule task hiding `rule` (configs/fst_tiny_coupling.py
+    builds on it)."""
     return dict(task="rule", options={"rule": rule}, num_train=num_train, num_val=num_val, train_files="")
 
 
@@ -36,10 +38,10 @@ def get_config():
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
 
     c.tasks = {
-        "rule": _rule_task("reverse, then shift 2"),
-        "stage1": _rule_task(CONTINUAL_RULES[0]),
-        "stage2": _rule_task(CONTINUAL_RULES[1]),
-        "stage3": _rule_task(CONTINUAL_RULES[2]),
+        "rule": rule_task("reverse, then shift 2"),
+        "stage1": rule_task(CONTINUAL_RULES[0]),
+        "stage2": rule_task(CONTINUAL_RULES[1]),
+        "stage3": rule_task(CONTINUAL_RULES[2]),
         "copy": dict(task="skill", options={"skill": "copy"}, num_train=64, num_val=32, train_files=""),
         "count": dict(task="skill", options={"skill": "count"}, num_train=64, num_val=32, train_files=""),
         # --config.task=star --config.sampling.max_prompt_tokens=256: a small star graph (3 arms, paths of 3

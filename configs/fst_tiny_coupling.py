@@ -29,7 +29,7 @@ RULE = "swap pairs, then upper"
 
 def get_config():
     c = fst_tiny.get_config()
-    c.tasks.rule = fst_tiny._rule_task(RULE)
+    c.tasks.rule = fst_tiny.rule_task(RULE)
     c.total_steps = 48
     c.eval.every = 8
     c.rl.learning_rate = 1e-4
