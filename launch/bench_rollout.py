@@ -169,7 +169,7 @@ def _buffer_check(config, weights, rows: int, steps: int = 16, repeats: int = 3)
     for columns in (512, 4096):
         state = empty_state(config, rows, columns, M, "float32")
         state = insert_jit(weights, state, ids, np.ones_like(ids, bool), np.arange(rows, dtype=np.int32),
-                           np.arange(rows, dtype=np.int32), np.full(rows, M, np.int32), np.uint32(0), *params,
+                           np.arange(rows, dtype=np.int32), np.full(rows, M, np.int32), np.uint32(0),
                            num_samples=1)
         chunk = lambda s: decode_jit(weights, s, np.int32(steps), np.int32(rows + 1), *params,  # noqa: E731
                                      width=128)
