@@ -2,9 +2,9 @@
 chosen token's log-prob. Every parameter is a traced value (a new temperature never recompiles).
 
 The request engine's draw ("inverse_cdf") takes one uniform number per row and inverts the CDF in two levels (which block of `_CDF_BLOCK`
-tokens, then which token in it): a Gumbel-max draw needs one random number per vocabulary entry, and
-generating those cost 102 ms of a 64-row step at vocab 32 000 on this 2-core CPU against 5 ms for the two-level
-inversion (launch/bench.py rollout is where it shows)."""
+tokens, then which token in it): a Gumbel-max draw needs one random number per vocabulary entry. On this
+2-core CPU a 64-row decode step at vocab 32 000 (hidden 256, 4 layers) takes 32.7-34.5 ms with the Gumbel draw
+and 20.7 ms with the two-level inversion (19.5 ms greedy); launch/bench.py rollout is where it shows."""
 
 from __future__ import annotations
 
