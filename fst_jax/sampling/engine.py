@@ -341,8 +341,6 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
             known[key] = Deferred(lowered)
         out[name] = known[key] if lazy else known[key].get()
 
-    shardings = state_shardings(config, mesh, rules)
-
     abstract_state = functools.partial(slot_state, config, columns=columns, max_new_tokens=max_new_tokens,  # noqa: E731
                                        cache_dtype=cache_dtype, mesh=mesh, rules=rules)
 

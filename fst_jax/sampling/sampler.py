@@ -17,11 +17,9 @@ on the slots or the schedule.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
