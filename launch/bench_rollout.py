@@ -171,8 +171,8 @@ def _buffer_check(config, weights, rows: int, steps: int = 16, repeats: int = 3)
         state = insert_jit(weights, state, ids, np.ones_like(ids, bool), np.arange(rows, dtype=np.int32),
                            np.arange(rows, dtype=np.int32), np.full(rows, M, np.int32), np.uint32(0),
                            num_samples=1)
-        chunk = lambda s: decode_jit(weights, s, np.int32(steps), np.int32(rows + 1), *params,  # noqa: E731
-                                     width=128)
+        chunk = lambda s: decode_jit(weights, s, want_free=np.int32(rows + 1), temperature=params[0],  # noqa: E731
+                                     top_p=params[1], top_k=params[2], stop_ids=params[3], max_steps=steps, width=128)
         state, _ = chunk(state)
         jax.block_until_ready(state)
         best = float("inf")

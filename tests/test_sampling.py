@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from fst_jax.runtime import parallel
 from fst_jax.sampling.chat import ChatSampler
 from fst_jax.models.hf import load_pretrained, load_tokenizer, render_chat
-from fst_jax.sampling import Sampler, bucket_length, generate, sample_logits
+from fst_jax.sampling import Sampler, bucket_length, generate, noise, sample_logits
 
 CONFIGS = ["tied", "untied", "odd_head_dim"]
 NEW = 32  # new tokens in every parity test (the issue asks for ≥ 32)
@@ -168,6 +168,25 @@ def test_greedy_step_is_argmax_with_untempered_logprob():
     tokens, logprobs = _step(logits, jax.random.split(jax.random.key(0), 2), 0.0, 0.5, 1)
     assert tokens.tolist() == [1, 0]  # the first maximum on ties, as torch.argmax
     np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[np.arange(2), np.array([1, 0])], atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [997, 32000, 151936], ids=["prime", "bench", "qwen3"])
+def test_the_fused_gumbel_noise_and_draw_are_jax_random_gumbel_bit_for_bit(vocab):
+    """The decode step's Gumbel noise (written out so that XLA fuses it; `noise`) is `jax.random.gumbel`'s to the
+    bit, and the blockwise draw that never writes the noisy logits picks `argmax(logits + that noise)`, ties and
+    filtered (-inf) entries included: a run's tokens do not depend on which of the two computed them."""
+    assert noise.matches_jax()
+    rows = 9
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(7), jnp.arange(rows) * 101 + vocab)
+    reference = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys).T
+    fused = jax.jit(noise.gumbel_vb, static_argnums=1)(keys, vocab)
+    np.testing.assert_array_equal(np.asarray(fused).view(np.uint32), np.asarray(reference).view(np.uint32))
+    rng = np.random.default_rng(vocab)
+    for scale in (3.0, 0.01):  # spread logits, then logits so close that the noise decides (and ties abound)
+        logits = (rng.integers(-2, 3, (vocab, rows)) * scale).astype(np.float32)
+        logits[rng.random((vocab, rows)) < 0.25] = -np.inf
+        expected = np.argmax(logits + np.asarray(reference), axis=0)
+        np.testing.assert_array_equal(np.asarray(jax.jit(noise.gumbel_argmax_vb)(logits, keys)), expected)
 
 
 _draw = jax.jit(lambda logits_v, keys, top_p, top_k, draw: sample_logits(

@@ -211,8 +211,9 @@ class Engine:
             else:
                 want_free = rows + 1
             with self._mesh_context():
-                state, steps = decode_jit(weights, state, np.int32(self.chunk_steps), np.int32(want_free),
-                                          *params, width=width)
+                state, steps = decode_jit(weights, state, want_free=np.int32(want_free), temperature=params[0],
+                                          top_p=params[1], top_k=params[2], stop_ids=params[3],
+                                          max_steps=self.chunk_steps, width=width)
             live, finished, count, column_now = (parallel.to_host(x) for x in
                                                  (state.live, state.finished, state.count, state.column))
             steps = int(parallel.to_host(steps))
@@ -374,8 +375,9 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
                         host((I,), np.int32, split), scalar(np.uint32), num_samples=n)
         for rows, state in states.items():
             for width in length_buckets(columns):
-                lower(f"decode_B{rows}_C{C}_W{width}", decode_jit, weights, state, scalar(np.int32),
-                      scalar(np.int32), *params, width=width)
+                lower(f"decode_B{rows}_C{C}_W{width}", decode_jit, weights, state, want_free=scalar(np.int32),
+                      temperature=params[0], top_p=params[1], top_k=params[2], stop_ids=params[3],
+                      max_steps=chunk_steps, width=width)
             for smaller in rows_list:
                 if smaller < rows:
                     lower(f"compact_B{rows}_C{C}_to{smaller}", compact_jit, state,

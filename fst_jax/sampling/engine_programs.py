@@ -197,8 +197,8 @@ def _insert(weights, state: EngineState, prompt_ids_ip, prompt_mask_ip, slot_ids
 
 def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_p, top_k, stop_ids, *, config,
             width, draw, shardings):
-    """Decode steps over the first `width` columns until `max_steps`, `want_free` free rows, no live row, or a
-    live row reaching column `width`. Returns (state, steps run)."""
+    """Decode steps over the first `width` columns until `max_steps` (static: a chunk's length), `want_free` free
+    rows, no live row, or a live row reaching column `width`. Returns (state, steps run)."""
     c, W = config, width
     B = state.live.shape[0]
     rows = jnp.arange(B)
@@ -237,8 +237,17 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
                        out_logprobs=s.out_logprobs.at[rows, at_b].set(logprob_b, mode="drop"))
         return step + 1, (tuple(new_ks), tuple(new_vs), key_mask_bw), s
 
+    start_b = state.column
     steps, (ks, vs, key_mask_bw), state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), window, state))
-    unpad = lambda full, win: jax.lax.dynamic_update_slice(full, win[:, :, :W], (0, 0, 0, 0))  # noqa: E731
+    # Back into the full buffers go only the columns a row can have written: `max_steps` from its column at the
+    # chunk's start (clamped into the window; the rest of a slice rewrites what it held), not the whole window.
+    L = min(max_steps, W)
+    start_b = jnp.clip(start_b, 0, W - L)
+
+    def unpad(full_bksh, win_bksh):
+        piece = jax.vmap(lambda w, s: jax.lax.dynamic_slice_in_dim(w, s, L, axis=1))(win_bksh, start_b)
+        return jax.vmap(lambda f, p, s: jax.lax.dynamic_update_slice_in_dim(f, p, s, axis=1))(full_bksh, piece,
+                                                                                            start_b)
     state = state._replace(k=tuple(map(unpad, state.k, ks)), v=tuple(map(unpad, state.v, vs)),
                            key_mask=jax.lax.dynamic_update_slice(state.key_mask, key_mask_bw, (0, 0)))
     return _constrain_state(shardings, state), steps
@@ -279,7 +288,7 @@ def programs(config, draw: str = "gumbel", shardings: EngineState | None = None,
                                            shardings=shardings),
                          static_argnames=("num_samples",),
                          donate_argnames=("state",), **out)
-    decode_jit = jax.jit(functools.partial(_decode, **statics), static_argnames=("width",),
+    decode_jit = jax.jit(functools.partial(_decode, **statics), static_argnames=("max_steps", "width"),
                          donate_argnames=("state",), **steps)
     compact_jit = jax.jit(functools.partial(_compact, shardings=shardings), **out)  # a gather into fewer rows
     empty_jit = jax.jit(functools.partial(_empty, config=config, shardings=shardings),

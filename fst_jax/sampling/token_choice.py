@@ -11,11 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fst_jax.sampling.noise import gumbel_argmax_vb, matches_jax
+
 __all__ = ["sample_logits", "sample_vb"]
 
 
-def _filter_top_k_top_p(scaled_bv: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Set logits outside the top-k set, then outside the top-p nucleus of what is left, to -inf.
+def _threshold_b(scaled_bv: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Per row, the smallest logit that top-k, then top-p of what is left, keep (logits below it are filtered).
 
     One descending sort gives both thresholds, so k needs no static value. Top-k keeps every logit ≥ the k-th
     largest (ties at the boundary stay in); top-p keeps the shortest prefix of the sorted top-k tokens whose
@@ -29,8 +31,7 @@ def _filter_top_k_top_p(scaled_bv: jax.Array, top_p: jax.Array, top_k: jax.Array
     probs_bv = jax.nn.softmax(jnp.where(in_k_bv, sorted_bv, -jnp.inf), axis=-1)
     mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
     keep_bv = in_k_bv & ((mass_before_bv < top_p) | (rank_v == 0))
-    threshold_b = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1)
-    return jnp.where(scaled_bv >= threshold_b[:, None], scaled_bv, -jnp.inf)
+    return jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1)
 
 
 def sample_logits(logits_bv: jax.Array, keys_b: jax.Array, temperature, top_p, top_k, *, draw: str = "gumbel"):
@@ -74,10 +75,11 @@ def _inverse_cdf_v(weights_vb: jax.Array, uniform_b: jax.Array) -> jax.Array:
     return (block_b * Q + token_b).astype(jnp.int32)
 
 
-def _first_argmax_v(x_vb: jax.Array) -> jax.Array:
+def _first_argmax_v(x_vb: jax.Array, best_b: jax.Array | None = None) -> jax.Array:
     """argmax over the vocab axis (0), first index on ties: two plain reductions, which XLA:CPU vectorises
-    (its (value, index) pair reduction for jnp.argmax took ~5x longer on a 151936 × 8 array)."""
-    best_b = jnp.max(x_vb, axis=0)
+    (its (value, index) pair reduction for jnp.argmax took ~5x longer on a 151936 × 8 array). `best_b`: the
+    column maxima when the caller has them."""
+    best_b = jnp.max(x_vb, axis=0) if best_b is None else best_b
     index_v = jax.lax.broadcasted_iota(jnp.int32, x_vb.shape, 0)
     return jnp.min(jnp.where(x_vb == best_b, index_v, x_vb.shape[0]), axis=0)
 
@@ -93,27 +95,33 @@ def sample_vb(logits_vb: jax.Array, keys_b: jax.Array, temperature, top_p, top_k
     top_k = jnp.asarray(top_k, jnp.int32)
     greedy = temperature <= 0
     scaled_vb = logits_vb / jnp.where(greedy, 1.0, temperature)
+    V = scaled_vb.shape[0]
+    best_b = jnp.max(scaled_vb, axis=0)
+    # Filtering only moves a per-row threshold (-inf = keep all): no branch returns a [V, B] array, which XLA
+    # would copy (a pass over the logits each) to give the conditional its own output buffer.
+    threshold_b = jax.lax.cond(((top_p < 1) | (top_k > 0)) & ~greedy,
+                               lambda s, p, k: _threshold_b(s.T, p, k),
+                               lambda s, p, k: jnp.full(s.shape[1:], -jnp.inf, s.dtype), scaled_vb, top_p, top_k)
 
-    def gumbel_draw(scaled_vb):
-        scaled_bv = scaled_vb.T
-        filtered_bv = jax.lax.cond((top_p < 1) | (top_k > 0), _filter_top_k_top_p, lambda s, p, k: s,
-                                   scaled_bv, top_p, top_k)
-        gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, scaled_bv.shape[-1:], jnp.float32))(keys_b)
-        return _first_argmax_v((filtered_bv + gumbel_bv).T)
+    def greedy_choice(scaled_vb, best_b, threshold_b, keys_b):
+        return _first_argmax_v(scaled_vb, best_b)
 
-    def inverse_cdf_draw(scaled_vb):
-        filtered_vb = jax.lax.cond((top_p < 1) | (top_k > 0),
-                                   lambda s, p, k: _filter_top_k_top_p(s.T, p, k).T, lambda s, p, k: s,
-                                   scaled_vb, top_p, top_k)
-        weights_vb = jnp.exp(filtered_vb - jnp.max(filtered_vb, axis=0))  # unnormalised; filtered ones 0
+    def gumbel_draw(scaled_vb, best_b, threshold_b, keys_b):
+        filtered_vb = jnp.where(scaled_vb >= threshold_b, scaled_vb, -jnp.inf)
+        if matches_jax():  # jax.random.gumbel's numbers, never written out (`noise`)
+            return gumbel_argmax_vb(filtered_vb, keys_b)
+        noise_vb = jax.vmap(lambda key: jax.random.gumbel(key, (V,), jnp.float32))(keys_b).T
+        return _first_argmax_v(filtered_vb + noise_vb)
+
+    def inverse_cdf_draw(scaled_vb, best_b, threshold_b, keys_b):
+        weights_vb = jnp.where(scaled_vb >= threshold_b, jnp.exp(scaled_vb - best_b), 0.0)  # unnormalised
         uniform_b = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys_b)
         return _inverse_cdf_v(weights_vb, uniform_b)
 
     if draw not in ("gumbel", "inverse_cdf"):
         raise ValueError(f"draw must be 'gumbel' or 'inverse_cdf', got {draw!r}")
-    tokens_b = jax.lax.cond(greedy, _first_argmax_v, gumbel_draw if draw == "gumbel" else inverse_cdf_draw,
-                            scaled_vb)
-    best_b = jnp.max(scaled_vb, axis=0)
+    tokens_b = jax.lax.cond(greedy, greedy_choice, gumbel_draw if draw == "gumbel" else inverse_cdf_draw,
+                            scaled_vb, best_b, threshold_b, keys_b)
     log_norm_b = best_b + jnp.log(jnp.sum(jnp.exp(scaled_vb - best_b), axis=0))
     chosen_b = jnp.take_along_axis(scaled_vb, tokens_b[None, :], axis=0)[0]
     return tokens_b, chosen_b - log_norm_b
