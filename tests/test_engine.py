@@ -141,7 +141,7 @@ def test_a_prefill_in_query_chunks_gives_the_same_tokens_with_smaller_scores(tie
 def test_buckets_are_few_and_cover_the_buffer():
     assert length_buckets(640) == [64, 128, 256, 512, 640]
     assert length_buckets(64) == [64]
-    assert row_buckets(64) == [64, 16]
+    assert row_buckets(64) == [64, 16, 8]  # a call of 8 rows starts with 8 slots, not 16
     assert row_buckets(64, multiple=8) == [64]
     assert row_buckets(256, multiple=8, smallest=2) == [256, 64, 16]
     assert row_buckets(64, factor=2) == [64, 32, 16, 8]
