@@ -10,7 +10,7 @@ from flax import nnx
 from fst_jax.models.hf import load_pretrained
 from fst_jax.sampling import Sampler
 from fst_jax.sampling.engine import Engine, Request, kv_bytes, lower_engine_programs, prompt_bucket
-from fst_jax.sampling.engine_programs import length_buckets, prefill_chunk, row_buckets
+from fst_jax.sampling.engine_programs import length_buckets, prefill_chunk, row_buckets, tail_buckets
 
 NEW = 24
 ENGINE_PROGRAMS = ("jit(_insert)", "jit(_decode)", "jit(_compact)", "jit(_empty)")
@@ -146,6 +146,8 @@ def test_buckets_are_few_and_cover_the_buffer():
     assert row_buckets(256, multiple=8, smallest=2) == [256, 64, 16]
     assert row_buckets(64, factor=2) == [64, 32, 16, 8]
     assert row_buckets(192, multiple=8) == [192, 64]  # a small call never holds all the slots
+    assert tail_buckets(64) == [64, 32, 16, 8, 4]  # a tail halves down to 4 rows per shard
+    assert tail_buckets(192, multiple=8) == [192, 96, 48]
 
 
 def test_decode_attention_reads_only_the_attended_width(tied, monkeypatch):
@@ -173,9 +175,11 @@ def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
     weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sampler.weights)
     lowered = lower_engine_programs(sampler.config, weights, slots=32, columns=columns, max_new_tokens=NEW,
                                     num_samples=[2], prompt_buckets=[64], cache_dtype="float32", chunk_steps=8)
-    assert sorted(lowered) == ["compact_B32_C88_to8", "decode_B32_C88_W64", "decode_B32_C88_W88",
-                               "decode_B8_C88_W64", "decode_B8_C88_W88", "empty_B32_C88",
-                               "insert_B32_C88_I16_P64_n2", "insert_B32_C88_I1_P64_n2", "insert_B32_C88_I4_P64_n2"]
+    rows = [32, 16, 8, 4]  # the tail halves down to 4 rows
+    assert sorted(lowered) == sorted(
+        [f"compact_B{a}_C88_to{b}" for a in rows for b in rows if b < a]
+        + [f"decode_B{r}_C88_W{w}" for r in rows for w in (64, 88)]
+        + ["empty_B32_C88", "insert_B32_C88_I16_P64_n2", "insert_B32_C88_I1_P64_n2", "insert_B32_C88_I4_P64_n2"])
     for program in lowered.values():
         program.compile()
     compiles = []

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fst_jax.models.config import canonical_dtype
 from fst_jax.runtime import parallel
 from fst_jax.sampling.engine_programs import (PREFILL_SCORES_MB, EngineState, empty_state, length_buckets, programs,
-                                              row_buckets)
+                                              tail_buckets)
 from fst_jax.sampling.weights import hashable_rules
 
 __all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lower_engine_programs",
@@ -151,7 +151,7 @@ class Engine:
         self.chunk_steps, self.refill, self.compact = chunk_steps, refill, compact
         self.prefill_scores_mb = prefill_scores_mb
         self.widths = length_buckets(columns)
-        self.rows = row_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
+        self.rows = tail_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
         self.shardings = state_shardings(config, mesh, rules)
         self.stats = EngineStats()
 
@@ -328,7 +328,7 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     scalar = lambda dtype: sds((), dtype)  # noqa: E731
     params = (scalar(np.float32), scalar(np.float32), scalar(np.int32), sds((stops,), np.int32))
     multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
-    rows_list = row_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
+    rows_list = tail_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
     cache_dtype = canonical_dtype(cache_dtype).name
     statics = dict(columns=columns, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
     known = {} if known is None else known
