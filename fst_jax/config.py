@@ -73,8 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     # The sampler's slots: rows (prompts × samples) in flight at once, over the whole mesh (a multiple of data ×
     # fsdp); a call with more rows streams them through as rows finish. None = B·G, one RL step's rollouts.
     c.sampling.slots = ml_collections.config_dict.placeholder(int)
-    # How a token is drawn: "gumbel" (Gumbel-max) or "inverse_cdf" (one uniform per row: far cheaper on a CPU
-    # with a large vocabulary). Same distribution, different noise (fst_jax/sampling/token_choice.py).
+    # How a token is drawn: "gumbel" (Gumbel-max) or "inverse_cdf" (one uniform per row: a little cheaper on a
+    # CPU with a large vocabulary). Same distribution, different noise (fst_jax/sampling/token_choice.py).
     c.sampling.draw = "gumbel"
     # The largest prefill attention score block, in MB over all devices (float32 [prompts, heads, chunk,
     # prompt bucket]): where the whole prompt's scores would be larger, each layer scores its queries in chunks,

@@ -205,3 +205,27 @@ def test_paper_configs_plan_the_model_they_name(name):
     assert size, config.model.path
     assert config.model.preset == size.group(1)
     validate(config, require_checkpoint=False)
+
+
+def test_near_the_memory_map_limit_the_plan_releases_what_it_compiled():
+    """XLA:CPU maps each compiled program's code in ~1,000 regions at 8B; the plan drops the lazily lowered programs
+    it has read (and jax's caches) before the process reaches the kernel's per-process limit, and a released
+    program lowers again when asked."""
+    from fst_jax.sampling.engine import Deferred
+
+    maps = plan._memory_maps()
+    assert maps is not None and 0 < maps[0] < maps[1]  # Linux: /proc/self/maps and vm.max_map_count
+    lowerings = []
+
+    def lower():
+        lowerings.append(1)
+        return jax.jit(lambda x: x * 3).lower(jnp.ones(4))
+
+    deferred = Deferred(lower)
+    deferred.get().compile()
+    held, lines = [deferred, "not lazily lowered: kept"], []
+    plan._release_if_near_map_limit(held, lines.append)  # far below the limit: nothing happens
+    assert held and lines == [] and deferred._lowered is not None
+    plan._release_if_near_map_limit(held, lines.append, fraction=0.0)
+    assert held == [] and deferred._lowered is None and lines[0].startswith("plan: released 1 compiled programs")
+    assert float(deferred.get().compile()(jnp.ones(4))[0]) == 3.0 and len(lowerings) == 2

@@ -386,15 +386,19 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
 
 
 class Deferred:
-    """A program lowered on first `.get()` (then kept)."""
+    """A program lowered on first `.get()` (then kept until `.release()`)."""
 
     def __init__(self, lower):
         self._lower, self._lowered = lower, None
 
     def get(self):
         if self._lowered is None:
-            self._lowered, self._lower = self._lower(), None
+            self._lowered = self._lower()
         return self._lowered
+
+    def release(self) -> None:
+        """Drop the lowered program (and the executable compiled from it); a later `.get()` lowers again."""
+        self._lowered = None
 
 
 def slot_state(config, rows: int, *, columns: int, max_new_tokens: int, cache_dtype, mesh=None,

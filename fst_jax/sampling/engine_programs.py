@@ -31,8 +31,9 @@ completion never depends on its slot, its neighbours in flight, the slot count o
 identical prompts in one call get different noise. (It is the key the static sampler that the engine replaced gave
 row id of a call, so a run's records did not change with the switch beyond float rounding.)
 
-`draw`: "gumbel" (Gumbel-max over the vocabulary, the run's default) or "inverse_cdf" (one uniform per row: on
-a CPU with a 32 K vocabulary ~20× cheaper per step; `token_choice`). Same distribution, different noise.
+`draw`: "gumbel" (Gumbel-max over the vocabulary, the run's default; its noise is made inside the reduction that
+picks the token, `noise`) or "inverse_cdf" (one uniform per row; `token_choice`). Same distribution, different
+noise.
 
 Shape letters: B slots (rows), I inserted prompts, P prompt bucket, S cache columns, W attended columns,
 M longest completion, V vocab, K kv heads, H head dim, D hidden.

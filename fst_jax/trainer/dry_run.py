@@ -422,6 +422,7 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
             log(f"plan: compiled {name} in {plan.programs[name].compile_s:.0f} s")
         costs = {n: p.cost for n, p in plan.programs.items()}
         t0 = time.perf_counter()
+        held: list = []  # programs compiled below, whose costs are read (released near the map limit)
         typical = {w["typical"] for w in cost_model.sampler_work(c).values()}
         typical |= {aliases[t] for t in typical if t in aliases}  # the same program compiled under another kind
         for name, programs in smaller:
@@ -430,6 +431,8 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
                 continue
             for part, program in programs.items():
                 costs[f"{name}:{part}"] = cost_model.program_cost(_lowered(program).compile())
+                held.append(program)
+                _release_if_near_map_limit(held, log)
             plan.also_compiled.append(name)
         costs.update({alias: costs[key] for alias, key in aliases.items() if key in costs})
         log(f"plan: compiled {len(plan.also_compiled)} more programs (other slot counts, widths, insertions, buckets "
@@ -442,6 +445,38 @@ def make_plan(config, log=print, only: Sequence[str] | None = None, platform: st
         log("plan: the resident buffers alone exceed the budget; nothing compiled")
     plan.seconds = time.perf_counter() - t_start
     return plan
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """(memory maps this process holds, the kernel's per-process limit), or None off Linux."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return None
+
+
+def _release_if_near_map_limit(held: list, log, fraction: float = 0.6) -> None:
+    """Drop the compiled programs in `held` (lowered lazily, `engine.Deferred`) when this process nears the
+    kernel's memory-map limit.
+
+    XLA:CPU's JIT maps its code in many small regions (~1,000 per Qwen3-8B decode program compiled for 8 fake
+    devices, measured) and a lowered program keeps its compiled executable alive, so a full 8B plan (70-odd
+    programs) crossed Linux's default of 65,530 and died in LLVM with "Cannot allocate memory". The plan keeps
+    only the numbers it read, so those programs can go (re-lowered if asked for again); a small plan never comes
+    near the limit and keeps its programs for the run after it."""
+    maps = _memory_maps()
+    if maps is None or maps[0] <= fraction * maps[1]:
+        return
+    released = [program for program in held if isinstance(program, Deferred)]
+    for program in released:
+        program.release()
+    held.clear()
+    jax.clear_caches()
+    log(f"plan: released {len(released)} compiled programs (this process held {maps[0]:,} memory maps; the "
+        f"kernel allows {maps[1]:,})")
 
 
 def _lowered(program):
