@@ -160,7 +160,8 @@ def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, po
     """One Qwen3 decoder layer on B·T tokens: (x after the layer, the updated (k, v) cache or None).
 
     `p`: the layer's weights in `layout`; `x`: the residual stream in `layout.x`. With `kv` (two [B, K, S, H]
-    buffers), the tokens' keys and values are written at slot `index` and attention reads the cache;
+    buffers), the tokens' keys and values are written at slot `index` (a scalar; or, for one token per row,
+    each row's own slot [B], a slot past the buffer writing nothing) and attention reads the cache;
     without, it reads the T tokens themselves (`allowed_bts` [B, T, S] says which keys each query sees;
     `lengths_b`, when the rows are right-padded, says the same as per-row lengths, which lets a fused kernel
     run instead — `fst_jax.models.attention`). `query_chunk` (a divisor of T): the einsum attention scores
@@ -188,10 +189,15 @@ def decoder_layer(config: Qwen3Config, layout: Layout, p: dict, x: jax.Array, po
     else:
         with jax.named_scope("cache_update"):
             k_cache, v_cache = kv
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                                   (0, 0, index, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                                   (0, 0, index, 0))
+            if jnp.ndim(index) == 1:  # one token per row, each at its own slot (slots past the end: dropped)
+                rows = jnp.arange(k_btkh.shape[0])
+                k_cache = k_cache.at[rows, :, index].set(k_btkh[:, 0].astype(k_cache.dtype), mode="drop")
+                v_cache = v_cache.at[rows, :, index].set(v_btkh[:, 0].astype(v_cache.dtype), mode="drop")
+            else:
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, k_btkh.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, v_btkh.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
             kv = (k_cache, v_cache)
         keys, values, kv_axes = k_cache.astype(dtype), v_cache.astype(dtype), "bksh"
     with jax.named_scope("attention"):

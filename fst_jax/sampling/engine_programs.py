@@ -219,10 +219,11 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
     B = state.live.shape[0]
     rows = jnp.arange(B)
     params = (temperature, top_p, top_k)
-    # The loop carries W + 1 columns: the layer writes every row's new KV at the shared scratch column W (so
-    # the model's own decoder_layer serves), then each row's is moved to its own column.
-    pad = lambda buf: jnp.concatenate([buf[:, :, :W], jnp.zeros_like(buf[:, :, :1])], axis=2)  # noqa: E731
-    window = (tuple(map(pad, state.k)), tuple(map(pad, state.v)), state.key_mask[:, :W])
+    # The loop carries the first W columns (the buffer itself when W is all of it): each step writes every live
+    # row's KV at the row's own column (a done row's, past the window, is dropped) and attends over the window.
+    whole = W == state.key_mask.shape[1]
+    window = (state.k, state.v, state.key_mask) if whole else (
+        tuple(buf[:, :, :W] for buf in state.k), tuple(buf[:, :, :W] for buf in state.v), state.key_mask[:, :W])
 
     def cond(carry):
         step, _, s = carry
@@ -231,16 +232,15 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
 
     def body(carry):
         step, (ks, vs, key_mask_bw), s = carry
-        column_b = jnp.where(s.live, s.column, W + 1)  # a row that is done writes nothing (dropped)
-        allowed_b1w = jnp.concatenate([key_mask_bw, jnp.ones((B, 1), bool)], axis=1)[:, None, :]
+        column_b = jnp.where(s.live, s.column, W)  # a row that is done writes nothing (dropped)
+        key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
         x = _embed_db(c, weights, s.token[:, None])
         new_ks, new_vs = [], []
         for p, k, v in zip(weights["layers"], ks, vs):
-            x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, s.position[:, None], allowed_b1w, (k, v), W)
-            with jax.named_scope("cache_update"):
-                new_ks.append(k.at[rows, :, column_b].set(k[:, :, W], mode="drop"))
-                new_vs.append(v.at[rows, :, column_b].set(v[:, :, W], mode="drop"))
-        key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
+            x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, s.position[:, None], key_mask_bw[:, None, :], (k, v),
+                                      column_b)
+            new_ks.append(k)
+            new_vs.append(v)
         hidden_db = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
         token_b, logprob_b = _choose(s.keys, s.count, _logits_vb(c, weights, hidden_db), params, draw)
         at_b = jnp.where(s.live, s.count, s.out_tokens.shape[1])
@@ -254,7 +254,10 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
         return step + 1, (tuple(new_ks), tuple(new_vs), key_mask_bw), s
 
     start_b = state.column
-    steps, (ks, vs, key_mask_bw), state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), window, state))
+    rest = state._replace(k=(), v=(), key_mask=None)  # the buffers travel once: in the window
+    steps, (ks, vs, key_mask_bw), rest = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), window, rest))
+    if whole:
+        return _constrain_state(shardings, rest._replace(k=ks, v=vs, key_mask=key_mask_bw)), steps
     # Back into the full buffers go only the columns a row can have written: `max_steps` from its column at the
     # chunk's start (clamped into the window; the rest of a slice rewrites what it held), not the whole window.
     L = min(max_steps, W)
@@ -264,8 +267,8 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
         piece = jax.vmap(lambda w, s: jax.lax.dynamic_slice_in_dim(w, s, L, axis=1))(win_bksh, start_b)
         return jax.vmap(lambda f, p, s: jax.lax.dynamic_update_slice_in_dim(f, p, s, axis=1))(full_bksh, piece,
                                                                                             start_b)
-    state = state._replace(k=tuple(map(unpad, state.k, ks)), v=tuple(map(unpad, state.v, vs)),
-                           key_mask=jax.lax.dynamic_update_slice(state.key_mask, key_mask_bw, (0, 0)))
+    state = rest._replace(k=tuple(map(unpad, state.k, ks)), v=tuple(map(unpad, state.v, vs)),
+                          key_mask=jax.lax.dynamic_update_slice(state.key_mask, key_mask_bw, (0, 0)))
     return _constrain_state(shardings, state), steps
 
 
