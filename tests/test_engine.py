@@ -2,6 +2,8 @@
 distinct noise for identical prompts, log-probs equal to a full forward pass, attention bounded by the live
 length. Greedy parity with transformers goes through `Sampler.generate` (tests/test_sampling.py)."""
 
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from flax import nnx
 
 from fst_jax.models.hf import load_pretrained
 from fst_jax.sampling import Sampler
-from fst_jax.sampling.engine import Engine, Request, kv_bytes, lower_engine_programs, prompt_bucket
+from fst_jax.sampling.engine import Engine, Request, insert_buckets, kv_bytes, lower_engine_programs, prompt_bucket
 from fst_jax.sampling.engine_programs import length_buckets, prefill_chunk, row_buckets, tail_buckets
 
 NEW = 24
@@ -150,6 +152,26 @@ def test_buckets_are_few_and_cover_the_buffer():
     assert tail_buckets(192, multiple=8) == [192, 96, 48]
 
 
+def test_a_round_inserts_down_to_a_size_while_more_prompts_wait_than_fit(tied):
+    """Insertion sizes include a refill's (an eighth of the slots); when the free slots, not the queue, limit a
+    round, it inserts the size below (keeping at least half) instead of padding up to the size above."""
+    _, sampler = tied
+    assert insert_buckets(128, 1) == [1, 16, 32, 128]
+    assert insert_buckets(64, 1) == [1, 8, 16, 64]
+    assert insert_buckets(64, 8) == [1, 2, 8]
+    assert insert_buckets(64, 1, multiple=8) == [8, 16, 64]
+    engine = Engine(sampler.config, slots=128, columns=64, max_new_tokens=8, cache_dtype="float32")
+    requests = [Request([1, 2], 1, 8)] * 300
+    count = lambda fits, waiting: engine._insert_count(1, fits, collections.deque(range(waiting)), requests)  # noqa: E731
+    assert count(20, 300) == 16  # 16 prompts now, the other 4 free slots wait for the next round
+    assert count(31, 300) == 16
+    assert count(40, 300) == 32
+    assert count(70, 300) == 70  # 32 would leave more than half free: pad up to 128
+    assert count(20, 12) == 12  # the queue's last prompts: all of them (padded to 16)
+    assert count(200, 300) == 128
+    assert count(3, 300) == 3  # below the smallest size but one: pad up rather than insert 1
+
+
 def test_decode_attention_reads_only_the_attended_width(tied, monkeypatch):
     """Rows of ≤ 56 columns in a 256-column buffer decode at width 64: NaNs beyond it change nothing."""
     _, sampler = tied
@@ -179,7 +201,8 @@ def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
     assert sorted(lowered) == sorted(
         [f"compact_B{a}_C88_to{b}" for a in rows for b in rows if b < a]
         + [f"decode_B{r}_C88_W{w}" for r in rows for w in (64, 88)]
-        + ["empty_B32_C88", "insert_B32_C88_I16_P64_n2", "insert_B32_C88_I1_P64_n2", "insert_B32_C88_I4_P64_n2"])
+        + ["empty_B32_C88", "insert_B32_C88_I16_P64_n2", "insert_B32_C88_I1_P64_n2", "insert_B32_C88_I2_P64_n2",
+           "insert_B32_C88_I4_P64_n2"])
     for program in lowered.values():
         program.compile()
     compiles = []

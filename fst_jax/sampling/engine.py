@@ -37,6 +37,7 @@ __all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lo
 MIN_BUCKET = 16
 STOP_SLOTS = 8
 CHUNK_STEPS = 32  # decode steps between host round trips
+REFILL = 0.125  # the share of the slots that must be free before a round stops decoding to insert
 
 
 def compacts(compact: bool, max_new_tokens: int, chunk_steps: int = CHUNK_STEPS) -> bool:
@@ -85,18 +86,23 @@ def prompt_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-def insert_buckets(slots: int, num_samples: int, multiple: int = 1) -> list[int]:
+def insert_buckets(slots: int, num_samples: int, multiple: int = 1, refill: float = REFILL) -> list[int]:
     """The prompt counts an insertion runs at: the most prompts that fit the slots, rounded down to a power of
     two (times `multiple`, the mesh's batch multiple, when that many fit: the prefill is then split over the
-    batch shards), a quarter of that (refills after a few rows finish) and the smallest (one prompt per shard:
-    a small call's long prompts, e.g. reflection's). Fewer prompts are padded to the next size: a prefill row
-    is cheap next to a program, except at the longest prompts."""
+    batch shards), a quarter of that, the prompts a refill's free slots hold (`refill` of the slots, rounded
+    down the same way) and the smallest (one prompt per shard: a small call's long prompts, e.g. reflection's).
+    A round inserts at most the next size up (padding prompts) when the queue runs out, else rounds down
+    (`Engine._insert_count`)."""
     most = max(1, slots // num_samples)
     unit = multiple if most >= multiple else 1
-    top = unit
-    while top * 2 <= most:
-        top *= 2
-    return sorted({unit, max(unit, top // 4), top})
+
+    def down(n: int) -> int:
+        size = unit
+        while size * 2 <= n:
+            size *= 2
+        return size
+    top = down(most)
+    return sorted({unit, max(unit, top // 4), min(top, down(int(refill * slots) // num_samples)), top})
 
 
 def _insert_sharding(mesh, prompts: int):
@@ -139,7 +145,7 @@ class Engine:
 
     def __init__(self, config, *, slots: int, columns: int, max_new_tokens: int, cache_dtype, mesh=None,
                  rules=parallel.SAMPLE_RULES, draw: str = "gumbel", chunk_steps: int = CHUNK_STEPS,
-                 refill: float = 0.125, compact: bool = True, prefill_scores_mb: float = PREFILL_SCORES_MB):
+                 refill: float = REFILL, compact: bool = True, prefill_scores_mb: float = PREFILL_SCORES_MB):
         if slots < 1:
             raise ValueError(f"the engine needs at least one slot, got slots={slots}")
         multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
@@ -186,10 +192,8 @@ class Engine:
             if queue:  # insert as many waiting prompts as the free slots hold
                 free = [i for i, o in enumerate(occupant) if o is None]
                 n = requests[queue[0]].num_samples
-                fits = min(len(free) // n, self._insert_sizes(n)[-1])
-                group = []
-                while queue and len(group) < fits and requests[queue[0]].num_samples == n:
-                    group.append(queue.popleft())
+                take = self._insert_count(n, len(free) // n, queue, requests)
+                group = [queue.popleft() for _ in range(take)]
                 if group:
                     state = self._insert(insert_jit, state, weights, requests, group, free, rows, P, seed,
                                          first_ids)
@@ -257,8 +261,25 @@ class Engine:
             return insert_jit(weights, state, *(self._host(x, I) for x in (ids, mask, slot_ids, firsts, limits)),
                               seed, num_samples=n)
 
+    def _insert_count(self, n: int, fits: int, queue, requests) -> int:
+        """How many waiting prompts (all of `n` samples, from the queue's head) to insert when `fits` fit the free
+        slots. When the free slots, not the queue, limit the insertion, it rounds down to an insertion size
+        (keeping at least half of what fits; the rest wait for the next round) rather than up with padding
+        prompts: a padding prompt costs a whole prompt's prefill (on the CPU rollout benchmark, 128 tokens ≈ 10
+        decode row-steps), a slot left free until the next round a few row-steps."""
+        sizes = self._insert_sizes(n)
+        fits = min(fits, sizes[-1])
+        waiting = 0
+        while waiting < len(queue) and waiting <= fits and requests[queue[waiting]].num_samples == n:
+            waiting += 1
+        if waiting <= fits:  # the rest of these requests fit: insert them all (padded up to a size)
+            return waiting
+        floor = max((b for b in sizes if b <= fits), default=0)
+        return floor if 2 * floor >= fits else fits
+
     def _insert_sizes(self, n: int) -> list[int]:
-        return insert_buckets(self.slots, n, multiple=1 if self.mesh is None else parallel.batch_size_multiple(self.mesh))
+        return insert_buckets(self.slots, n, multiple=1 if self.mesh is None else parallel.batch_size_multiple(self.mesh),
+                              refill=self.refill)
 
     def _host(self, x: np.ndarray, prompts: int):
         """An insertion's host array on the mesh (`_insert_sharding`; the same on every process)."""
@@ -309,11 +330,11 @@ class Engine:
 def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_tokens: int,
                           num_samples: Sequence[int], prompt_buckets: Sequence[int], cache_dtype, mesh=None,
                           rules=parallel.SAMPLE_RULES, draw: str = "gumbel", compact: bool = True,
-                          chunk_steps: int = CHUNK_STEPS,
+                          chunk_steps: int = CHUNK_STEPS, refill: float = REFILL,
                           stops: int = STOP_SLOTS, platform: str | None = None, known: dict | None = None,
                           lazy: bool = False, prefill_scores_mb: float = PREFILL_SCORES_MB) -> dict:
     """Every program `Engine(config, slots=, columns=, max_new_tokens=, cache_dtype=, mesh=, rules=, draw=,
-    compact=, chunk_steps=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
+    compact=, chunk_steps=, refill=).run` can call for requests of these sample counts whose longest prompt falls in `prompt_buckets`,
     lowered without any array: {name: jax.stages.Lowered}, named empty_B{slots}_C{columns}, insert_B{slots}_C{columns}_I{prompts}_P{bucket}_n{samples},
     decode_B{rows}_C{columns}_W{width}, compact_B{rows}_C{columns}_to{rows}. `weights`: the sampling layout
     (`abstract_sampling_weights`, with its shardings on a mesh). Compiling them all leaves a run of the engine
@@ -363,7 +384,7 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
             return sds(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)) if batched else replicated)
 
         for n in sorted(set(num_samples)):
-            for I in insert_buckets(slots, n, multiple=multiple):
+            for I in insert_buckets(slots, n, multiple=multiple, refill=refill):
                 split = _insert_sharding(mesh, I)
                 for P in prompt_buckets:
                     if P + 1 > columns:
