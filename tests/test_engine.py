@@ -11,7 +11,8 @@ from flax import nnx
 
 from fst_jax.models.hf import load_pretrained
 from fst_jax.sampling import Sampler
-from fst_jax.sampling.engine import Engine, Request, insert_buckets, kv_bytes, lower_engine_programs, prompt_bucket
+from fst_jax.sampling.engine import (Engine, Request, fine_tail, insert_buckets, kv_bytes, lower_engine_programs,
+                                    prompt_bucket)
 from fst_jax.sampling.engine_programs import length_buckets, prefill_chunk, row_buckets, tail_buckets
 
 NEW = 24
@@ -150,6 +151,11 @@ def test_buckets_are_few_and_cover_the_buffer():
     assert row_buckets(192, multiple=8) == [192, 64]  # a small call never holds all the slots
     assert tail_buckets(64) == [64, 32, 16, 8, 4]  # a tail halves down to 4 rows per shard
     assert tail_buckets(192, multiple=8) == [192, 96, 48]
+    # one CPU device: steps of ¾ and ⅔ (a CPU step costs in proportion to its rows)
+    assert tail_buckets(128, fine=True) == [128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4]
+    assert tail_buckets(100, fine=True) == [100, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4]
+    assert tail_buckets(192, multiple=8, fine=True) == [192, 128, 96, 64, 48, 32]
+    assert fine_tail(None) and not fine_tail(None, platform="cuda")
 
 
 def test_a_round_inserts_down_to_a_size_while_more_prompts_wait_than_fit(tied):
@@ -197,7 +203,7 @@ def test_a_run_after_its_listed_programs_compile_compiles_nothing(tied):
     weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sampler.weights)
     lowered = lower_engine_programs(sampler.config, weights, slots=32, columns=columns, max_new_tokens=NEW,
                                     num_samples=[2], prompt_buckets=[64], cache_dtype="float32", chunk_steps=8)
-    rows = [32, 16, 8, 4]  # the tail halves down to 4 rows
+    rows = [32, 24, 16, 12, 8, 6, 4]  # one CPU device: the tail steps by ¾ and ⅔ down to 4 rows
     assert sorted(lowered) == sorted(
         [f"compact_B{a}_C88_to{b}" for a in rows for b in rows if b < a]
         + [f"decode_B{r}_C88_W{w}" for r in rows for w in (64, 88)]

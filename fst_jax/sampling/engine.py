@@ -31,7 +31,7 @@ from fst_jax.sampling.engine_programs import (PREFILL_SCORES_MB, EngineState, em
                                               tail_buckets)
 from fst_jax.sampling.weights import hashable_rules
 
-__all__ = ["Engine", "EngineStats", "Request", "insert_buckets", "kv_bytes", "lower_engine_programs",
+__all__ = ["Engine", "EngineStats", "Request", "fine_tail", "insert_buckets", "kv_bytes", "lower_engine_programs",
            "prompt_bucket", "slot_state", "state_shardings", "stop_array"]
 
 MIN_BUCKET = 16
@@ -44,6 +44,12 @@ def compacts(compact: bool, max_new_tokens: int, chunk_steps: int = CHUNK_STEPS)
     """Whether an engine compacts its tail: asked to, and its completions may outlast two chunks (shorter
     calls end before a smaller batch would pay for its programs and round trips)."""
     return bool(compact) and max_new_tokens > 2 * chunk_steps
+
+
+def fine_tail(mesh, platform: str | None = None) -> bool:
+    """Whether the tail compacts in the finer steps (`tail_buckets(fine=True)`): on one CPU device, where a
+    decode step costs in proportion to its rows; a mesh or an accelerator keeps the halving's fewer programs."""
+    return mesh is None and (platform or jax.devices()[0].platform) == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +163,8 @@ class Engine:
         self.chunk_steps, self.refill, self.compact = chunk_steps, refill, compact
         self.prefill_scores_mb = prefill_scores_mb
         self.widths = length_buckets(columns)
-        self.rows = tail_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
+        self.rows = (tail_buckets(slots, multiple, fine=fine_tail(mesh))
+                     if compacts(compact, max_new_tokens, chunk_steps) else [slots])
         self.shardings = state_shardings(config, mesh, rules)
         self.stats = EngineStats()
 
@@ -349,7 +356,8 @@ def lower_engine_programs(config, weights, *, slots: int, columns: int, max_new_
     scalar = lambda dtype: sds((), dtype)  # noqa: E731
     params = (scalar(np.float32), scalar(np.float32), scalar(np.int32), sds((stops,), np.int32))
     multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
-    rows_list = tail_buckets(slots, multiple) if compacts(compact, max_new_tokens, chunk_steps) else [slots]
+    rows_list = (tail_buckets(slots, multiple, fine=fine_tail(mesh, platform))
+                 if compacts(compact, max_new_tokens, chunk_steps) else [slots])
     cache_dtype = canonical_dtype(cache_dtype).name
     statics = dict(columns=columns, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype)
     known = {} if known is None else known

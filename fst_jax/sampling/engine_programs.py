@@ -13,8 +13,8 @@ A call streams requests (a prompt, its number of samples and token limit) throug
              token, writes its KV at the row's own column and attends over the first W columns only; the
              loop stops after `max_steps`, when `want_free` slots are free (the host then inserts), when every
              row is done, or when a live row reaches column W (the host picks a larger W).
-    compact  when no request waits and the live rows fit a smaller row bucket (half, a quarter … of the slots,
-             down to 4 per shard: `tail_buckets`), gather them into it.
+    compact  when no request waits and the live rows fit a smaller row bucket (¾, ½, ⅜, ¼ … of the slots on
+             one CPU device, halves on a mesh, down to 4 per shard: `tail_buckets`), gather them into it.
 
 The host touches the device once per chunk (a few scalars and the finished rows' tokens), never per token.
 
@@ -107,14 +107,26 @@ def row_buckets(slots: int, multiple: int = 1, smallest: int = 8, factor: int = 
 TAIL_ROWS = 4  # per batch shard: the smallest batch a call's tail is compacted to
 
 
-def tail_buckets(slots: int, multiple: int = 1) -> list[int]:
+def tail_buckets(slots: int, multiple: int = 1, fine: bool = False) -> list[int]:
     """The row counts a call's tail is compacted to once no request waits: halving from `slots` down to
-    `TAIL_ROWS` per shard (`row_buckets` with factor 2). A CPU decode step costs nearly in proportion to its rows
-    (the rollout benchmark's model at width 512: 22.4 ms at 32 rows, 12.0 at 16, 6.7 at 8, 3.9 at 4), and with
-    geometric completion lengths the last long rows decode alone for hundreds of steps: halving gave 87% row
-    utilisation at 64 slots against 76% in quarters down to 8. Only calls that compact (completions that may
-    outlast two chunks, `engine.compacts`) run these programs, so short calls compile none of them."""
-    return row_buckets(slots, multiple, smallest=TAIL_ROWS, factor=2)
+    `TAIL_ROWS` per shard (`row_buckets` with factor 2); `fine`: also the 3·2^k per shard between them (steps of
+    ¾ and ⅔: 128, 96, 64, 48, … 6, 4), for a single CPU device. A CPU decode step costs nearly in proportion to
+    its rows (the rollout benchmark's model at width 512: 22.4 ms at 32 rows, 12.0 at 16, 6.7 at 8, 3.9 at 4),
+    and with geometric completion lengths the last long rows decode alone for hundreds of steps: halving gave
+    87% row utilisation at 64 slots against 76% in quarters down to 8; the finer steps took the rollout
+    benchmark's 128 slots from 80% to 87.5% (A/B alternating: medians 15.3 -> 13.6 s). On an accelerator a decode
+    step costs about the same at any small row count (it reads the weights), so a mesh keeps the fewer
+    programs of halving. Only calls that compact (completions that may outlast two chunks, `engine.compacts`) run
+    these programs, so short calls compile none of them."""
+    halving = row_buckets(slots, multiple, smallest=TAIL_ROWS, factor=2)
+    if not fine:
+        return halving
+    per_shard = {slots // multiple}
+    size = TAIL_ROWS
+    while size < slots // multiple:
+        per_shard |= {size} | ({size * 3 // 2} if size * 3 // 2 < slots // multiple else set())
+        size *= 2
+    return sorted((b * multiple for b in per_shard), reverse=True)
 
 
 def prefill_chunk(config, prompts: int, bucket: int, scores_mb: float = PREFILL_SCORES_MB) -> int:
@@ -219,11 +231,22 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
     B = state.live.shape[0]
     rows = jnp.arange(B)
     params = (temperature, top_p, top_k)
-    # The loop carries the first W columns (the buffer itself when W is all of it): each step writes every live
-    # row's KV at the row's own column (a done row's, past the window, is dropped) and attends over the window.
-    whole = W == state.key_mask.shape[1]
-    window = (state.k, state.v, state.key_mask) if whole else (
-        tuple(buf[:, :, :W] for buf in state.k), tuple(buf[:, :, :W] for buf in state.v), state.key_mask[:, :W])
+    # float32 slots (the CPU's): each step writes every live row's KV at the row's own column (a done row's, past
+    # the window, is dropped) and attends over the first W columns, the whole buffer carried uncopied when W is
+    # all of it (XLA had copied the window twice per layer per step around a shared scratch column). 16-bit
+    # slots keep that scratch column W: the layer writes every row's new KV there, then each row's is moved to
+    # its own column — XLA:CPU scatters bfloat16 only through a float32 copy of the whole buffer, which the
+    # plan of a bf16 run (planned on the CPU for an accelerator) would count as +24 GB at 8B.
+    per_row = jnp.dtype(state.k[0].dtype).itemsize == 4
+    whole = per_row and W == state.key_mask.shape[1]
+    if whole:
+        window = (state.k, state.v, state.key_mask)
+    elif per_row:
+        window = (tuple(buf[:, :, :W] for buf in state.k), tuple(buf[:, :, :W] for buf in state.v),
+                  state.key_mask[:, :W])
+    else:
+        pad = lambda buf: jnp.concatenate([buf[:, :, :W], jnp.zeros_like(buf[:, :, :1])], axis=2)  # noqa: E731
+        window = (tuple(map(pad, state.k)), tuple(map(pad, state.v)), state.key_mask[:, :W])
 
     def cond(carry):
         step, _, s = carry
@@ -232,15 +255,25 @@ def _decode(weights, state: EngineState, max_steps, want_free, temperature, top_
 
     def body(carry):
         step, (ks, vs, key_mask_bw), s = carry
-        column_b = jnp.where(s.live, s.column, W)  # a row that is done writes nothing (dropped)
-        key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
+        column_b = jnp.where(s.live, s.column, W if per_row else W + 1)  # a done row writes nothing (dropped)
+        if per_row:
+            key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
+            allowed_b1w = key_mask_bw[:, None, :]
+        else:
+            allowed_b1w = jnp.concatenate([key_mask_bw, jnp.ones((B, 1), bool)], axis=1)[:, None, :]
         x = _embed_db(c, weights, s.token[:, None])
         new_ks, new_vs = [], []
         for p, k, v in zip(weights["layers"], ks, vs):
-            x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, s.position[:, None], key_mask_bw[:, None, :], (k, v),
-                                      column_b)
+            x, (k, v) = decoder_layer(c, FEATURE_MAJOR, p, x, s.position[:, None], allowed_b1w, (k, v),
+                                      column_b if per_row else W)
+            if not per_row:
+                with jax.named_scope("cache_update"):
+                    k = k.at[rows, :, column_b].set(k[:, :, W], mode="drop")
+                    v = v.at[rows, :, column_b].set(v[:, :, W], mode="drop")
             new_ks.append(k)
             new_vs.append(v)
+        if not per_row:
+            key_mask_bw = key_mask_bw.at[rows, column_b].set(True, mode="drop")
         hidden_db = rms_norm(x[:, :, -1], weights["final_norm"], c.rms_norm_eps, axis=0)
         token_b, logprob_b = _choose(s.keys, s.count, _logits_vb(c, weights, hidden_db), params, draw)
         at_b = jnp.where(s.live, s.count, s.out_tokens.shape[1])
